@@ -1,0 +1,336 @@
+"""Rule-based rewards: pure functions ``(completion, sample) -> float`` in a registry keyed by task.
+
+Every candidate in an EKIPL group -- the policy's and the auxiliary models' alike -- is scored by the
+same rules:
+
+    total = w_acc * accuracy + w_fmt * format
+
+Guarantees: a reward never raises and never hangs. Inputs are bounded before any parsing (the
+answer is cut to ``MAX_ANSWER_CHARS``), numbers are parsed without ``eval``, and math-verify runs
+only on short, shallow expressions under a sub-second timer. Any internal error scores 0.0.
+
+Decisions (documented here because the paper leaves them open):
+
+* **Format** is 1.0 iff the stripped completion is exactly ``<think>X</think> <answer>Y</answer>``
+  (only whitespace between the blocks, each tag exactly once, nothing after ``</answer>``). This is
+  the fullmatch regex ``<think>.*?</think>\\s*<answer>.*?</answer>`` without its ambiguity about
+  repeated tags, checked in linear time.
+* **The answer** is the text inside the *last* ``<answer>...</answer>`` pair. Without one, accuracy
+  is 0.
+* **Counting**: the answer must be one number (``3``, ``3.0``, ``+3``, ``3.``) or an English number
+  word from zero to twenty (``three``, case-insensitive), optionally with a trailing period. ``3
+  cubes`` or ``3 or 4`` score 0: counting answers must commit to one number.
+* **Geometry**: choice letters match on the first letter token (``B``, ``(B)``, ``B.``, ``B: 5``);
+  numbers match within a relative tolerance (default 1e-2) or absolute 1e-6; anything else goes to
+  math-verify (LaTeX, fractions, radicals) with a time limit.
+* **TRANCE** answers are ``func(obj, value)`` steps separated by commas, semicolons or newlines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import signal
+import threading
+from collections import Counter
+from collections.abc import Callable
+
+from .sample import Sample
+
+MAX_ANSWER_CHARS = 2000
+MATH_VERIFY_MAX_CHARS = 200
+MATH_VERIFY_MAX_DEPTH = 8
+MATH_VERIFY_SECONDS = 0.5
+
+RewardFn = Callable[[str, Sample], float]
+ACCURACY: dict[str, RewardFn] = {}
+
+
+def register(task: str):
+    def deco(fn: RewardFn) -> RewardFn:
+        ACCURACY[task] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------------
+# Format and answer extraction
+
+
+def format_reward(completion: str, sample: Sample | None = None) -> float:
+    """1.0 iff the completion is exactly ``<think>..</think>\\s*<answer>..</answer>`` (see module doc)."""
+    try:
+        s = completion.strip()
+        if not (s.startswith("<think>") and s.endswith("</answer>")):
+            return 0.0
+        for tag in ("<think>", "</think>", "<answer>", "</answer>"):
+            if s.count(tag) != 1:
+                return 0.0
+        end_think = s.index("</think>")
+        start_answer = s.index("<answer>")
+        if start_answer < end_think or s[end_think + len("</think>") : start_answer].strip():
+            return 0.0
+        return 1.0
+    except Exception:
+        return 0.0
+
+
+def extract_answer(completion: str) -> str | None:
+    """The text inside the last ``<answer>...</answer>``, stripped and cut to MAX_ANSWER_CHARS."""
+    end = completion.rfind("</answer>")
+    if end < 0:
+        return None
+    start = completion.rfind("<answer>", 0, end)
+    if start < 0:
+        return None
+    return completion[start + len("<answer>") : end].strip()[:MAX_ANSWER_CHARS]
+
+
+# --------------------------------------------------------------------------------------------------
+# Numbers
+
+_NUMBER = re.compile(r"[+-]?(?:\d{1,30}(?:\.\d{0,30})?|\.\d{1,30})(?:[eE][+-]?\d{1,3})?")
+_WORDS = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty"
+).split()
+NUMBER_WORDS = {w: float(i) for i, w in enumerate(_WORDS)}
+
+
+def parse_number(text: str) -> float | None:
+    """A single number (digits, optional sign/decimals/exponent) or a number word; else None."""
+    t = text.strip().rstrip(".").strip() if len(text) <= 64 else ""
+    if not t:
+        return None
+    if t.lower() in NUMBER_WORDS:
+        return NUMBER_WORDS[t.lower()]
+    t = t.replace(",", "") if re.fullmatch(r"[+-]?\d{1,3}(,\d{3})+(\.\d+)?", t) else t
+    if _NUMBER.fullmatch(t):
+        value = float(t)
+        return value if math.isfinite(value) else None
+    return None
+
+
+def numbers_close(a: float, b: float, rel_tol: float = 1e-2, abs_tol: float = 1e-6) -> bool:
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=abs_tol)
+
+
+# --------------------------------------------------------------------------------------------------
+# Task rewards
+
+
+@register("counting")
+def counting_accuracy(completion: str, sample: Sample) -> float:
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0
+    pred, gt = parse_number(ans), parse_number(sample.answer)
+    return 1.0 if pred is not None and gt is not None and abs(pred - gt) < 1e-9 else 0.0
+
+
+_CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?(?:$|[\s.:,)])")
+
+
+def parse_choice(text: str) -> str | None:
+    m = _CHOICE.match(text.strip())
+    return m.group(1).upper() if m else None
+
+
+@register("geometry")
+def geometry_accuracy(completion: str, sample: Sample, rel_tol: float = 1e-2) -> float:
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0
+    gt = sample.answer.strip()
+    if len(gt) == 1 and gt.upper() in "ABCDE":
+        return 1.0 if parse_choice(ans) == gt.upper() else 0.0
+    pred_n, gt_n = parse_number(ans), parse_number(gt)
+    if pred_n is not None and gt_n is not None:
+        return 1.0 if numbers_close(pred_n, gt_n, rel_tol) else 0.0
+    return 1.0 if math_equal(ans, gt) else 0.0
+
+
+def _nesting_depth(text: str) -> int:
+    depth = best = 0
+    for ch in text:
+        if ch in "({[":
+            depth += 1
+            best = max(best, depth)
+        elif ch in ")}]":
+            depth = max(0, depth - 1)
+    return best
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _run_with_time_limit(fn, seconds: float):
+    """Run ``fn`` with a SIGALRM timer in the main thread; elsewhere rely on the input bounds."""
+    if threading.current_thread() is not threading.main_thread():
+        return fn()
+
+    def on_alarm(signum, frame):
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return fn()
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+_MV = None
+
+
+def _math_verify():
+    """Import and warm math-verify once, outside any timer (its first parse builds grammars)."""
+    global _MV
+    if _MV is None:
+        import logging
+
+        from math_verify import parse, verify
+
+        for name in ("math_verify", "math_verify.parser", "math_verify.grader", "math_verify.utils"):
+            logging.getLogger(name).setLevel(
+                logging.ERROR
+            )  # it warns on every call run without its own timer
+        verify(parse("$1$", parsing_timeout=None), parse("$1$", parsing_timeout=None), timeout_seconds=None)
+        _MV = (parse, verify)
+    return _MV
+
+
+def math_equal(pred: str, gold: str) -> bool:
+    """math-verify on bounded input, under MATH_VERIFY_SECONDS; False on any failure or timeout."""
+    for text in (pred, gold):
+        if len(text) > MATH_VERIFY_MAX_CHARS or _nesting_depth(text) > MATH_VERIFY_MAX_DEPTH:
+            return False
+        if text.count("^") > 3 or "\x00" in text:
+            return False
+        if re.search(r"\d{16,}", text):
+            return False
+
+    parse, verify = _math_verify()
+
+    def check():
+        def wrap(s):
+            return s if "$" in s else f"${s}$"
+
+        g = parse(wrap(gold), parsing_timeout=None)
+        p = parse(wrap(pred), parsing_timeout=None)
+        return bool(g) and bool(p) and verify(g, p, timeout_seconds=None)
+
+    try:
+        return bool(_run_with_time_limit(check, MATH_VERIFY_SECONDS))
+    except (_Timeout, Exception):
+        return False
+
+
+# TRANCE ------------------------------------------------------------------------------------------
+
+_STEP = re.compile(r"([a-z_]{1,32})\s*\(\s*([^,()]{1,32}?)\s*,\s*([^,()]{1,32}?)\s*\)")
+MAX_STEPS = 32
+
+
+def parse_steps(text: str) -> list[tuple[str, str, str]]:
+    """``change_color(1, red), change_size(0, large)`` -> [(func, obj, value), ...] (lower-cased)."""
+    return [
+        (f.lower(), o.strip().lower(), v.strip().strip("'\"").lower())
+        for f, o, v in _STEP.findall(text[:MAX_ANSWER_CHARS])
+    ][:MAX_STEPS]
+
+
+def _gt_steps(sample: Sample) -> list[tuple[str, str, str]]:
+    return parse_steps(sample.answer)
+
+
+@register("trance")
+def trance_accuracy(completion: str, sample: Sample) -> float:
+    """Training reward: exact-step matches x repeat penalty / max(len(pred), len(gt)).
+
+    Matches are counted as a multiset intersection (order-free; TRANCE steps commute when they touch
+    different attributes). The repeat penalty is ``unique(pred) / len(pred)``, so listing a correct
+    step many times does not pay.
+    """
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0
+    pred, gt = parse_steps(ans), _gt_steps(sample)
+    if not pred or not gt:
+        return 0.0
+    matches = sum((Counter(pred) & Counter(gt)).values())
+    penalty = len(set(pred)) / len(pred)
+    return matches * penalty / max(len(pred), len(gt))
+
+
+def trance_partial_credit(completion: str, sample: Sample) -> float:
+    """Evaluation score with partial credit per ground-truth step, greedily matched one to one.
+
+    1.0 for an exact step, 0.5 for func+obj or func+value, 0.25 for func only; summed and divided by
+    max(len(pred), len(gt)).
+    """
+    ans = extract_answer(completion)
+    if ans is None:
+        return 0.0
+    pred, gt = parse_steps(ans), _gt_steps(sample)
+    if not pred or not gt:
+        return 0.0
+
+    def credit(p, g):
+        if p == g:
+            return 1.0
+        if p[0] != g[0]:
+            return 0.0
+        return 0.5 if (p[1] == g[1] or p[2] == g[2]) else 0.25
+
+    pairs = sorted(((credit(p, g), i, j) for i, p in enumerate(pred) for j, g in enumerate(gt)), reverse=True)
+    used_p, used_g, total = set(), set(), 0.0
+    for c, i, j in pairs:
+        if c > 0 and i not in used_p and j not in used_g:
+            used_p.add(i)
+            used_g.add(j)
+            total += c
+    return total / max(len(pred), len(gt))
+
+
+EVAL_ACCURACY: dict[str, RewardFn] = {**ACCURACY, "trance": trance_partial_credit}
+
+
+# --------------------------------------------------------------------------------------------------
+# Totals
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardWeights:
+    accuracy: float = 1.0
+    format: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Reward:
+    accuracy: float
+    format: float
+    total: float
+
+
+def score(
+    completion: str, sample: Sample, weights: RewardWeights = RewardWeights(), evaluation: bool = False
+) -> Reward:
+    """Accuracy, format and their weighted total. Never raises for any completion string."""
+    table = EVAL_ACCURACY if evaluation else ACCURACY
+    if sample.task not in table:
+        raise ValueError(f"no reward for task {sample.task!r}; known tasks: {sorted(table)}")
+    if not isinstance(completion, str):
+        completion = "" if completion is None else str(completion)
+    try:
+        acc = float(table[sample.task](completion, sample))
+    except Exception:
+        acc = 0.0
+    fmt = format_reward(completion)
+    if not math.isfinite(acc):
+        acc = 0.0
+    return Reward(accuracy=acc, format=fmt, total=weights.accuracy * acc + weights.format * fmt)

@@ -1,0 +1,229 @@
+"""Synthetic generator, loader (both published forms), prompts, and bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from ekipl.cli import main as cli
+from ekipl.tasks import prompts
+from ekipl.tasks.loader import load_task_file
+from ekipl.tasks.rewards import score
+from ekipl.tasks.sample import DataError, Sample
+from ekipl.tasks.synth import HELD_OUT, make_dataset
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    for task in ("counting", "geometry", "trance"):
+        make_dataset(task, out, n_train=12, n_test=6, seed=7)
+    return out
+
+
+def _tree_digest(root: Path) -> dict:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_generator_is_byte_identical_for_a_seed(synth, tmp_path):
+    for task in ("counting", "geometry", "trance"):
+        make_dataset(task, tmp_path / "again", n_train=12, n_test=6, seed=7)
+        make_dataset(task, tmp_path / "other", n_train=12, n_test=6, seed=8)
+    same, again, other = (
+        _tree_digest(synth),
+        _tree_digest(tmp_path / "again"),
+        _tree_digest(tmp_path / "other"),
+    )
+    assert same == again and len(same) > 50
+    assert same != other
+
+
+@pytest.mark.parametrize("task", ["counting", "geometry", "trance"])
+def test_generated_rows_load_and_their_cot_scores_full_marks(synth, task):
+    for split in ("train", "test_id", "test_ood"):
+        ds = load_task_file(synth / task / f"{split}.json")
+        assert len(ds) == (12 if split == "train" else 6) and ds.report.skipped == []
+        for s in ds:
+            assert s.task == task and s.cot
+            images = s.load_images()
+            assert len(images) == (2 if task == "trance" else 1) and images[0].mode == "RGB"
+            # The solver-written trace is a perfect action under the task's own reward.
+            r = score(s.cot, s)
+            assert (r.accuracy, r.format) == (1.0, 1.0), (s.id, s.cot, s.answer)
+
+
+def test_counting_answers_match_the_scene(synth):
+    rows = json.loads((synth / "counting" / "train.json").read_text())
+    for row in rows:
+        n = int(row["cot"].split("I count ")[1].split(" ")[0])
+        assert 3 <= n <= 6 and 0 <= int(row["answer"]) <= n
+
+
+def test_ood_split_is_shifted(synth):
+    def pairs(split):
+        rows = json.loads((synth / "counting" / f"{split}.json").read_text())
+        out = []
+        for row in rows:
+            listed = row["cot"].split(": ", 1)[1].split(".")[0].split(", ")
+            out.append([(d.split()[3], d.split()[1]) for d in listed])  # (shape, colour)
+        return out
+
+    assert all(not (set(p) & HELD_OUT) for p in pairs("train"))
+    assert all(set(p) & HELD_OUT and len(p) >= 7 for p in pairs("test_ood"))
+    views = {r["view"] for r in json.loads((synth / "trance" / "test_ood.json").read_text())}
+    assert views <= {"left", "right"} and views
+
+
+def test_cli_data_make(tmp_path, capsys):
+    assert (
+        cli(["data", "make", "--task", "counting", "--out", str(tmp_path), "--n-train", "3", "--n-test", "2"])
+        == 0
+    )
+    assert "counting  train" in capsys.readouterr().out
+    assert len(json.loads((tmp_path / "counting" / "train.json").read_text())) == 3
+
+
+def test_sharegpt_form_and_solution_field(tmp_path, synth):
+    img = "images/train/counting-train-000000.png"
+    rows = [
+        {
+            "id": "s1",
+            "image": img,
+            "conversations": [
+                {"from": "human", "value": "<image>How many objects are there?"},
+                {"from": "gpt", "value": "<think>I see 4.</think><answer>4</answer>"},
+            ],
+        },
+        {
+            "id": "s2",
+            "images": [img, img],
+            "messages": [
+                {"role": "user", "content": "Count them."},
+                {"role": "assistant", "content": "<think>x</think><answer> 2 </answer>"},
+            ],
+        },
+    ]
+    (synth / "counting" / "sft.json").write_text(json.dumps(rows))
+    ds = load_task_file(synth / "counting" / "sft.json", task="counting")
+    a, b = ds[0], ds[1]
+    assert (a.problem, a.answer, a.cot) == (
+        "How many objects are there?",
+        "4",
+        rows[0]["conversations"][1]["value"],
+    )
+    assert b.answer == "2" and len(b.image_paths) == 2 and len(b.load_images()) == 2
+    rl = [{"id": 9, "image": img, "problem": "How many?", "solution": "<answer> 5 </answer>"}]
+    (synth / "counting" / "rl.jsonl").write_text("\n".join(json.dumps(r) for r in rl) + "\n")
+    s = load_task_file(synth / "counting" / "rl.jsonl", task="counting")[0]
+    assert (s.id, s.answer, s.cot) == ("9", "5", None)
+
+
+def test_prompts_follow_reason_rft_wording():
+    count = Sample(id="1", task="counting", problem="How many?", answer="3", image_paths=("a.png",))
+    choice = Sample(id="2", task="geometry", problem="Find x.", answer="C", image_paths=("a.png",))
+    num = Sample(id="3", task="geometry", problem="Find x.", answer="2.5", image_paths=("a.png",))
+    tr = Sample(
+        id="4",
+        task="trance",
+        problem="What changed?",
+        answer="change_size(0, small)",
+        image_paths=("a.png", "b.png"),
+    )
+    assert "final answer (number)" in prompts.user_text(count)
+    assert "select the correct answer by writing the letter (A, B, C or D)" in prompts.user_text(choice)
+    assert "final answer (float number or int number)" in prompts.user_text(num)
+    t = prompts.user_text(tr)
+    for f, values in prompts.TRANCE_FUNCTIONS.items():
+        assert f in t and all(v in t for v in values)
+    for s in (count, choice, num, tr):
+        assert "<think> </think>" in prompts.user_text(s) and "<answer> </answer>" in prompts.user_text(s)
+        msgs = prompts.build_messages(s)
+        assert sum(p["type"] == "image" for p in msgs[0]["content"]) == len(s.image_paths)
+        sys_msgs = prompts.build_messages(s, system_prompt=True)
+        assert sys_msgs[0]["role"] == "system" and "<think>" in sys_msgs[0]["content"]
+        assert "<answer> </answer>" not in sys_msgs[1]["content"][-1]["text"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: the error names the file, the row id and the field.
+
+GOOD = {"id": "r0", "image": "images/train/counting-train-000000.png", "problem": "How many?", "answer": "3"}
+
+
+@pytest.mark.parametrize(
+    "row,field,message",
+    [
+        ({**GOOD, "image": "images/nope.png"}, "image", "image file not found"),
+        ({k: v for k, v in GOOD.items() if k != "problem"}, "problem", "missing or empty"),
+        ({k: v for k, v in GOOD.items() if k != "answer"}, "answer", "needs 'answer' or 'solution'"),
+        ({**GOOD, "answer": ["3"]}, "answer", "must be a string or a number"),
+        ({**GOOD, "task": "chess"}, "task", "unknown task 'chess'"),
+        ({**GOOD, "image": 5}, "image", "must be a path or a list of paths"),
+        ({**GOOD, "conversations": [{"from": "human", "value": "q"}]}, "conversations", "at least two"),
+        ({**GOOD, "cot": 7}, "cot", "must be a string"),
+    ],
+)
+def test_malformed_rows_name_file_row_and_field(synth, row, field, message):
+    path = synth / "counting" / f"bad-{field}.json"
+    path.write_text(json.dumps([GOOD, row]))
+    with pytest.raises(DataError) as e:
+        load_task_file(path, task="counting")
+    text = str(e.value)
+    assert str(path) in text and "row 1" in text and f"field {field!r}" in text and message in text, text
+    assert e.value.field == field and e.value.row == 1
+
+
+def test_skip_bad_rows_counts_and_logs(synth, caplog):
+    path = synth / "counting" / "mixed.json"
+    path.write_text(json.dumps([GOOD, {**GOOD, "id": "r1", "image": "gone.png"}, {"id": "r2"}, [1, 2]]))
+    ds = load_task_file(path, task="counting", skip_bad_rows=True)
+    assert len(ds) == 1 and ds.report.total == 4 and len(ds.report.skipped) == 3
+    assert "skipped 3 of 4 rows" in caplog.text
+
+
+def test_corrupt_image_is_reported_when_decoded(synth):
+    bad = synth / "counting" / "images" / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    path = synth / "counting" / "corrupt.json"
+    path.write_text(json.dumps([{**GOOD, "id": "c9", "image": "images/corrupt.png"}]))
+    s = load_task_file(path, task="counting")[0]
+    with pytest.raises(DataError, match=r"corrupt\.json, row 0 \(id='c9'\), field 'image': corrupt image"):
+        s.load_images()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("{not json", "invalid JSON at line 1"),
+        ('{"rows": 1}', "expected a JSON list"),
+        ("[]", "no usable rows"),
+    ],
+)
+def test_bad_files(tmp_path, content, message):
+    path = tmp_path / "d.json"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message):
+        load_task_file(path, task="counting")
+    with pytest.raises(DataError, match="data file not found"):
+        load_task_file(tmp_path / "missing.json")
+
+
+def test_duplicate_ids_and_unknown_loader_task(synth):
+    path = synth / "counting" / "dup.json"
+    path.write_text(json.dumps([GOOD, GOOD]))
+    with pytest.raises(DataError, match="row 1 .*field 'id': duplicate id"):
+        load_task_file(path, task="counting")
+    with pytest.raises(DataError, match="unknown task 'chess'"):
+        load_task_file(path, task="chess")
+
+
+def test_cli_reports_data_errors_with_exit_code_2(tmp_path, capsys):
+    assert cli(["models", "build", "tiny-nope"]) == 2
+    assert "unknown tiny model 'tiny-nope'" in capsys.readouterr().err
