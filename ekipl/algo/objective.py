@@ -1,0 +1,262 @@
+"""The EKIPL / GRPO objective: pure tensor math (torch only; no Ray, no DeepSpeed, no I/O).
+
+Notation, per token t of action i in a group of G selected actions for one prompt:
+
+* r_i      -- the action's scalar reward (accuracy + format, already weighted);
+* π_θ      -- the current policy's token probability (``logp`` = log π_θ);
+* π_old    -- the learner's own log-prob of the token before this update's first inner epoch
+  (recomputed by the learner, so μ > 1 inner epochs are possible and the first epoch has ratio 1);
+* π_ref    -- the frozen reference policy's log-prob (only when β > 0);
+* ρ_t      -- π_θ / π_old, the importance ratio.
+
+**Advantages** (one value per action, broadcast over its tokens; ``ADVANTAGES`` registry):
+
+* ``grpo``:      A_i = (r_i − mean(r)) / (std(r) + eps)
+* ``mean_only``: A_i =  r_i − mean(r)                           (Dr.GRPO: no std normalisation)
+* ``split``:     A_i = (r_i − mean(r_pol)) / (std(r_pol) + eps) (statistics from policy actions only,
+  as LUFFY's grpo_split; falls back to all actions when fewer than two are from the policy)
+
+std is the population standard deviation (``unbiased=False``).
+
+**Per-token loss** (``OFFPOLICY`` registry for auxiliary actions):
+
+* on-policy tokens, PPO-clip:  ℓ = −min(ρ A, clip(ρ, 1 − ε_low, 1 + ε_high) A)
+* auxiliary tokens:
+    - ``plain``:  the same PPO-clip, with π_old recomputed by the learner (the paper's rule);
+    - ``shaped``: ℓ = −A · f(π_θ), f(p) = p / (p + γ), unclipped (LUFFY's policy shaping; its gradient
+      A·γ/(p+γ)²·p·∇log p stays bounded and vanishes as p → 0);
+    - ``mis``:    ℓ = −A · π_θ / ((π_old + 1) / 2), unclipped (RL-PLUS's multiple importance weight,
+      with the unknown external policy's probability taken as 1).
+
+**KL** to the reference, the k3 estimator, added per token with coefficient β:
+
+    k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1  ≥ 0
+
+**Aggregation** of per-token values ℓ_it under mask m_it (``AGGREGATIONS`` registry):
+
+* ``token_mean``:              Σ_it m ℓ / Σ_it m
+* ``seq_mean_token_mean``:     mean_i ( Σ_t m ℓ / Σ_t m )
+* ``seq_mean_token_sum_norm``: mean_i ( Σ_t m ℓ ) / L, with L a constant (the max completion length)
+
+For data parallelism the denominators can be given globally (``global_tokens`` /
+``global_seqs``), so the sum over ranks and micro-batches of each shard's loss equals the loss of the
+whole batch in one process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import torch
+
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+ADVANTAGES: dict[str, AdvantageFn] = {}
+OFFPOLICY: dict[str, Callable] = {}
+AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+
+
+def _register(table: dict, name: str):
+    def deco(fn):
+        table[name] = fn
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------------------------------
+# Advantages
+
+
+@_register(ADVANTAGES, "grpo")
+def grpo_advantages(rewards: torch.Tensor, is_policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A = (r − mean) / (std + eps) over one group's selected actions."""
+    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+
+
+@_register(ADVANTAGES, "mean_only")
+def mean_only_advantages(rewards: torch.Tensor, is_policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A = r − mean (Dr.GRPO)."""
+    return rewards - rewards.mean()
+
+
+@_register(ADVANTAGES, "split")
+def split_advantages(rewards: torch.Tensor, is_policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """A = (r − mean(r_policy)) / (std(r_policy) + eps); all actions if < 2 are from the policy."""
+    ref = rewards[is_policy] if int(is_policy.sum()) >= 2 else rewards
+    return (rewards - ref.mean()) / (ref.std(unbiased=False) + eps)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_index: torch.Tensor,
+    is_policy: torch.Tensor,
+    mode: str = "grpo",
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Advantages for a flat batch of actions; ``group_index[i]`` names action i's group."""
+    if mode not in ADVANTAGES:
+        raise ValueError(f"unknown advantage mode {mode!r}; known: {sorted(ADVANTAGES)}")
+    out = torch.zeros_like(rewards, dtype=torch.float32)
+    for g in torch.unique(group_index):
+        sel = group_index == g
+        out[sel] = ADVANTAGES[mode](rewards[sel].float(), is_policy[sel], eps)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-token losses
+
+
+def ppo_clip(logp, old_logp, adv, eps_low: float, eps_high: float):
+    """−min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) and a mask of tokens where the clip was active."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * adv
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, (clipped < unclipped).float(), ratio
+
+
+@_register(OFFPOLICY, "plain")
+def offpolicy_plain(logp, old_logp, adv, cfg: ObjectiveConfig):
+    """The paper's rule: auxiliary tokens get the on-policy PPO-clip with the learner's π_old."""
+    return ppo_clip(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
+
+
+@_register(OFFPOLICY, "shaped")
+def offpolicy_shaped(logp, old_logp, adv, cfg: ObjectiveConfig):
+    """LUFFY: −A·f(π_θ), f(p) = p/(p+γ), unclipped."""
+    p = torch.exp(logp)
+    ratio = p / (p + cfg.shaping_gamma)
+    return -adv * ratio, torch.zeros_like(logp), ratio
+
+
+@_register(OFFPOLICY, "mis")
+def offpolicy_mis(logp, old_logp, adv, cfg: ObjectiveConfig):
+    """RL-PLUS: −A·π_θ / ((π_old + 1)/2), unclipped."""
+    ratio = torch.exp(logp) / ((torch.exp(old_logp) + 1.0) / 2.0)
+    return -adv * ratio, torch.zeros_like(logp), ratio
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """k3 = exp(ref − logp) − (ref − logp) − 1 (non-negative, unbiased for KL(π_θ‖π_ref))."""
+    d = (ref_logp - logp).clamp(-20.0, 20.0)
+    return torch.exp(d) - d - 1.0
+
+
+def aggregate(
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    mode: str,
+    *,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce per-token ``values`` [B, T] under ``mask`` to a scalar (see the module docstring)."""
+    mask = mask.to(values.dtype)
+    if mode == "token_mean":
+        denom = global_tokens if global_tokens is not None else mask.sum().clamp(min=1.0)
+        return (values * mask).sum() / denom
+    seqs = global_seqs if global_seqs is not None else values.shape[0]
+    if mode == "seq_mean_token_mean":
+        per_seq = (values * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+        return per_seq.sum() / seqs
+    if mode == "seq_mean_token_sum_norm":
+        length = max_len if max_len is not None else values.shape[-1]
+        return (values * mask).sum() / (seqs * length)
+    raise ValueError(f"unknown aggregation {mode!r}; known: {AGGREGATIONS}")
+
+
+# --------------------------------------------------------------------------------------------------
+# The whole objective
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    advantage: str = "grpo"
+    offpolicy: str = "plain"
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    shaping_gamma: float = 0.1
+    kl_coef: float = 0.0
+    aggregation: str = "token_mean"
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.advantage not in ADVANTAGES:
+            raise ValueError(f"algorithm.advantage: unknown {self.advantage!r}; known: {sorted(ADVANTAGES)}")
+        if self.offpolicy not in OFFPOLICY:
+            raise ValueError(f"algorithm.offpolicy: unknown {self.offpolicy!r}; known: {sorted(OFFPOLICY)}")
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"algorithm.aggregation: unknown {self.aggregation!r}; known: {AGGREGATIONS}")
+        if not (0 <= self.clip_low < 1 and self.clip_high >= 0):
+            raise ValueError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
+        if self.kl_coef < 0 or self.shaping_gamma <= 0:
+            raise ValueError("algorithm.kl_coef must be >= 0 and algorithm.shaping_gamma > 0")
+
+
+def policy_loss(
+    cfg: ObjectiveConfig,
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    is_aux: torch.Tensor,
+    ref_logp: torch.Tensor | None = None,
+    *,
+    global_tokens: float | None = None,
+    global_seqs: float | None = None,
+    max_len: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss to minimise for a batch of actions, and detached metrics.
+
+    Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` are [B, T]; ``advantages`` and ``is_aux``
+    (bool) are [B]. Returns ``(loss, metrics)``.
+    """
+    adv = advantages[:, None].to(logp.dtype).expand_as(logp)
+    on_loss, on_clip, on_ratio = ppo_clip(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
+    aux = is_aux[:, None].expand_as(logp)
+    if bool(is_aux.any()):
+        off_loss, off_clip, off_ratio = OFFPOLICY[cfg.offpolicy](logp, old_logp, adv, cfg)
+        per_token = torch.where(aux, off_loss, on_loss)
+        clipped = torch.where(aux, off_clip, on_clip)
+        ratio = torch.where(aux, off_ratio, on_ratio)
+    else:
+        per_token, clipped, ratio = on_loss, on_clip, on_ratio
+    agg = dict(global_tokens=global_tokens, global_seqs=global_seqs, max_len=max_len)
+    kl = torch.zeros_like(logp)
+    if cfg.kl_coef > 0:
+        if ref_logp is None:
+            raise ValueError("kl_coef > 0 needs ref_logp")
+        kl = kl_k3(logp, ref_logp)
+        per_token = per_token + cfg.kl_coef * kl
+    loss = aggregate(per_token, mask, cfg.aggregation, **agg)
+
+    with torch.no_grad():
+        m = mask.float()
+        n = m.sum().clamp(min=1.0)
+        on_m = m * (~aux).float()
+        metrics = {
+            "clip_frac": (clipped * on_m).sum() / on_m.sum().clamp(min=1.0),
+            "kl": (kl * m).sum() / n,
+            "ratio_mean": (ratio * m).sum() / n,
+            "pg_loss": aggregate(per_token - cfg.kl_coef * kl, mask, "token_mean"),
+        }
+    return loss, metrics
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Per-token entropy H = −Σ_v p_v log p_v, shape logits.shape[:-1]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def per_source_means(values: torch.Tensor, source_ids: torch.Tensor, names: list[str]) -> dict[str, float]:
+    """Mean of per-action ``values`` [B] for each source id in ``source_ids`` [B]."""
+    out = {}
+    for i, name in enumerate(names):
+        sel = source_ids == i
+        if bool(sel.any()):
+            out[name] = float(values[sel].float().mean())
+    return out

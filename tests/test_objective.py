@@ -1,0 +1,209 @@
+"""The pure objective on hand-computed cases: known tensors give known losses and gradients."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ekipl.algo import objective as O
+
+
+def T(x, grad=False):
+    return torch.tensor(x, dtype=torch.float64, requires_grad=grad)
+
+
+def test_grpo_mean_only_and_split_advantages():
+    r = T([1.0, 0.0, 0.0, 1.0])
+    pol = torch.tensor([True, True, True, True])
+    assert torch.allclose(O.grpo_advantages(r, pol, eps=0.0), T([1.0, -1.0, -1.0, 1.0]))
+    assert torch.allclose(O.mean_only_advantages(r, pol), T([0.5, -0.5, -0.5, 0.5]))
+    r2 = T([2.0, 0.0, 1.0, 1.0])
+    pol2 = torch.tensor([False, True, True, True])
+    mu, sd = 2 / 3, math.sqrt(((0 - 2 / 3) ** 2 + 2 * (1 / 3) ** 2) / 3)
+    expect = (r2 - mu) / sd
+    assert torch.allclose(O.split_advantages(r2, pol2, eps=0.0), expect)
+    # fewer than two policy actions: statistics from the whole group
+    one = torch.tensor([False, False, False, True])
+    assert torch.allclose(O.split_advantages(r2, one, eps=0.0), O.grpo_advantages(r2, one, eps=0.0))
+
+
+def test_all_tied_group_has_zero_advantage_and_groups_are_independent():
+    r = T([1.0, 1.0, 1.0, 0.0, 2.0])
+    gi = torch.tensor([0, 0, 0, 1, 1])
+    a = O.group_advantages(r, gi, torch.ones(5, dtype=torch.bool), "grpo")
+    assert torch.allclose(a[:3], torch.zeros(3, dtype=a.dtype))
+    assert torch.allclose(a[3:], torch.tensor([-1.0, 1.0]), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown advantage mode 'nope'"):
+        O.group_advantages(r, gi, torch.ones(5, dtype=torch.bool), "nope")
+
+
+def _loss(cfg, logp, old, adv, aux, mask=None, ref=None):
+    mask = torch.ones_like(logp) if mask is None else mask
+    return O.policy_loss(cfg, logp, old, T(adv), mask, torch.tensor(aux), ref)
+
+
+def test_first_epoch_ratio_is_one_and_loss_is_minus_advantage():
+    old = T([[math.log(0.3), math.log(0.6)], [math.log(0.1), math.log(0.9)]])
+    logp = old.clone().requires_grad_(True)
+    loss, m = _loss(O.ObjectiveConfig(), logp, old, [2.0, -1.0], [False, False])
+    assert loss.item() == pytest.approx(-(2 + 2 - 1 - 1) / 4)
+    assert m["ratio_mean"].item() == pytest.approx(1.0) and m["clip_frac"].item() == 0.0
+    loss.backward()
+    # d/dlogp of -ρA/N at ρ = 1 is -A/N
+    assert torch.allclose(logp.grad, T([[-0.5, -0.5], [0.25, 0.25]]))
+
+
+def test_ppo_clip_hand_computed():
+    cfg = O.ObjectiveConfig(clip_low=0.2, clip_high=0.2)
+    old = T([[0.0], [0.0]])
+    logp = T([[math.log(1.5)], [math.log(1.5)]], grad=True)  # ratio 1.5 for both
+    loss, m = _loss(cfg, logp, old, [1.0, -1.0], [False, False])
+    # A=+1: min(1.5, 1.2) = 1.2 -> -1.2 (clipped, no gradient); A=-1: min(-1.5, -1.2) = -1.5 -> 1.5
+    assert loss.item() == pytest.approx((-1.2 + 1.5) / 2)
+    loss.backward()
+    assert torch.allclose(logp.grad, T([[0.0], [1.5 / 2]]))
+    assert m["clip_frac"].item() == pytest.approx(0.5)
+    # asymmetric clip (clip-higher): ε_high = 0.6 lets the ratio of 1.5 through
+    loss2, _ = _loss(O.ObjectiveConfig(clip_low=0.2, clip_high=0.6), logp, old, [1.0, -1.0], [False, False])
+    assert loss2.item() == pytest.approx((-1.5 + 1.5) / 2)
+
+
+def test_offpolicy_plain_uses_the_same_clip():
+    old = T([[0.0]])
+    logp = T([[math.log(1.5)]], grad=True)
+    a, _ = _loss(O.ObjectiveConfig(offpolicy="plain"), logp, old, [1.0], [True])
+    b, _ = _loss(O.ObjectiveConfig(offpolicy="plain"), logp, old, [1.0], [False])
+    assert a.item() == b.item() == pytest.approx(-1.2)
+
+
+def test_offpolicy_shaped_hand_computed():
+    g = 0.1
+    cfg = O.ObjectiveConfig(offpolicy="shaped", shaping_gamma=g)
+    logp = T([[math.log(0.5)]], grad=True)
+    loss, _ = _loss(cfg, logp, T([[math.log(0.9)]]), [2.0], [True])
+    assert loss.item() == pytest.approx(-2.0 * 0.5 / 0.6)
+    loss.backward()
+    # d/dlogp [-A p/(p+γ)] = -A γ p / (p+γ)^2
+    assert logp.grad.item() == pytest.approx(-2.0 * g * 0.5 / 0.36)
+
+
+def test_offpolicy_shaping_is_bounded_for_low_probability_tokens():
+    g = 0.1
+    cfg = O.ObjectiveConfig(offpolicy="shaped", shaping_gamma=g)
+    logp = torch.linspace(-50.0, 0.0, 201, dtype=torch.float64)[:, None].requires_grad_(True)
+    adv = [1.0] * 201
+    loss, _ = O.policy_loss(
+        cfg,
+        logp,
+        logp.detach(),
+        T(adv),
+        torch.ones_like(logp),
+        torch.ones(201, dtype=torch.bool),
+        global_tokens=1.0,
+    )
+    loss.backward()
+    assert torch.isfinite(logp.grad).all()
+    assert logp.grad.abs().max().item() <= 0.25 + 1e-9  # max of γp/(p+γ)^2 over p is 1/4
+    assert logp.grad[0].abs().item() < 1e-15  # vanishes as p -> 0
+    # the plain ratio with a tiny π_old explodes; shaping does not
+    plain, _ = O.policy_loss(
+        O.ObjectiveConfig(clip_high=1e9),
+        T([[math.log(0.5)]]),
+        T([[-40.0]]),
+        T([-1.0]),
+        torch.ones(1, 1),
+        torch.ones(1, dtype=torch.bool),
+    )
+    assert plain.item() > 1e10
+
+
+def test_offpolicy_mis_hand_computed():
+    cfg = O.ObjectiveConfig(offpolicy="mis")
+    logp = T([[math.log(0.5)]], grad=True)
+    loss, _ = _loss(cfg, logp, T([[math.log(0.5)]]), [3.0], [True])
+    w = 0.5 / ((0.5 + 1) / 2)
+    assert loss.item() == pytest.approx(-3.0 * w)
+    loss.backward()
+    assert logp.grad.item() == pytest.approx(-3.0 * w)  # d/dlogp of p·c is p·c
+
+
+def test_mixed_batch_routes_auxiliary_tokens_only():
+    cfg = O.ObjectiveConfig(offpolicy="shaped", shaping_gamma=1.0)
+    logp = T([[math.log(0.5)], [math.log(0.5)]])
+    loss, _ = _loss(cfg, logp, logp, [1.0, 1.0], [False, True])
+    assert loss.item() == pytest.approx((-1.0 + -0.5 / 1.5) / 2)
+
+
+def test_kl_k3_hand_computed_and_coefficient():
+    logp, ref = T([[math.log(0.5)]]), T([[math.log(0.25)]])
+    d = math.log(0.5)
+    assert O.kl_k3(logp, ref).item() == pytest.approx(math.exp(d) - d - 1)
+    assert O.kl_k3(ref, ref).item() == 0.0
+    cfg = O.ObjectiveConfig(kl_coef=0.04)
+    loss, m = _loss(cfg, logp, logp, [0.0], [False], ref=ref)
+    assert loss.item() == pytest.approx(0.04 * (math.exp(d) - d - 1))
+    assert m["kl"].item() == pytest.approx(math.exp(d) - d - 1)
+    with pytest.raises(ValueError, match="needs ref_logp"):
+        _loss(cfg, logp, logp, [0.0], [False])
+
+
+def test_aggregations_hand_computed():
+    v = T([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0]])
+    m = T([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    assert O.aggregate(v, m, "token_mean").item() == pytest.approx(10 / 4)
+    assert O.aggregate(v, m, "seq_mean_token_mean").item() == pytest.approx((2 + 4) / 2)
+    assert O.aggregate(v, m, "seq_mean_token_sum_norm").item() == pytest.approx(10 / 6)
+    assert O.aggregate(v, m, "seq_mean_token_sum_norm", max_len=5).item() == pytest.approx(10 / 10)
+    with pytest.raises(ValueError, match="unknown aggregation"):
+        O.aggregate(v, m, "sum")
+
+
+@pytest.mark.parametrize("agg", O.AGGREGATIONS)
+def test_sharded_losses_sum_to_the_whole_batch(agg):
+    """With global denominators, per-shard losses (ranks x micro-batches) add up to the full loss."""
+    torch.manual_seed(0)
+    logp = torch.randn(6, 5, dtype=torch.float64) * 0.1 - 1
+    old = logp + torch.randn(6, 5, dtype=torch.float64) * 0.05
+    ref = logp + torch.randn(6, 5, dtype=torch.float64) * 0.05
+    mask = (torch.rand(6, 5) > 0.3).double()
+    mask[:, 0] = 1
+    adv, aux = torch.randn(6, dtype=torch.float64), torch.tensor([0, 1, 0, 1, 0, 0], dtype=torch.bool)
+    cfg = O.ObjectiveConfig(aggregation=agg, kl_coef=0.1, offpolicy="shaped")
+    whole, _ = O.policy_loss(cfg, logp, old, adv, mask, aux, ref, max_len=5)
+    g = dict(global_tokens=mask.sum(), global_seqs=6, max_len=5)
+    parts = sum(
+        O.policy_loss(cfg, logp[s], old[s], adv[s], mask[s], aux[s], ref[s], **g)[0]
+        for s in (slice(0, 2), slice(2, 3), slice(3, 6))
+    )
+    assert parts.item() == pytest.approx(whole.item(), rel=1e-12)
+
+
+def test_masked_tokens_get_no_gradient():
+    logp = T([[-1.0, -2.0, -3.0]], grad=True)
+    loss, _ = _loss(O.ObjectiveConfig(), logp, logp.detach(), [1.0], [False], mask=T([[1.0, 1.0, 0.0]]))
+    loss.backward()
+    assert logp.grad[0, 2].item() == 0.0 and logp.grad[0, 0].item() != 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,key",
+    [
+        ({"advantage": "x"}, "algorithm.advantage"),
+        ({"offpolicy": "x"}, "algorithm.offpolicy"),
+        ({"aggregation": "x"}, "algorithm.aggregation"),
+        ({"clip_low": 1.5}, "algorithm.clip_low"),
+        ({"kl_coef": -1}, "algorithm.kl_coef"),
+    ],
+)
+def test_config_errors_name_the_key(kwargs, key):
+    with pytest.raises(ValueError, match=key):
+        O.ObjectiveConfig(**kwargs)
+
+
+def test_entropy_and_per_source_means():
+    logits = torch.zeros(1, 2, 4)
+    assert torch.allclose(O.entropy_from_logits(logits), torch.full((1, 2), math.log(4)))
+    got = O.per_source_means(T([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]), ["policy", "aux_a", "dataset"])
+    assert got == {"policy": 2.0, "dataset": 5.0}
