@@ -58,3 +58,24 @@ def red_image():
     from PIL import Image
 
     return Image.new("RGB", (96, 80), (200, 30, 30))
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray instance for the session (logical CPUs > cores: actors are mostly idle)."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def counting_data(tmp_path_factory):
+    from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.synth import make_dataset
+
+    out = tmp_path_factory.mktemp("counting")
+    paths = make_dataset("counting", out, n_train=8, n_test=4, seed=0)
+    return load_task_file(paths["train"])

@@ -198,3 +198,15 @@ class WeightSyncExtension:
         tensors = load_file(path)
         self.model_runner.reload_weights(weights_iterator=iter(tensors.items()))
         return len(tensors)
+
+
+def load_weights_from_file(llm, path: str) -> int:
+    """Load full weights from a safetensors file into a running engine (every worker), then drop
+    caches derived from the old weights (prefix and multimodal caches)."""
+    counts = llm.collective_rpc("ekipl_reload_from_file", args=(path,))
+    # Stale state computed with the old weights: cached KV blocks and vision-encoder outputs. The
+    # worker already dropped its encoder outputs; the scheduler must forget them too, or the next
+    # request with a seen image fails with "Encoder cache miss".
+    llm.llm_engine.reset_encoder_cache()
+    llm.reset_prefix_cache()
+    return int(counts[0])

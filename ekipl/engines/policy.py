@@ -1,0 +1,46 @@
+"""``PolicyEngine``: a Ray actor hosting one vLLM engine for the policy (thin: it wraps
+:mod:`ekipl.engines.vllm_backend`). Auxiliary vLLM sources use the same actor without weight sync.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ekipl.engines import vllm_backend as vb
+
+
+class PolicyEngine:
+    def __init__(self, spec: vb.EngineSpec):
+        t0 = time.perf_counter()
+        self.spec = spec
+        self.llm = vb.start_engine(spec)
+        self.start_seconds = time.perf_counter() - t0
+        self.weight_version = 0
+
+    def ready(self) -> float:
+        return self.start_seconds
+
+    def generate(
+        self,
+        requests: list[vb.Request],
+        n: int,
+        temperature: float,
+        max_tokens: int,
+        seed: int | None = None,
+        top_p: float = 1.0,
+    ) -> list[list[vb.Completion]]:
+        params = vb.sampling_params(
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed
+        )
+        return vb.generate(self.llm, requests, params)
+
+    def score(self, prompt_token_ids: list[int], completion_ids: list[int], images=()) -> list[float]:
+        return vb.score(self.llm, prompt_token_ids, completion_ids, images)
+
+    def load_weights(self, path: str) -> int:
+        """Load a safetensors file of full weights (written by the learner) into the running engine."""
+        if not self.spec.enable_weight_sync:
+            raise RuntimeError("this engine was started without weight sync (an auxiliary model?)")
+        n = vb.load_weights_from_file(self.llm, path)
+        self.weight_version += 1
+        return n

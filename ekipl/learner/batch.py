@@ -1,0 +1,173 @@
+"""Multimodal batching for the learner: groups of actions -> padded Qwen2-VL tensors.
+
+Each sequence is ``prompt + completion``; the prompt (text and images) is run through the processor
+once per group, and the G actions of the group share its processed image. Padding is on the right
+and masked; M-RoPE positions are left to the model (it derives them from ``image_grid_thw``,
+``mm_token_type_ids`` and ``attention_mask``).
+
+Log-probs are aligned with ``input_ids[:, 1:]``: ``completion_mask[:, t]`` is 1 where
+``input_ids[:, t + 1]`` is a completion token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ekipl.types import Group
+
+
+@dataclasses.dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L]
+    attention_mask: torch.Tensor  # [B, L]
+    completion_mask: torch.Tensor  # [B, L - 1], aligned with log-probs of input_ids[:, 1:]
+    advantages: torch.Tensor  # [B]
+    is_aux: torch.Tensor  # [B] bool
+    source_ids: torch.Tensor  # [B] index into ``sources``
+    sources: list[str]
+    pixel_values: torch.Tensor | None = None  # [sum of patches, D]
+    image_grid_thw: torch.Tensor | None = None  # [num images, 3]
+    patches: list[int] = dataclasses.field(default_factory=list)  # pixel rows per sequence
+    images: list[int] = dataclasses.field(default_factory=list)  # images per sequence
+    mm_token_type_ids: torch.Tensor | None = None  # [B, L]
+    old_logp: torch.Tensor | None = None  # [B, L - 1]
+    ref_logp: torch.Tensor | None = None  # [B, L - 1]
+
+    def __len__(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def model_inputs(self) -> dict:
+        out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        if self.pixel_values is not None:
+            out.update(
+                pixel_values=self.pixel_values,
+                image_grid_thw=self.image_grid_thw,
+                mm_token_type_ids=self.mm_token_type_ids,
+            )
+        return out
+
+    def select(self, rows: list[int]) -> Batch:
+        """The sub-batch of ``rows`` (with their own pixel rows and grids), trimmed of shared padding."""
+        idx = torch.tensor(rows, dtype=torch.long)
+        pv = thw = None
+        if self.pixel_values is not None:
+            p_start = [0]
+            i_start = [0]
+            for n_p, n_i in zip(self.patches, self.images, strict=True):
+                p_start.append(p_start[-1] + n_p)
+                i_start.append(i_start[-1] + n_i)
+            pv = torch.cat([self.pixel_values[p_start[r] : p_start[r + 1]] for r in rows])
+            thw = torch.cat([self.image_grid_thw[i_start[r] : i_start[r + 1]] for r in rows])
+        length = int(self.attention_mask[idx].sum(-1).max()) if rows else 1
+
+        def cut(t, n=length):
+            return None if t is None else t[idx][:, :n]
+
+        return Batch(
+            input_ids=cut(self.input_ids),
+            attention_mask=cut(self.attention_mask),
+            completion_mask=cut(self.completion_mask, length - 1),
+            advantages=self.advantages[idx],
+            is_aux=self.is_aux[idx],
+            source_ids=self.source_ids[idx],
+            sources=self.sources,
+            pixel_values=pv,
+            image_grid_thw=thw,
+            patches=[self.patches[r] for r in rows] if self.patches else [],
+            images=[self.images[r] for r in rows] if self.images else [],
+            mm_token_type_ids=cut(self.mm_token_type_ids),
+            old_logp=cut(self.old_logp, length - 1),
+            ref_logp=cut(self.ref_logp, length - 1),
+        )
+
+
+def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: int | None = None) -> Batch:
+    """Build a :class:`Batch` from groups; ``advantages`` is flat over all actions in order."""
+    from ekipl.models.hf import mm_token_type_ids
+
+    tok = getattr(processor, "tokenizer", processor)
+    pad_id = tok.pad_token_id if pad_id is None else pad_id
+    seqs, prompt_lens, pvs, thws, patches, images, sources, src_ids, is_aux = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
+    for g in groups:
+        imgs = g.sample.load_images()
+        if imgs:
+            enc = processor(text=[g.prompt], images=imgs, return_tensors="pt")  # once per group
+        else:
+            enc = {"input_ids": tok([g.prompt], return_tensors="pt", add_special_tokens=False)["input_ids"]}
+        prompt_ids = enc["input_ids"][0].tolist()
+        for a in g.actions:
+            if not a.token_ids:
+                raise ValueError(f"sample {g.sample.id!r}: action from {a.source!r} has no tokens")
+            seqs.append(prompt_ids + list(a.token_ids))
+            prompt_lens.append(len(prompt_ids))
+            if imgs:
+                pvs.append(enc["pixel_values"])
+                thws.append(enc["image_grid_thw"])
+                patches.append(int(enc["pixel_values"].shape[0]))
+                images.append(int(enc["image_grid_thw"].shape[0]))
+            if a.source not in sources:
+                sources.append(a.source)
+            src_ids.append(sources.index(a.source))
+            is_aux.append(not a.is_policy)
+    if len(advantages) != len(seqs):
+        raise ValueError(f"{len(advantages)} advantages for {len(seqs)} actions")
+    length = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), length), dtype=torch.long)
+    cmask = torch.zeros((len(seqs), length - 1), dtype=torch.float32)
+    for i, (s, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        cmask[i, p - 1 : len(s) - 1] = 1.0
+    batch = Batch(
+        input_ids=ids,
+        attention_mask=attn,
+        completion_mask=cmask,
+        advantages=advantages.float(),
+        is_aux=torch.tensor(is_aux, dtype=torch.bool),
+        source_ids=torch.tensor(src_ids),
+        sources=sources,
+    )
+    if pvs:
+        if len(pvs) != len(seqs):
+            raise ValueError("a batch mixes samples with and without images")
+        batch.pixel_values = torch.cat(pvs)
+        batch.image_grid_thw = torch.cat(thws)
+        batch.patches, batch.images = patches, images
+        cfg = getattr(processor, "image_token_id", None)
+        batch.mm_token_type_ids = (
+            mm_token_type_ids(_TokenIds(processor), ids) if cfg is not None else torch.zeros_like(ids)
+        )
+    return batch
+
+
+class _TokenIds:
+    """The two ids ``mm_token_type_ids`` needs, read off a processor."""
+
+    def __init__(self, processor):
+        self.image_token_id = processor.image_token_id
+        self.video_token_id = getattr(processor, "video_token_id", -1)
+
+
+def sequence_logprobs(model, batch: Batch, with_entropy: bool = False):
+    """log π(input_ids[:, t+1] | ...) for every position, shape [B, L-1]; optionally entropy too."""
+    logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    with torch.no_grad():
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent

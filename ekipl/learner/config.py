@@ -1,0 +1,60 @@
+"""Learner configuration (registered with Hydra's ConfigStore by ekipl.config)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass
+class LearnerConfig:
+    world_size: int = 2
+    zero_stage: int = 2
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    micro_batch_size: int = 4
+    epochs: int = 1  # μ inner epochs over each batch
+    gradient_checkpointing: bool = False
+    freeze_vision: bool = False
+    bf16: bool = False  # GPU only; CPU trains in fp32
+    sync_bucket_mb: int = 64
+    num_cpus_per_worker: float = 1.0
+    num_gpus_per_worker: float = 0.0
+
+    def __post_init__(self):
+        if self.world_size < 1:
+            raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.micro_batch_size < 1 or self.epochs < 1:
+            raise ValueError("learner.micro_batch_size and learner.epochs must be >= 1")
+        if self.lr <= 0:
+            raise ValueError(f"learner.lr must be > 0, got {self.lr}")
+
+    def deepspeed_config(self, n_micro: int) -> dict:
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": n_micro,
+            "train_batch_size": self.micro_batch_size * n_micro * self.world_size,
+            "gradient_clipping": self.grad_clip,
+            "zero_optimization": {
+                "stage": self.zero_stage,
+                "overlap_comm": False,
+                "contiguous_gradients": False,
+            },
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": self.lr,
+                    "betas": list(self.betas),
+                    "eps": self.adam_eps,
+                    "weight_decay": self.weight_decay,
+                    "torch_adam": True,
+                },
+            },
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }

@@ -1,0 +1,158 @@
+"""``LearnerGroup``: N Ray actors forming one torch.distributed group (gloo on CPU, NCCL on GPU).
+
+The driver-side handle shards each batch by rows across ranks, runs the three passes (old and
+reference log-probs, then μ epochs of updates) and pushes the new weights to policy engines.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+import uuid
+
+import torch
+
+from ekipl.algo.objective import ObjectiveConfig
+from ekipl.learner.batch import Batch
+from ekipl.learner.config import LearnerConfig
+from ekipl.learner.worker import Learner
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def shard_rows(n: int, world: int) -> list[list[int]]:
+    """Contiguous, near-equal row ranges per rank (rank r gets rows r*k .. )."""
+    base, extra = divmod(n, world)
+    out, start = [], 0
+    for r in range(world):
+        k = base + (1 if r < extra else 0)
+        out.append(list(range(start, start + k)))
+        start += k
+    return out
+
+
+class LearnerGroup:
+    def __init__(
+        self,
+        model_path: str,
+        cfg: LearnerConfig,
+        objective: ObjectiveConfig,
+        seed: int = 0,
+        scheduling_strategy=None,
+        resources: dict | None = None,
+    ):
+        import ray
+
+        self.cfg, self.objective = cfg, objective
+        actor = ray.remote(Learner)
+        opts = dict(num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker, max_restarts=0)
+        if resources:
+            opts["resources"] = resources
+        if scheduling_strategy is not None:
+            opts["scheduling_strategy"] = scheduling_strategy
+        port = free_port()
+        self.workers = [
+            actor.options(**opts).remote(
+                r, cfg.world_size, "127.0.0.1", port, model_path, cfg, objective, seed
+            )
+            for r in range(cfg.world_size)
+        ]
+        self.sync_dir = tempfile.mkdtemp(
+            prefix="ekipl-sync-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
+
+    def _call(self, method: str, *per_rank_args, **kwargs):
+        import ray
+
+        refs = [
+            getattr(w, method).remote(*(a[r] for a in per_rank_args), **kwargs)
+            for r, w in enumerate(self.workers)
+        ]
+        return ray.get(refs)
+
+    def _shards(self, batch: Batch) -> tuple[list[Batch], list[list[int]], int]:
+        rows = shard_rows(len(batch), self.cfg.world_size)
+        if any(not r for r in rows):
+            raise ValueError(
+                f"a batch of {len(batch)} actions cannot feed {self.cfg.world_size} learner ranks"
+            )
+        return [batch.select(r) for r in rows], rows, max(len(r) for r in rows)
+
+    def train_step(self, batch: Batch) -> dict:
+        """Old (and reference) log-probs, then μ epochs of ZeRO updates. Returns metrics and timings."""
+        t0 = time.perf_counter()
+        shards, rows, max_rows = self._shards(batch)
+        L = batch.input_ids.shape[1] - 1
+        old = self._call("logprobs", shards, max_rows=max_rows)
+        for s, lp in zip(shards, old, strict=True):
+            s.old_logp = lp[:, : s.input_ids.shape[1] - 1]
+        if self.objective.kl_coef > 0:
+            ref = self._call("logprobs", shards, max_rows=max_rows, reference=True)
+            for s, lp in zip(shards, ref, strict=True):
+                s.ref_logp = lp[:, : s.input_ids.shape[1] - 1]
+        t1 = time.perf_counter()
+        metrics = self._call(
+            "update",
+            shards,
+            max_rows=max_rows,
+            global_tokens=float(batch.completion_mask.sum()),
+            global_seqs=float(len(batch)),
+            max_len=int(batch.completion_mask.sum(-1).max()),
+        )
+        t2 = time.perf_counter()
+        out = {
+            k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0] if not k.startswith("timing/")
+        }
+        out.update({"timing/logprob": t1 - t0, "timing/update": t2 - t1})
+        full_old = torch.zeros(len(batch), L)
+        for r, lp in zip(rows, old, strict=True):
+            full_old[r, : lp.shape[1]] = lp
+        self.last_old_logp = full_old
+        return out
+
+    def sync_weights(self, engines) -> dict:
+        """Export the weights once (bucketed gather) and load them into every policy engine replica.
+
+        One file in shared memory and one call per engine: never one remote call per tensor.
+        """
+        import ray
+
+        t0 = time.perf_counter()
+        path = os.path.join(self.sync_dir, f"{uuid.uuid4().hex}.safetensors")
+        nbytes = max(self._call("export_weights", [path] * self.cfg.world_size))
+        t1 = time.perf_counter()
+        try:
+            ray.get([e.load_weights.remote(path) for e in engines])
+        finally:
+            if os.path.exists(path):
+                os.remove(path)
+        t2 = time.perf_counter()
+        log.info(
+            "weight sync: %.1f MB in %.3fs (export %.3fs, load %.3fs)",
+            nbytes / 1e6,
+            t2 - t0,
+            t1 - t0,
+            t2 - t1,
+        )
+        return {"timing/weight_sync": t2 - t0, "timing/weight_export": t1 - t0, "sync/bytes": float(nbytes)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self._call("state_dict_cpu")[0]
+
+    def shutdown(self):
+        import shutil
+
+        import ray
+
+        for w in self.workers:
+            ray.kill(w)
+        shutil.rmtree(self.sync_dir, ignore_errors=True)

@@ -1,0 +1,221 @@
+"""One learner rank: a DeepSpeed ZeRO engine around the policy, the objective, and weight export.
+
+:class:`Learner` is plain Python; :func:`remote_learner` wraps it as a Ray actor. All ranks of a
+:class:`~ekipl.learner.group.LearnerGroup` call each method together (they hold collectives).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+
+import torch
+
+from ekipl.algo import objective as O
+from ekipl.learner.batch import Batch, sequence_logprobs
+from ekipl.learner.config import LearnerConfig
+
+log = logging.getLogger(__name__)
+
+
+def micro_batches(n_rows: int, size: int, n_micro: int) -> list[list[int]]:
+    """``n_micro`` lists of row indices (the last ones may be empty: a rank with fewer rows)."""
+    rows = list(range(n_rows))
+    out = [rows[i * size : (i + 1) * size] for i in range(n_micro)]
+    return out
+
+
+class Learner:
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        master_addr: str,
+        master_port: int,
+        model_path: str,
+        cfg: LearnerConfig,
+        objective: O.ObjectiveConfig,
+        seed: int = 0,
+    ):
+        os.environ.update(
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+            RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_RANK="0"
+            if not torch.cuda.is_available()
+            else str(rank % max(1, torch.cuda.device_count())),
+        )
+        import deepspeed
+
+        from ekipl.models import hf
+
+        self.rank, self.world_size, self.cfg, self.objective = rank, world_size, cfg, objective
+        self.device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else (torch.device("cpu"))
+        )
+        deepspeed.init_distributed(
+            dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False
+        )
+        torch.manual_seed(seed)
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model = hf.load_model(model_path, dtype=dtype)
+        if cfg.freeze_vision and hasattr(model, "model") and hasattr(model.model, "visual"):
+            for p in model.model.visual.parameters():
+                p.requires_grad_(False)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        self._n_micro = 1
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=cfg.deepspeed_config(self._n_micro),
+        )
+        self.ref = None
+        if objective.kl_coef > 0:  # β = 0 skips loading the reference entirely
+            self.ref = hf.load_model(model_path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+
+    # -------------------------------------------------------------------------------------------
+    def _n_micro_for(self, rows_per_rank: int) -> int:
+        return max(1, math.ceil(rows_per_rank / self.cfg.micro_batch_size))
+
+    def _to_device(self, b: Batch) -> Batch:
+        for f in (
+            "input_ids",
+            "attention_mask",
+            "completion_mask",
+            "advantages",
+            "is_aux",
+            "pixel_values",
+            "image_grid_thw",
+            "mm_token_type_ids",
+            "old_logp",
+            "ref_logp",
+        ):
+            t = getattr(b, f)
+            if t is not None:
+                setattr(b, f, t.to(self.device))
+        return b
+
+    @torch.no_grad()
+    def logprobs(self, batch: Batch, max_rows: int, reference: bool = False) -> torch.Tensor:
+        """Log-probs [B, L-1] of this rank's rows, under the policy (or the frozen reference)."""
+        model = self.ref if reference else self.engine.module
+        n_micro = self._n_micro_for(max_rows)
+        outs = []
+        for rows in micro_batches(len(batch), self.cfg.micro_batch_size, n_micro):
+            if not rows:
+                continue
+            mb = self._to_device(batch.select(rows))
+            lp, _ = sequence_logprobs(model, mb)
+            outs.append(torch.nn.functional.pad(lp, (0, batch.input_ids.shape[1] - 1 - lp.shape[1])).cpu())
+        return torch.cat(outs) if outs else torch.zeros(0, batch.input_ids.shape[1] - 1)
+
+    def update(
+        self, batch: Batch, max_rows: int, global_tokens: float, global_seqs: float, max_len: int
+    ) -> dict:
+        """μ epochs over this rank's rows, one optimizer step per epoch. Returns averaged metrics."""
+        self.engine.train()
+        n_micro = self._n_micro_for(max_rows)
+        if n_micro != self._n_micro:
+            self.engine.set_train_batch_size(self.cfg.micro_batch_size * n_micro * self.world_size)
+            self._n_micro = n_micro
+        # engine.backward divides by the accumulation steps and the ranks' gradients are averaged:
+        # scale so that the sum over ranks and micro-batches is the whole batch's loss.
+        scale = float(self.world_size * n_micro)
+        sums: dict[str, float] = {}
+        count = 0
+        t0 = time.perf_counter()
+        for _ in range(self.cfg.epochs):
+            for rows in micro_batches(len(batch), self.cfg.micro_batch_size, n_micro):
+                empty = not rows
+                mb = self._to_device(batch.select(rows or [0]))
+                logp, ent = sequence_logprobs(self.engine, mb, with_entropy=True)
+                mask = mb.completion_mask * (0.0 if empty else 1.0)
+                loss, metrics = O.policy_loss(
+                    self.objective,
+                    logp,
+                    mb.old_logp,
+                    mb.advantages,
+                    mask,
+                    mb.is_aux,
+                    mb.ref_logp,
+                    global_tokens=global_tokens,
+                    global_seqs=global_seqs,
+                    max_len=max_len,
+                )
+                if empty:
+                    loss = loss * 0.0
+                self.engine.backward(loss * scale)
+                # DeepSpeed convention: step() after every micro-batch; it applies the optimizer
+                # only at the accumulation boundary (the last micro-batch of the epoch).
+                self.engine.step()
+                if not empty:
+                    metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + float(v)
+                    count += 1
+        out = {f"actor/{k}": v / max(count, 1) for k, v in sums.items()}
+        out["timing/update_rank"] = time.perf_counter() - t0
+        return out
+
+    # -------------------------------------------------------------------------------------------
+    def export_weights(self, path: str | None) -> int:
+        """Write the full weights to ``path`` (a safetensors file; rank 0 only). Returns bytes.
+
+        Under ZeRO-3 the partitioned parameters are gathered bucket by bucket (``sync_bucket_mb``),
+        so no rank ever materialises more than one bucket beyond its shard.
+        """
+        import deepspeed
+        from safetensors.torch import save_file
+
+        module = self.engine.module
+        named = list(module.named_parameters())
+        budget = self.cfg.sync_bucket_mb * 2**20
+        full: dict[str, torch.Tensor] = {}
+        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        size = 0
+
+        def flush():
+            params = [p for _, p in bucket]
+            with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+                if self.rank == 0:
+                    for n, p in bucket:
+                        full[n] = p.detach().to("cpu", copy=True).contiguous()
+
+        for name, p in named:
+            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+            bucket.append((name, p))
+            size += numel * p.element_size()
+            if size >= budget:
+                flush()
+                bucket, size = [], 0
+        if bucket:
+            flush()
+        if self.rank != 0:
+            return 0
+        tmp = f"{path}.tmp"
+        save_file(full, tmp)
+        os.replace(tmp, path)
+        return sum(t.numel() * t.element_size() for t in full.values())
+
+    def state_dict_cpu(self) -> dict[str, torch.Tensor]:
+        """Full weights on rank 0 (all ranks must call; for tests and checkpoints)."""
+        import tempfile
+
+        from safetensors.torch import load_file
+
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "w.safetensors")
+            self.export_weights(path)
+            return load_file(path) if self.rank == 0 else {}
+
+
+def remote_learner():
+    import ray
+
+    return ray.remote(Learner)
