@@ -79,3 +79,29 @@ def counting_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("counting")
     paths = make_dataset("counting", out, n_train=8, n_test=4, seed=0)
     return load_task_file(paths["train"])
+
+
+@pytest.fixture(scope="session")
+def policy_router(ray_local, tiny_vlm):
+    """One policy vLLM engine in a Ray actor (weight sync enabled), shared by all tests."""
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.rollout.policy import PolicyRouter
+
+    router = PolicyRouter(vb.EngineSpec(model=str(tiny_vlm), dtype="float32", seed=0), replicas=1)
+    router.ready()
+    yield router
+    for a in router.actors:
+        ray_local.kill(a)
+
+
+@pytest.fixture(scope="session")
+def aux_vlm_source(ray_local, tiny_vlm_b):
+    """An auxiliary vLLM source on the second tiny VLM (its own tokenizer), shared by all tests."""
+    from ekipl.rollout.sources import SourceConfig, VllmSource
+
+    src = VllmSource(
+        SourceConfig(name="aux_b", kind="vllm", model=str(tiny_vlm_b), k=2, max_tokens=24, temperature=1.0)
+    )
+    src.ready()
+    yield src
+    src.shutdown()

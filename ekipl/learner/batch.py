@@ -12,6 +12,7 @@ Log-probs are aligned with ``input_ids[:, 1:]``: ``completion_mask[:, t]`` is 1 
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import torch
 
@@ -146,19 +147,11 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
         batch.pixel_values = torch.cat(pvs)
         batch.image_grid_thw = torch.cat(thws)
         batch.patches, batch.images = patches, images
-        cfg = getattr(processor, "image_token_id", None)
-        batch.mm_token_type_ids = (
-            mm_token_type_ids(_TokenIds(processor), ids) if cfg is not None else torch.zeros_like(ids)
+        token_ids = SimpleNamespace(
+            image_token_id=processor.image_token_id, video_token_id=getattr(processor, "video_token_id", -1)
         )
+        batch.mm_token_type_ids = mm_token_type_ids(token_ids, ids)
     return batch
-
-
-class _TokenIds:
-    """The two ids ``mm_token_type_ids`` needs, read off a processor."""
-
-    def __init__(self, processor):
-        self.image_token_id = processor.image_token_id
-        self.video_token_id = getattr(processor, "video_token_id", -1)
 
 
 def sequence_logprobs(model, batch: Batch, with_entropy: bool = False):

@@ -79,19 +79,18 @@ class LearnerGroup:
         ]
         return ray.get(refs)
 
-    def _shards(self, batch: Batch) -> tuple[list[Batch], list[list[int]], int]:
+    def _shards(self, batch: Batch) -> tuple[list[Batch], int]:
         rows = shard_rows(len(batch), self.cfg.world_size)
         if any(not r for r in rows):
             raise ValueError(
                 f"a batch of {len(batch)} actions cannot feed {self.cfg.world_size} learner ranks"
             )
-        return [batch.select(r) for r in rows], rows, max(len(r) for r in rows)
+        return [batch.select(r) for r in rows], max(len(r) for r in rows)
 
     def train_step(self, batch: Batch) -> dict:
         """Old (and reference) log-probs, then μ epochs of ZeRO updates. Returns metrics and timings."""
         t0 = time.perf_counter()
-        shards, rows, max_rows = self._shards(batch)
-        L = batch.input_ids.shape[1] - 1
+        shards, max_rows = self._shards(batch)
         old = self._call("logprobs", shards, max_rows=max_rows)
         for s, lp in zip(shards, old, strict=True):
             s.old_logp = lp[:, : s.input_ids.shape[1] - 1]
@@ -113,10 +112,6 @@ class LearnerGroup:
             k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0] if not k.startswith("timing/")
         }
         out.update({"timing/logprob": t1 - t0, "timing/update": t2 - t1})
-        full_old = torch.zeros(len(batch), L)
-        for r, lp in zip(rows, old, strict=True):
-            full_old[r, : lp.shape[1]] = lp
-        self.last_old_logp = full_old
         return out
 
     def sync_weights(self, engines) -> dict:

@@ -39,28 +39,22 @@ class Learner:
         objective: O.ObjectiveConfig,
         seed: int = 0,
     ):
+        gpus = torch.cuda.device_count()
+        local_rank = rank % gpus if gpus else 0
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
             RANK=str(rank),
             WORLD_SIZE=str(world_size),
-            LOCAL_RANK="0"
-            if not torch.cuda.is_available()
-            else str(rank % max(1, torch.cuda.device_count())),
+            LOCAL_RANK=str(local_rank),
         )
         import deepspeed
 
         from ekipl.models import hf
 
         self.rank, self.world_size, self.cfg, self.objective = rank, world_size, cfg, objective
-        self.device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if torch.cuda.is_available()
-            else (torch.device("cpu"))
-        )
-        deepspeed.init_distributed(
-            dist_backend="nccl" if torch.cuda.is_available() else "gloo", auto_mpi_discovery=False
-        )
+        self.device = torch.device("cuda", local_rank) if gpus else torch.device("cpu")
+        deepspeed.init_distributed(dist_backend="nccl" if gpus else "gloo", auto_mpi_discovery=False)
         torch.manual_seed(seed)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = hf.load_model(model_path, dtype=dtype)

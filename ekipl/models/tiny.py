@@ -103,6 +103,13 @@ TINY_MODELS: dict[str, TinySpec] = {
         vision_heads=3,
     ),
     "tiny-qwen2": TinySpec(vision=False),
+    # Larger random-weight text models for benchmarks (weight sync, compute-bound steps).
+    "bench-qwen2-25m": TinySpec(
+        vision=False, hidden_size=384, intermediate_size=1536, num_layers=8, num_heads=6, num_kv_heads=2
+    ),
+    "bench-qwen2-100m": TinySpec(
+        vision=False, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4
+    ),
 }
 
 

@@ -1,0 +1,265 @@
+"""``RolloutCoordinator``: fan each prompt out to the policy and every auxiliary source, then merge,
+re-tokenize, score and select the EKIPL group.
+
+Auxiliary actions do not depend on the policy's weights, so :meth:`prefetch` starts them for the
+next batch in the background (while the policy generates and the learner updates); their results
+land in the content-addressed cache, which :meth:`rollout` reads. A failed or hung auxiliary source
+is logged and restarted, and groups are built from the remaining sources; a failed policy engine
+raises :class:`~ekipl.rollout.policy.PolicyEngineError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ekipl.engines import vllm_backend as vb
+from ekipl.rollout import selection
+from ekipl.rollout.cache import ActionCache, cache_key
+from ekipl.rollout.sources import Source
+from ekipl.tasks.prompts import build_messages
+from ekipl.tasks.rewards import RewardWeights, score
+from ekipl.tasks.sample import DataError, Sample
+from ekipl.types import POLICY, Action, Group
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class RolloutConfig:
+    n: int = 8  # policy samples per prompt
+    group_size: int = 8  # G, the selected group's size (topg)
+    temperature: float = 0.9
+    max_tokens: int = 512
+    # Auxiliary actions (e.g. recorded CoT traces) may be longer than the policy's budget; longer
+    # ones are cut here (and scored as cut) to bound learner memory.
+    aux_max_tokens: int = 2048
+    selection: str = "topg"
+    num_replace: int = 1
+    drop_tied: bool = True
+    aux_on_demand: bool = False
+    pass_threshold: float = 0.5  # aux_on_demand: query aux only when the policy pass rate is below
+    system_prompt: bool = False
+    prefetch: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.selection not in selection.RULES:
+            raise ValueError(f"rollout.selection: unknown {self.selection!r}; known: {selection.RULES}")
+        if self.n < 1 or self.group_size < 1 or self.max_tokens < 1:
+            raise ValueError("rollout.n, rollout.group_size and rollout.max_tokens must be >= 1")
+        if self.selection == "topg" and self.group_size > self.n + 10**6:
+            raise ValueError("rollout.group_size is unreasonably large")
+
+
+class RolloutCoordinator:
+    def __init__(
+        self,
+        cfg: RolloutConfig,
+        policy,
+        sources: list[Source],
+        processor,
+        weights: RewardWeights | None = None,
+        cache: ActionCache | None = None,
+    ):
+        self.cfg, self.policy, self.sources, self.processor = cfg, policy, sources, processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
+        self.weights, self.cache = weights or RewardWeights(), cache
+        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(sources) + 1))
+        self._pending: dict[tuple[str, tuple[str, ...]], Future] = {}
+        self.failures: dict[str, int] = {s.name: 0 for s in sources}
+        self._step = 0
+
+    # ------------------------------------------------------------------------------------------
+    # Auxiliary sources
+
+    def _aux(self, source: Source, samples: list[Sample]) -> list[list[str]]:
+        """Texts per sample from one source, through the cache. Never raises: a failure is logged,
+        the source is restarted, and the samples get no actions from it this time."""
+        keys: list[str | None] = [None] * len(samples)
+        out: list[list[str] | None] = [None] * len(samples)
+        if self.cache is not None and source.cacheable:
+            for i, s in enumerate(samples):
+                keys[i] = cache_key(
+                    source.model_id, source.prompt_text(s), list(s.image_paths), source.cfg.sampling()
+                )
+                out[i] = self.cache.get(keys[i])
+        todo = [i for i, o in enumerate(out) if o is None]
+        if todo:
+            try:
+                texts = source.generate([samples[i] for i in todo])
+            except Exception as e:  # a dead or hung actor, an unreachable endpoint
+                self.failures[source.name] += 1
+                log.warning(
+                    "aux source %r failed (%s: %s); building groups from the remaining sources and "
+                    "restarting it",
+                    source.name,
+                    type(e).__name__,
+                    str(e).splitlines()[0][:200],
+                )
+                try:
+                    source.restart(e)
+                except Exception as e2:
+                    log.warning("aux source %r: restart failed: %s", source.name, e2)
+                texts = [[] for _ in todo]
+            else:
+                if self.cache is not None and source.cacheable:
+                    for i, t in zip(todo, texts, strict=True):
+                        if t:
+                            self.cache.put(keys[i], t, {"source": source.name, "sample": samples[i].id})
+            for i, t in zip(todo, texts, strict=True):
+                out[i] = t
+        return [o or [] for o in out]
+
+    def prefetch(self, samples: list[Sample]) -> None:
+        """Start auxiliary generation for an upcoming batch in the background."""
+        if not self.cfg.prefetch or self.cfg.aux_on_demand:
+            return
+        ids = tuple(s.id for s in samples)
+        for src in self.sources:
+            key = (src.name, ids)
+            if key not in self._pending:
+                self._pending[key] = self._pool.submit(self._aux, src, samples)
+
+    def _aux_future(self, src: Source, samples: list[Sample]) -> Future:
+        return self._pending.pop((src.name, tuple(s.id for s in samples)), None) or self._pool.submit(
+            self._aux, src, samples
+        )
+
+    # ------------------------------------------------------------------------------------------
+
+    def prompt(self, sample: Sample) -> str:
+        text = self.processor.apply_chat_template(
+            build_messages(sample, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
+        )
+        found = text.count(self.image_token)
+        if found != len(sample.image_paths):
+            raise DataError(
+                f"the prompt has {found} image placeholders for {len(sample.image_paths)} images "
+                "(does the problem text contain an image token?)",
+                file=sample.source_file,
+                row=sample.row,
+                row_id=sample.id,
+                field="problem",
+            )
+        return text
+
+    def _aux_action(self, source: str, text: str, sample: Sample) -> Action:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        if len(ids) >= self.cfg.aux_max_tokens:
+            ids = ids[: self.cfg.aux_max_tokens]
+            text = self.tokenizer.decode(ids)
+        else:
+            ids = ids + [self.eos_id]
+        r = score(text, sample, self.weights)
+        return Action(
+            source=source, token_ids=ids, text=text, reward=r.total, accuracy=r.accuracy, format=r.format
+        )
+
+    def rollout(self, samples: list[Sample]) -> tuple[list[Group], dict]:
+        t0 = time.perf_counter()
+        self._step += 1
+        prompts = [self.prompt(s) for s in samples]
+        aux_futs = (
+            {}
+            if self.cfg.aux_on_demand
+            else {src.name: self._aux_future(src, samples) for src in self.sources}
+        )
+        requests = [
+            vb.Request(prompt=p, images=s.load_images()) for p, s in zip(prompts, samples, strict=True)
+        ]
+        completions = self.policy.generate(
+            requests,
+            n=self.cfg.n,
+            temperature=self.cfg.temperature,
+            max_tokens=self.cfg.max_tokens,
+            seed=self.cfg.seed * 100003 + self._step,
+        )
+        t_policy = time.perf_counter() - t0
+
+        candidates: list[list[Action]] = []
+        for s, comps in zip(samples, completions, strict=True):
+            acts = []
+            for c in comps:
+                r = score(c.text, s, self.weights)
+                acts.append(
+                    Action(
+                        source=POLICY,
+                        token_ids=list(c.token_ids),
+                        text=c.text,
+                        reward=r.total,
+                        accuracy=r.accuracy,
+                        format=r.format,
+                        sampling_logprobs=list(c.logprobs),
+                    )
+                )
+            candidates.append(acts)
+
+        t1 = time.perf_counter()
+        if self.cfg.aux_on_demand:
+            need = [
+                i for i, acts in enumerate(candidates) if selection.pass_rate(acts) < self.cfg.pass_threshold
+            ]
+            sub = [samples[i] for i in need]
+            if sub:
+                futs = {src.name: self._pool.submit(self._aux, src, sub) for src in self.sources}
+                for name, f in futs.items():
+                    for i, texts in zip(need, f.result(), strict=True):
+                        candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
+        else:
+            for name, f in aux_futs.items():
+                for i, texts in enumerate(f.result()):
+                    candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
+        t_aux_wait = time.perf_counter() - t1
+
+        groups, dropped, aux_wins, pass_rates = [], 0, 0, []
+        for s, p, acts in zip(samples, prompts, candidates, strict=True):
+            pass_rates.append(selection.pass_rate(acts))
+            best = min(enumerate(acts), key=selection._rank_key)[1] if acts else None
+            aux_wins += int(best is not None and not best.is_policy and not selection.all_tied(acts))
+            chosen = selection.select(acts, self.cfg.selection, self.cfg.group_size, self.cfg.num_replace)
+            if self.cfg.drop_tied and selection.all_tied(chosen):
+                dropped += 1
+                continue
+            groups.append(Group(sample=s, prompt=p, actions=chosen))
+        metrics = self._metrics(candidates, groups, dropped, aux_wins, pass_rates)
+        metrics.update(
+            {
+                "timing/rollout": t_policy,
+                "timing/aux_wait": t_aux_wait,
+                "timing/rollout_total": time.perf_counter() - t0,
+            }
+        )
+        return groups, metrics
+
+    def _metrics(self, candidates, groups, dropped, aux_wins, pass_rates) -> dict:
+        m: dict[str, float] = {}
+        by_source: dict[str, list[Action]] = {}
+        for acts in candidates:
+            for a in acts:
+                by_source.setdefault(a.source, []).append(a)
+        for name, acts in by_source.items():
+            m[f"reward/{name}/mean"] = sum(a.reward for a in acts) / len(acts)
+            m[f"reward/{name}/accuracy"] = sum(a.accuracy for a in acts) / len(acts)
+            m[f"reward/{name}/format"] = sum(a.format for a in acts) / len(acts)
+        selected = [a for g in groups for a in g.actions]
+        for name in [POLICY] + [s.name for s in self.sources]:
+            m[f"select/ratio/{name}"] = sum(a.source == name for a in selected) / max(1, len(selected))
+        m["select/aux_win_rate"] = aux_wins / max(1, len(candidates))
+        m["rollout/policy_pass_rate"] = sum(pass_rates) / max(1, len(pass_rates))
+        m["rollout/dropped_groups"] = float(dropped)
+        m["rollout/policy_tokens"] = float(
+            sum(len(a.token_ids) for acts in candidates for a in acts if a.is_policy)
+        )
+        for name, n in self.failures.items():
+            m[f"aux/failures/{name}"] = float(n)
+        return m
+
+    def shutdown(self):
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for s in self.sources:
+            s.shutdown()

@@ -1,0 +1,86 @@
+"""Policy engine replicas behind a least-loaded router."""
+
+from __future__ import annotations
+
+import threading
+
+from ekipl.engines import vllm_backend as vb
+
+
+class PolicyEngineError(RuntimeError):
+    """The policy engine died or failed: training cannot go on without it."""
+
+
+class PolicyRouter:
+    """Sends each request batch to the replica with the fewest requests in flight."""
+
+    def __init__(
+        self,
+        spec: vb.EngineSpec,
+        replicas: int = 1,
+        num_cpus: float = 1.0,
+        num_gpus: float = 0.0,
+        resources: dict | None = None,
+        actors: list | None = None,
+    ):
+        import ray
+
+        from ekipl.engines.policy import PolicyEngine
+
+        if actors is None:
+            opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+            if resources:
+                opts["resources"] = dict(resources)
+            spec.enable_weight_sync = True
+            actors = [ray.remote(PolicyEngine).options(**opts).remote(spec) for _ in range(replicas)]
+        self.actors = actors
+        self.in_flight = [0] * len(actors)
+        self._lock = threading.Lock()
+
+    def ready(self):
+        import ray
+
+        return ray.get([a.ready.remote() for a in self.actors])
+
+    def _pick(self, weight: int) -> int:
+        with self._lock:
+            i = min(range(len(self.actors)), key=lambda j: (self.in_flight[j], j))
+            self.in_flight[i] += weight
+            return i
+
+    def generate(
+        self,
+        requests: list[vb.Request],
+        n: int,
+        temperature: float,
+        max_tokens: int,
+        seed: int | None = None,
+        chunk: int | None = None,
+    ) -> list[list[vb.Completion]]:
+        """Generate for all requests, split in chunks over the replicas (least loaded first)."""
+        import ray
+
+        chunk = chunk or max(1, -(-len(requests) // len(self.actors)))
+        parts = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
+        picks = [self._pick(len(p)) for p in parts]
+        refs = [
+            self.actors[i].generate.remote(
+                p,
+                n=n,
+                temperature=temperature,
+                max_tokens=max_tokens,
+                seed=None if seed is None else seed + k,
+            )
+            for k, (i, p) in enumerate(zip(picks, parts, strict=True))
+        ]
+        try:
+            outs = ray.get(refs)
+        except ray.exceptions.RayActorError as e:
+            raise PolicyEngineError(f"a policy engine replica died: {e}") from e
+        except ray.exceptions.RayTaskError as e:
+            raise PolicyEngineError(f"policy generation failed: {e}") from e
+        finally:
+            with self._lock:
+                for i, p in zip(picks, parts, strict=True):
+                    self.in_flight[i] -= len(p)
+        return [g for out in outs for g in out]

@@ -1,0 +1,350 @@
+"""Rollout: selection rules, the action cache, EKIPL groups from real vLLM engines in Ray actors,
+auxiliary faults, and the OpenAI-compatible source against a local stub server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from ekipl.rollout import selection
+from ekipl.rollout.cache import ActionCache, cache_key
+from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
+from ekipl.rollout.sources import DatasetSource, OpenAISource, SourceConfig
+from ekipl.tasks.rewards import score
+from ekipl.tasks.sample import DataError, Sample
+from ekipl.types import Action
+
+
+def act(source, reward, acc=0.0):
+    return Action(source=source, token_ids=[1], text="", reward=reward, accuracy=acc)
+
+
+# --------------------------------------------------------------------------------------------------
+# Selection rules on hand-built groups
+
+
+def test_selection_all_keeps_everything():
+    c = [act("policy", 0), act("aux", 1)]
+    assert selection.select(c, "all", 1) == c
+
+
+def test_selection_topg_keeps_the_best_and_breaks_ties_policy_first():
+    c = [act("aux", 2.0), act("policy", 1.0), act("aux", 1.0), act("policy", 0.0), act("dataset", 1.0)]
+    got = selection.select(c, "topg", 3)
+    assert [(a.source, a.reward) for a in got] == [("aux", 2.0), ("policy", 1.0), ("aux", 1.0)]
+    got2 = selection.select([act("aux", 1.0), act("policy", 1.0)], "topg", 1)
+    assert got2[0].source == "policy"  # the tie goes to the policy
+    assert len(selection.select(c, "topg", 10)) == 5
+
+
+def test_selection_replace_swaps_the_worst_policy_actions_for_the_best_aux():
+    c = [act("policy", 0.0), act("policy", 2.0), act("policy", 1.0), act("aux", 0.5), act("aux", 1.5)]
+    got = selection.select(c, "replace", 0, num_replace=2)
+    assert [(a.source, a.reward) for a in got] == [("policy", 2.0), ("aux", 1.5), ("aux", 0.5)]
+    only_one_aux = selection.select(c[:4], "replace", 0, num_replace=2)
+    assert sorted(a.reward for a in only_one_aux) == [0.5, 1.0, 2.0]
+
+
+def test_ties_pass_rate_and_unknown_rule():
+    assert selection.all_tied([act("policy", 1.0), act("aux", 1.0)])
+    assert not selection.all_tied([act("policy", 1.0), act("aux", 0.0)])
+    assert selection.pass_rate([act("policy", 0, 1.0), act("policy", 0, 0.0), act("aux", 0, 1.0)]) == 0.5
+    with pytest.raises(ValueError, match="rollout.selection: unknown rule 'best'"):
+        selection.select([], "best", 1)
+    with pytest.raises(ValueError, match="rollout.selection"):
+        RolloutConfig(selection="best")
+
+
+# --------------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_cache_round_trip_and_key_depends_on_image_bytes_and_params(tmp_path, counting_data):
+    s = counting_data[0]
+    k1 = cache_key("m", "p", list(s.image_paths), {"k": 2})
+    assert k1 == cache_key("m", "p", list(s.image_paths), {"k": 2})
+    assert k1 != cache_key("m", "p", list(s.image_paths), {"k": 3})
+    assert k1 != cache_key("m", "p", list(counting_data[1].image_paths), {"k": 2})
+    cache = ActionCache(tmp_path)
+    assert cache.get(k1) is None and cache.misses == 1
+    cache.put(k1, ["a", "b"])
+    assert cache.get(k1) == ["a", "b"] and cache.hits == 1 and cache.keys() == [k1]
+    assert not list(tmp_path.rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Groups from real engines
+
+
+@pytest.fixture
+def coordinator_factory(policy_router, aux_vlm_source, tiny_vlm, tmp_path):
+    from ekipl.models import hf
+
+    proc = hf.load_processor(tiny_vlm)
+    made = []
+
+    def make(sources=None, cache=False, **cfg):
+        base = dict(n=3, group_size=4, max_tokens=24, selection="all", drop_tied=False)
+        base.update(cfg)
+        srcs = (
+            [aux_vlm_source, DatasetSource(SourceConfig(name="dataset", kind="dataset"))]
+            if sources is None
+            else sources
+        )
+        c = RolloutCoordinator(
+            RolloutConfig(**base),
+            policy_router,
+            srcs,
+            proc,
+            cache=ActionCache(tmp_path / "cache") if cache else None,
+        )
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c._pool.shutdown(wait=False)
+
+
+@pytest.mark.slow
+def test_group_mixes_policy_and_two_aux_sources_with_provenance_retokenization_and_rewards(
+    coordinator_factory, counting_data
+):
+    coord = coordinator_factory()
+    samples = [counting_data[0], counting_data[1]]
+    groups, m = coord.rollout(samples)
+    assert len(groups) == 2
+    tok = coord.tokenizer
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    for g, s in zip(groups, samples, strict=True):
+        assert g.sample is s
+        sources = [a.source for a in g.actions]
+        assert sources.count("policy") == 3 and sources.count("aux_b") == 2 and sources.count("dataset") == 1
+        for a in g.actions:
+            r = score(a.text, s)
+            assert (a.reward, a.accuracy, a.format) == (r.total, r.accuracy, r.format)
+            if a.is_policy:
+                assert len(a.sampling_logprobs) == len(a.token_ids) > 0
+            else:
+                assert a.sampling_logprobs is None
+                # auxiliary text re-tokenized with the *policy's* tokenizer
+                body = a.token_ids[:-1] if a.token_ids[-1] == eos else a.token_ids
+                assert tok.decode(body) == a.text
+                assert body == tok.encode(a.text, add_special_tokens=False)[: len(body)]
+        ds = next(a for a in g.actions if a.source == "dataset")
+        assert ds.text == s.cot and ds.reward == 2.0 and ds.token_ids[-1] == eos
+    assert m["select/ratio/dataset"] == pytest.approx(2 / 12)
+    assert m["reward/dataset/accuracy"] == 1.0 and "reward/aux_b/mean" in m
+    assert m["select/aux_win_rate"] == 1.0  # the recorded trace beats the random policy everywhere
+
+
+@pytest.mark.slow
+def test_topg_and_drop_tied_through_the_coordinator(coordinator_factory, counting_data):
+    coord = coordinator_factory(selection="topg", group_size=2, drop_tied=True)
+    groups, m = coord.rollout([counting_data[2]])
+    assert len(groups) == 1 and len(groups[0].actions) == 2
+    assert groups[0].actions[0].source == "dataset"  # the only action with a reward
+    only_policy = coordinator_factory(sources=[], selection="topg", group_size=2, drop_tied=True)
+    groups2, m2 = only_policy.rollout([counting_data[2]])
+    assert groups2 == [] and m2["rollout/dropped_groups"] == 1.0  # a random policy ties at zero
+
+
+@pytest.mark.slow
+def test_aux_on_demand_queries_aux_only_below_the_pass_threshold(coordinator_factory, counting_data):
+    never = coordinator_factory(aux_on_demand=True, pass_threshold=0.0)
+    groups, _ = never.rollout([counting_data[3]])
+    assert {a.source for a in groups[0].actions} == {"policy"}
+    always = coordinator_factory(aux_on_demand=True, pass_threshold=1.0)
+    groups, _ = always.rollout([counting_data[3]])
+    assert {a.source for a in groups[0].actions} == {"policy", "aux_b", "dataset"}
+
+
+@pytest.mark.slow
+def test_cache_hits_on_a_second_run(coordinator_factory, counting_data, aux_vlm_source):
+    samples = [counting_data[4], counting_data[5]]
+    first = coordinator_factory(cache=True)
+    g1, _ = first.rollout(samples)
+    calls = aux_vlm_source._calls
+    second = coordinator_factory(cache=True)  # a resumed run: same cache directory
+    second.prefetch(samples)
+    g2, _ = second.rollout(samples)
+    assert aux_vlm_source._calls == calls, "the second run called the auxiliary engine again"
+    assert second.cache.hits == 2
+    texts = [[a.text for a in g.actions if a.source == "aux_b"] for g in (g1 + g2)]
+    assert texts[:2] == texts[2:]
+
+
+@pytest.mark.slow
+def test_killing_an_aux_actor_mid_rollout_still_returns_groups(
+    coordinator_factory, counting_data, aux_vlm_source, caplog, monkeypatch
+):
+    import ray
+
+    coord = coordinator_factory()
+    samples = [counting_data[6]]
+    monkeypatch.setattr(aux_vlm_source.cfg, "max_tokens", 1500)  # a long call, so the kill lands inside it
+    coord.prefetch(samples)  # the aux call is in flight ...
+    time.sleep(1.0)
+    ray.kill(aux_vlm_source.actors[0], no_restart=False)  # ... when its actor dies
+    with caplog.at_level(logging.WARNING):
+        groups, m = coord.rollout(samples)
+    assert len(groups) == 1
+    assert {a.source for a in groups[0].actions} == {"policy", "dataset"}
+    assert m["aux/failures/aux_b"] == 1.0 and "aux source 'aux_b' failed" in caplog.text
+    # Ray restarts the actor and the next rollout uses it again
+    aux_vlm_source.ready(timeout=300)
+    groups, m = coord.rollout([counting_data[7]])
+    assert "aux_b" in {a.source for a in groups[0].actions}
+
+
+@pytest.mark.slow
+def test_dead_policy_engine_is_a_clear_error(ray_local, counting_data, tiny_vlm):
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.engines.policy import PolicyEngine
+    from ekipl.models import hf
+    from ekipl.rollout.policy import PolicyEngineError, PolicyRouter
+
+    dead = (
+        ray_local.remote(PolicyEngine)
+        .options(num_cpus=0, max_restarts=0)
+        .remote(vb.EngineSpec(model="/nonexistent/model", enable_weight_sync=True))
+    )
+    router = PolicyRouter(None, actors=[dead])
+    coord = RolloutCoordinator(RolloutConfig(n=2, max_tokens=8), router, [], hf.load_processor(tiny_vlm))
+    with pytest.raises(PolicyEngineError, match="policy engine replica died"):
+        coord.rollout([counting_data[0]])
+
+
+def test_image_placeholder_mismatch_names_the_sample(tiny_vlm, counting_data):
+    from ekipl.models import hf
+
+    coord = RolloutCoordinator(
+        RolloutConfig(), policy=None, sources=[], processor=hf.load_processor(tiny_vlm)
+    )
+    s = counting_data[0]
+    bad = Sample(
+        id="evil-1",
+        task="counting",
+        problem="What is <|image_pad|> here?",
+        answer="1",
+        image_paths=s.image_paths,
+        source_file="x.json",
+        row=3,
+    )
+    with pytest.raises(
+        DataError, match=r"x\.json, row 3 \(id='evil-1'\), field 'problem': the prompt has 2 image"
+    ):
+        coord.prompt(bad)
+
+
+# --------------------------------------------------------------------------------------------------
+# The openai source against a local stub server
+
+SECRET = "sk-test-abcdef0123456789"
+
+
+class _Stub(BaseHTTPRequestHandler):
+    script: list = []  # what to answer, one entry per request
+    seen: list = []
+
+    def log_message(self, *a):
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        _Stub.seen.append({"auth": self.headers.get("Authorization"), "body": body})
+        action = _Stub.script.pop(0) if _Stub.script else "ok"
+        if action == "sleep":
+            time.sleep(1.0)
+            action = "ok"
+        if action == "ok":
+            payload = json.dumps(
+                {"choices": [{"message": {"content": "<think>4</think><answer>4</answer>"}}]}
+            )
+            self.send_response(200)
+        elif action == "garbage":
+            payload = "{not json"
+            self.send_response(200)
+        else:
+            payload = "{}"
+            self.send_response(int(action))
+            if action == "429":
+                self.send_header("Retry-After", "0")
+        self.send_header("Content-Type", "application/json")
+        self.end_headers()
+        self.wfile.write(payload.encode())
+
+
+@pytest.fixture
+def stub_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    _Stub.script, _Stub.seen = [], []
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def _openai(url, **kw):
+    cfg = dict(
+        name="gpt",
+        kind="openai",
+        base_url=url,
+        model="gpt-4o",
+        k=1,
+        backoff_s=0.01,
+        max_retries=4,
+        timeout_s=0.5,
+        api_key_env="EKIPL_TEST_KEY",
+    )
+    cfg.update(kw)
+    return OpenAISource(SourceConfig(**cfg))
+
+
+def test_openai_source_retries_429_500_and_garbage_then_succeeds(
+    stub_server, counting_data, monkeypatch, caplog
+):
+    monkeypatch.setenv("EKIPL_TEST_KEY", SECRET)
+    _Stub.script = ["429", "500", "garbage"]
+    src = _openai(stub_server)
+    with caplog.at_level(logging.DEBUG):
+        out = src.generate([counting_data[0]])
+    assert out == [["<think>4</think><answer>4</answer>"]] and src.retries == 3
+    assert len(_Stub.seen) == 4 and all(s["auth"] == f"Bearer {SECRET}" for s in _Stub.seen)
+    msg = _Stub.seen[0]["body"]["messages"][0]
+    assert msg["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert "HTTP 429" in caplog.text and "HTTP 500" in caplog.text and "malformed" in caplog.text
+    assert SECRET not in caplog.text and SECRET not in repr(src)
+
+
+def test_openai_source_times_out_gives_up_and_training_goes_on(
+    stub_server, counting_data, monkeypatch, caplog
+):
+    monkeypatch.setenv("EKIPL_TEST_KEY", SECRET)
+    _Stub.script = ["sleep"] * 3
+    src = _openai(stub_server, max_retries=2, timeout_s=0.2)
+    with caplog.at_level(logging.DEBUG):
+        t0 = time.perf_counter()
+        out = src.generate([counting_data[0]])
+    assert out == [[]] and time.perf_counter() - t0 < 5
+    assert "timeout" in caplog.text and "giving up" in caplog.text
+    assert SECRET not in caplog.text
+
+
+def test_openai_source_does_not_retry_a_client_error(stub_server, counting_data):
+    _Stub.script = ["401"]
+    assert _openai(stub_server).generate([counting_data[0]]) == [[]] and len(_Stub.seen) == 1
+
+
+def test_source_config_errors_name_the_key(tmp_path):
+    with pytest.raises(ValueError, match="aux.x.kind"):
+        SourceConfig(name="x", kind="magic")
+    with pytest.raises(ValueError, match="aux.x.model: no such model directory"):
+        SourceConfig(name="x", kind="vllm", model=str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="aux.x: an openai source needs base_url"):
+        SourceConfig(name="x", kind="openai")
