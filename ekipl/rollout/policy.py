@@ -28,7 +28,9 @@ class PolicyRouter:
         from ekipl.engines.policy import PolicyEngine
 
         if actors is None:
-            opts = dict(num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0)
+            opts = dict(
+                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, runtime_env=vb.actor_runtime_env()
+            )
             if resources:
                 opts["resources"] = dict(resources)
             spec.enable_weight_sync = True
@@ -56,6 +58,7 @@ class PolicyRouter:
         max_tokens: int,
         seed: int | None = None,
         chunk: int | None = None,
+        ignore_eos: bool = False,
     ) -> list[list[vb.Completion]]:
         """Generate for all requests, split in chunks over the replicas (least loaded first)."""
         import ray
@@ -70,6 +73,7 @@ class PolicyRouter:
                 temperature=temperature,
                 max_tokens=max_tokens,
                 seed=None if seed is None else seed + k,
+                ignore_eos=ignore_eos,
             )
             for k, (i, p) in enumerate(zip(picks, parts, strict=True))
         ]

@@ -127,7 +127,13 @@ class VllmSource(Source):
         super().__init__(cfg)
         self.processor = hf.load_processor(cfg.model)
         spec = vb.EngineSpec(model=cfg.model, seed=seed, dtype="auto", max_model_len=cfg.max_model_len)
-        opts = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_restarts=-1, max_task_retries=0)
+        opts = dict(
+            num_cpus=cfg.num_cpus,
+            num_gpus=cfg.num_gpus,
+            max_restarts=-1,
+            max_task_retries=0,
+            runtime_env=vb.actor_runtime_env(),
+        )
         if cfg.resources:
             opts["resources"] = dict(cfg.resources)
         self.actors = [ray.remote(PolicyEngine).options(**opts).remote(spec) for _ in range(cfg.replicas)]
