@@ -172,7 +172,7 @@ def aggregate(
 # The whole objective
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class ObjectiveConfig:
     advantage: str = "grpo"
     offpolicy: str = "plain"

@@ -14,6 +14,7 @@ class PolicyEngine:
         t0 = time.perf_counter()
         self.spec = spec
         self.llm = vb.start_engine(spec)
+        self.banned = vb.placeholder_token_ids(self.llm)
         self.start_seconds = time.perf_counter() - t0
         self.weight_version = 0
 
@@ -31,7 +32,13 @@ class PolicyEngine:
         ignore_eos: bool = False,
     ) -> list[list[vb.Completion]]:
         params = vb.sampling_params(
-            n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, ignore_eos=ignore_eos
+            n=n,
+            temperature=temperature,
+            top_p=top_p,
+            max_tokens=max_tokens,
+            seed=seed,
+            ignore_eos=ignore_eos,
+            banned_token_ids=self.banned,
         )
         return vb.generate(self.llm, requests, params)
 

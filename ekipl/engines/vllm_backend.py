@@ -130,6 +130,7 @@ def sampling_params(
     seed: int | None = None,
     stop: Sequence[str] = (),
     ignore_eos: bool = False,
+    banned_token_ids: Sequence[int] = (),
 ):
     from vllm import SamplingParams
 
@@ -146,6 +147,7 @@ def sampling_params(
         seed=seed,
         stop=list(stop) or None,
         ignore_eos=ignore_eos,  # benchmarks force a fixed completion length
+        logit_bias={int(t): -100.0 for t in banned_token_ids} or None,
         logprobs=0,  # the sampled token's log-prob only
     )
 
@@ -189,6 +191,14 @@ def score(llm, prompt_token_ids: Sequence[int], completion_ids: Sequence[int], i
     if full[len(full) - n :] != list(completion_ids):
         raise RuntimeError("vLLM changed the scored completion's tokens; cannot align prompt log-probs")
     return [float(plp[i][full[i]].logprob) for i in range(len(full) - n, len(full))]
+
+
+def placeholder_token_ids(llm) -> list[int]:
+    """Vision placeholder tokens of the engine's model. A completion must never contain them: the
+    learner would count an extra image placeholder without image features to fill it."""
+    cfg = llm.llm_engine.model_config.hf_config
+    names = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    return sorted({int(getattr(cfg, n)) for n in names if isinstance(getattr(cfg, n, None), int)})
 
 
 def image_token_id(llm) -> int:

@@ -90,6 +90,11 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
 
     tok = getattr(processor, "tokenizer", processor)
     pad_id = tok.pad_token_id if pad_id is None else pad_id
+    placeholders = {
+        t
+        for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
+        if isinstance(t, int)
+    }
     seqs, prompt_lens, pvs, thws, patches, images, sources, src_ids, is_aux = (
         [],
         [],
@@ -111,6 +116,11 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
         for a in g.actions:
             if not a.token_ids:
                 raise ValueError(f"sample {g.sample.id!r}: action from {a.source!r} has no tokens")
+            if placeholders & set(a.token_ids):
+                raise ValueError(
+                    f"sample {g.sample.id!r}: an action from {a.source!r} contains image/video placeholder "
+                    f"tokens {sorted(placeholders & set(a.token_ids))}, which no image features can fill"
+                )
             seqs.append(prompt_ids + list(a.token_ids))
             prompt_lens.append(len(prompt_ids))
             if imgs:

@@ -149,7 +149,8 @@ class RolloutCoordinator:
         return text
 
     def _aux_action(self, source: str, text: str, sample: Sample) -> Action:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        # External text is data, never control: "<|image_pad|>" in it stays plain text.
+        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
         if len(ids) >= self.cfg.aux_max_tokens:
             ids = ids[: self.cfg.aux_max_tokens]
             text = self.tokenizer.decode(ids)

@@ -66,7 +66,8 @@ class SourceConfig:
             raise ValueError(f"aux.{self.name}: k and replicas must be >= 1")
         if self.kind in ("vllm", "hf") and not self.model:
             raise ValueError(f"aux.{self.name}.model: a {self.kind} source needs a model path or id")
-        if self.kind == "vllm" and os.sep in self.model and not os.path.isdir(self.model):
+        local = self.model.startswith(("/", "./", "../", "~"))  # otherwise a HF id or a tiny model name
+        if self.kind in ("vllm", "hf") and local and not os.path.isdir(os.path.expanduser(self.model)):
             raise ValueError(f"aux.{self.name}.model: no such model directory: {self.model}")
         if self.kind == "openai" and not (self.base_url and self.model):
             raise ValueError(f"aux.{self.name}: an openai source needs base_url and model")

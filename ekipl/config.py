@@ -1,0 +1,174 @@
+"""Typed run configuration, registered with Hydra's ConfigStore.
+
+Each worker keeps its own dataclass next to its code (``ObjectiveConfig``, ``LearnerConfig``,
+``RolloutConfig``, ``SourceConfig``); this module composes them into one :class:`RunConfig` and adds
+the few that belong to the run itself. :func:`to_run_config` turns a Hydra ``DictConfig`` into
+typed objects and validates them, so a wrong value fails at start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from ekipl.algo.objective import ObjectiveConfig
+from ekipl.learner.config import LearnerConfig
+from ekipl.rollout.coordinator import RolloutConfig
+from ekipl.rollout.sources import SourceConfig
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    path: str = "tiny-qwen2-vl"  # a local directory, a HF id in the local cache, or a tiny model name
+    dtype: str = "float32"
+    max_model_len: int = 2048
+    engine_replicas: int = 1
+    engine_num_cpus: float = 1.0
+    engine_num_gpus: float = 0.0
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataConfig:
+    train_file: str = ""  # empty: generate the synthetic set for ``synthetic_task`` under the run dir
+    image_root: str | None = None
+    task: str | None = None
+    synthetic_task: str = "counting"
+    synthetic_size: int = 64
+    skip_bad_rows: bool = False
+    prompts_per_step: int = 2
+    shuffle: bool = True
+
+
+@dataclasses.dataclass
+class RewardConfig:
+    accuracy: float = 1.0
+    format: float = 1.0
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    steps: int = 2
+    output_dir: str = "outputs/run"
+    save_every: int = 0  # 0: no checkpoints
+    seed: int = 0
+    ray_address: str | None = None  # None: start a local Ray
+    ray_num_cpus: int | None = None
+    aux_cache: bool = True
+
+
+@dataclasses.dataclass
+class LoggerConfig:
+    wandb: bool = True
+    project: str = "ekipl"
+    run_name: str | None = None
+    mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+
+
+@dataclasses.dataclass
+class RunConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    aux: dict[str, Any] = dataclasses.field(default_factory=dict)  # name -> SourceConfig fields
+    algorithm: ObjectiveConfig = dataclasses.field(default_factory=ObjectiveConfig)
+    learner: LearnerConfig = dataclasses.field(default_factory=LearnerConfig)
+    rollout: RolloutConfig = dataclasses.field(default_factory=RolloutConfig)
+    reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+
+
+def register() -> None:
+    """Register :class:`RunConfig` as Hydra's schema: unknown keys and wrong types fail at
+    composition time; :func:`to_run_config` then checks values and combinations."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="ekipl_schema", node=RunConfig)
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _build(cls, section: str, values: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{section}: unknown key(s) {unknown}; known: {sorted(names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        default = getattr(cls(), f.name) if section != "aux" else None
+        if isinstance(default, tuple) and isinstance(v, list):
+            v = tuple(v)
+        if isinstance(default, bool) and not isinstance(v, bool):
+            raise ConfigError(f"{section}.{f.name}: expected a boolean, got {v!r}")
+        if isinstance(default, int | float) and not isinstance(default, bool):
+            if isinstance(v, bool) or not isinstance(v, int | float):
+                raise ConfigError(f"{section}.{f.name}: expected a number, got {v!r}")
+            if isinstance(default, int) and not isinstance(default, bool) and isinstance(v, float):
+                if not v.is_integer():
+                    raise ConfigError(f"{section}.{f.name}: expected an integer, got {v!r}")
+                v = int(v)
+        kwargs[f.name] = v
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        raise ConfigError(msg if msg.startswith(section) else f"{section}: {msg}") from None
+
+
+def to_run_config(cfg) -> tuple[RunConfig, list[SourceConfig]]:
+    """Typed, validated configs from a DictConfig or a plain dict."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        raw = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    except ImportError:  # pragma: no cover
+        raw = dict(cfg)
+    raw = {k: v for k, v in raw.items() if k not in ("hydra", "experiment")}
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown top-level key(s) {unknown}; known: {sorted(known)}")
+    sections = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name == "aux":
+            continue
+        sections[f.name] = _build(type(f.default_factory()), f.name, raw.get(f.name) or {})
+    sources = []
+    for name, values in (raw.get("aux") or {}).items():
+        if values is None:  # an aux source switched off with aux.NAME=null
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"aux.{name}: expected a mapping of source settings, got {values!r}")
+        sources.append(_build(SourceConfig, f"aux.{name}", {"name": name, **values}))
+    run = RunConfig(aux={s.name: s for s in sources}, **sections)
+    validate(run, sources)
+    return run, sources
+
+
+def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
+    """Cross-field checks: combinations that cannot work."""
+    r = run.rollout
+    capacity = r.n + sum(s.k for s in sources)
+    if r.selection == "topg" and r.group_size > capacity:
+        raise ConfigError(
+            f"rollout.group_size: G={r.group_size} is larger than the candidates per prompt "
+            f"(rollout.n={r.n} + aux k's {[s.k for s in sources]} = {capacity})"
+        )
+    if r.selection == "replace" and not sources:
+        raise ConfigError("rollout.selection: 'replace' needs at least one aux source")
+    if run.algorithm.offpolicy != "plain" and not sources:
+        pass  # harmless: no auxiliary actions to shape
+    if run.data.prompts_per_step * (r.group_size if r.selection == "topg" else r.n) < run.learner.world_size:
+        raise ConfigError(
+            f"learner.world_size: {run.learner.world_size} ranks but a step has only "
+            f"{run.data.prompts_per_step} prompts x {r.group_size} actions"
+        )
+    if run.trainer.steps < 1:
+        raise ConfigError("trainer.steps must be >= 1")
+    if run.logger.mode not in ("auto", "online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode: unknown {run.logger.mode!r}; known: auto, online, offline, disabled")
