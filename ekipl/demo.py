@@ -1,84 +1,72 @@
-"""`make demo`: the largest real end-to-end path that exists so far.
+"""`make demo`: the main job on the embedded default, local Ray on CPU.
 
-Before the trainer lands, it: generates the synthetic counting data, builds the tiny local models,
-starts a real vLLM engine on the tiny Qwen2-VL, samples a group of completions per prompt (with the
-image), scores every candidate with the task's rule-based rewards beside the sample's recorded CoT
-trace (the `dataset` auxiliary action), and checks that vLLM's sampling log-probs match
-transformers'. Each later capability extends this script until it runs the ``cpu_demo`` preset.
+It runs the ``cpu_demo`` preset through the whole distributed path (synthetic counting data, tiny
+local models, a policy vLLM engine in a Ray actor, two auxiliary sources -- a second tiny VLM in
+its own vLLM actor and the recorded CoT traces --, 2 DeepSpeed ZeRO ranks on gloo, weight sync
+after every step, W&B offline), then prints a per-step table from ``metrics.jsonl``.
+Extra arguments are Hydra overrides, e.g. ``python -m ekipl.demo trainer.steps=8``.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
+COLUMNS = [
+    ("step", "step", "{:.0f}"),
+    ("policy reward", "reward/policy/mean", "{:.2f}"),
+    ("aux_b reward", "reward/aux_b/mean", "{:.2f}"),
+    ("trace reward", "reward/dataset/mean", "{:.2f}"),
+    ("aux share", "select/ratio/dataset", "{:.2f}"),
+    ("aux win rate", "select/aux_win_rate", "{:.2f}"),
+    ("pg loss", "actor/pg_loss", "{:+.3f}"),
+    ("entropy", "actor/entropy", "{:.3f}"),
+    ("rollout s", "timing/rollout", "{:.2f}"),
+    ("aux wait s", "timing/aux_wait", "{:.2f}"),
+    ("update s", "timing/update", "{:.2f}"),
+    ("sync s", "timing/weight_sync", "{:.2f}"),
+    ("step s", "timing/step", "{:.2f}"),
+]
 
-def main(out: str = "outputs/demo", n_prompts: int = 4, group: int = 4) -> int:
-    import torch
 
-    from ekipl.engines import vllm_backend as vb
-    from ekipl.models import hf
-    from ekipl.models.tiny import build_tiny
-    from ekipl.tasks.loader import load_task_file
-    from ekipl.tasks.prompts import build_messages
-    from ekipl.tasks.rewards import score
-    from ekipl.tasks.synth import make_dataset
-
-    t0 = time.time()
-    paths = make_dataset("counting", Path(out) / "data", n_train=16, n_test=8, seed=0)
-    data = load_task_file(paths["train"])
-    path = build_tiny("tiny-qwen2-vl")
-    build_tiny("tiny-qwen2-vl-b")
-    print(f"[demo] synthetic data ({len(data)} rows) and tiny models ready in {time.time() - t0:.1f}s")
-
-    proc = hf.load_processor(path)
-    t0 = time.time()
-    llm = vb.start_engine(vb.EngineSpec(model=str(path), dtype="float32"))
-    print(f"[demo] vLLM engine started in {time.time() - t0:.1f}s")
-
-    samples = [data[i] for i in range(n_prompts)]
-    prompts = [
-        proc.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False)
-        for s in samples
+def table(rows: list[dict]) -> str:
+    head = "| " + " | ".join(c[0] for c in COLUMNS) + " |"
+    sep = "|" + "---|" * len(COLUMNS)
+    body = [
+        "| " + " | ".join(fmt.format(r[key]) if key in r else "-" for _, key, fmt in COLUMNS) + " |"
+        for r in rows
     ]
-    images = [s.load_images() for s in samples]
+    return "\n".join([head, sep, *body])
+
+
+def main(argv: list[str]) -> int:
+    from hydra import compose, initialize_config_dir
+
+    from ekipl.config import ConfigError, register
+    from ekipl.tasks.sample import DataError
+    from ekipl.train import run
+
+    register()
+    conf = Path(__file__).resolve().parent.parent / "conf"
+    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
+        cfg = compose(config_name="config", overrides=["+experiment=cpu_demo", *argv])
     t0 = time.time()
-    groups = vb.generate(
-        llm,
-        [vb.Request(prompt=p, images=im) for p, im in zip(prompts, images, strict=True)],
-        vb.sampling_params(n=group, max_tokens=48, seed=0),
-    )
-    n_tok = sum(len(c.token_ids) for g in groups for c in g)
-    print(f"[demo] sampled {n_prompts}x{group} completions, {n_tok} tokens in {time.time() - t0:.1f}s")
-
-    print("\n| sample | source | accuracy | format | total |\n|---|---|---|---|---|")
-    for s, g in zip(samples, groups, strict=True):
-        for c in g:
-            r = score(c.text, s)
-            print(f"| {s.id} | policy | {r.accuracy:.0f} | {r.format:.0f} | {r.total:.0f} |")
-        r = score(s.cot, s)
-        print(f"| {s.id} | dataset (CoT trace) | {r.accuracy:.0f} | {r.format:.0f} | {r.total:.0f} |")
-
-    model = hf.load_model(path).eval()
-    worst = 0.0
-    for p, im, g in zip(prompts, images, groups, strict=True):
-        inputs = proc(text=[p], images=im, return_tensors="pt")
-        c = g[0]
-        ids = torch.tensor([c.prompt_token_ids + c.token_ids])
-        with torch.no_grad():
-            ref = hf.completion_logprobs(
-                model,
-                ids,
-                len(c.prompt_token_ids),
-                pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"],
-            )[0]
-        worst = max(worst, (torch.tensor(c.logprobs) - ref).abs().max().item())
-    ok = worst < 1e-3
-    print(f"\n[demo] max |vLLM - transformers| log-prob gap: {worst:.1e} (within 1e-3: {ok})")
-    return 0 if ok else 1
+    try:
+        summary = run(cfg)
+    except (ConfigError, DataError) as e:
+        print(f"ekipl: error: {e}", file=sys.stderr)
+        return 2
+    out = Path(cfg.trainer.output_dir)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    steps, skipped = summary["steps"], summary["skipped_steps"]
+    print(f"\n[demo] {steps} EKIPL steps ({skipped} skipped) in {time.time() - t0:.0f}s")
+    print(table(rows[-(steps + skipped) :]))
+    print(f"\n[demo] metrics: {out / 'metrics.jsonl'}; W&B offline run under {out / 'wandb'} (`wandb sync`)")
+    print(f"[demo] trained policy (transformers/vLLM loadable): {summary['export']}")
+    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -62,6 +62,7 @@ class MetricsLog:
 
     def __init__(self, run: RunConfig, out: Path, config_tree: dict):
         self.path = out / "metrics.jsonl"
+        self.path.write_text("")  # a fresh run starts a fresh file (there is no resume yet)
         self.wandb = None
         if run.logger.wandb and run.logger.mode != "disabled":
             import wandb

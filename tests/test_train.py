@@ -1,0 +1,148 @@
+"""The trainer: presets compose and validate, bad configs fail at start-up naming the key, and a
+few EKIPL steps run through every real component."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ekipl.config import ConfigError, register, to_run_config
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset, tmp_path):
+    data = (
+        []
+        if preset == "cpu_demo"
+        else [f"data.train_file={tmp_path}/train.json", f"data.image_root={tmp_path}", "data.task=counting"]
+    )
+    run, sources = to_run_config(compose([f"+experiment={preset}", *data]))
+    assert run.rollout.group_size >= 1 and run.trainer.steps >= 1
+    for s in sources:
+        assert s.name in run.aux
+
+
+def test_default_config_composes():
+    run, sources = to_run_config(compose([]))
+    assert sources == [] and run.rollout.selection == "topg"
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["rollout.group_size=50"], "rollout.group_size: G=50 is larger than the candidates per prompt"),
+        (["algorithm.advantage=magic"], "algorithm.advantage: unknown 'magic'"),
+        (["learner.zero_stage=5"], "learner.zero_stage must be 0, 1, 2 or 3"),
+        (["rollout.selection=replace"], "rollout.selection: 'replace' needs at least one aux source"),
+        (["+aux.big.kind=vllm", "+aux.big.model=/no/such/model"], "aux.big.model: no such model directory"),
+        (["logger.mode=loud"], "logger.mode: unknown 'loud'"),
+    ],
+)
+def test_impossible_configs_fail_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        to_run_config(compose(overrides))
+
+
+def test_unknown_keys_and_wrong_types_fail_at_composition():
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="learner.nope"):
+        compose(["learner.nope=1"])
+    with pytest.raises(ConfigCompositionException, match="learner.lr"):
+        compose(["learner.lr=fast"])
+
+
+def test_cli_exits_with_code_2_and_a_message_for_a_bad_config(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "ekipl.train", "rollout.group_size=50", f"trainer.output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "ekipl: error: rollout.group_size" in r.stderr
+
+
+def test_cli_exits_with_code_2_for_bad_data(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"id": "x", "image": "missing.png", "problem": "How many?", "answer": "3"}]))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ekipl.train",
+            f"data.train_file={bad}",
+            "data.task=counting",
+            f"trainer.output_dir={tmp_path}/out",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "bad.json, row 0 (id='x'), field 'image': image file not found" in r.stderr
+
+
+def test_secrets_are_redacted_from_logged_config():
+    from ekipl.train import redact
+
+    tree = {"aux": {"gpt": {"api_key_env": "OPENAI_API_KEY", "api_key": "sk-123"}}, "wandb_token": "t"}
+    assert redact(tree) == {
+        "aux": {"gpt": {"api_key_env": "OPENAI_API_KEY", "api_key": "<redacted>"}},
+        "wandb_token": "<redacted>",
+    }
+
+
+@pytest.mark.slow
+def test_a_few_ekipl_steps_through_every_real_component(ray_local, tmp_path, monkeypatch):
+    """Policy vLLM engine + aux vLLM engine + recorded traces, 2 ZeRO ranks on gloo, W&B offline."""
+    from ekipl.train import run
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    cfg = compose(
+        ["+experiment=cpu_demo", "trainer.steps=2", f"trainer.output_dir={tmp_path}", "data.synthetic_size=8"]
+    )
+    summary = run(cfg)
+    assert summary["steps"] + summary["skipped_steps"] == 2 and summary["steps"] >= 1
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    last = rows[-1]
+    for key in (
+        "reward/policy/mean",
+        "reward/aux_b/mean",
+        "reward/dataset/mean",
+        "select/ratio/dataset",
+        "select/aux_win_rate",
+        "rollout/policy_pass_rate",
+        "actor/pg_loss",
+        "actor/entropy",
+        "timing/rollout",
+        "timing/update",
+        "timing/weight_sync",
+        "timing/step",
+        "sync/bytes",
+    ):
+        assert key in last, key
+    assert last["reward/dataset/accuracy"] == 1.0
+    assert list((tmp_path / "wandb").glob("offline-run-*")), "W&B offline run missing"
+    # the exported policy loads in transformers
+    from ekipl.models import hf
+
+    model = hf.load_model(tmp_path / "policy")
+    assert sum(p.numel() for p in model.parameters()) > 0
