@@ -96,11 +96,12 @@ def _build(cls, section: str, values: dict):
     if unknown:
         raise ConfigError(f"{section}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs = {}
+    defaults = cls()
     for f in dataclasses.fields(cls):
         if f.name not in values:
             continue
         v = values[f.name]
-        default = getattr(cls(), f.name) if section != "aux" else None
+        default = getattr(defaults, f.name)
         if isinstance(default, tuple) and isinstance(v, list):
             v = tuple(v)
         if isinstance(default, bool) and not isinstance(v, bool):
@@ -161,8 +162,6 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
         )
     if r.selection == "replace" and not sources:
         raise ConfigError("rollout.selection: 'replace' needs at least one aux source")
-    if run.algorithm.offpolicy != "plain" and not sources:
-        pass  # harmless: no auxiliary actions to shape
     if run.data.prompts_per_step * (r.group_size if r.selection == "topg" else r.n) < run.learner.world_size:
         raise ConfigError(
             f"learner.world_size: {run.learner.world_size} ranks but a step has only "

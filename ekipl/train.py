@@ -222,11 +222,13 @@ def run(cfg) -> dict:
             samples = [data[i] for i in sampler.take(k)]
             coord.prefetch([data[i] for i in sampler.take(k, advance=False)])  # the next batch, ahead
             groups, m = coord.rollout(samples)
-            if len(groups) * 1 < 1 or sum(len(g.actions) for g in groups) < run_cfg.learner.world_size:
+            if sum(len(g.actions) for g in groups) < run_cfg.learner.world_size:
                 summary["skipped_steps"] += 1
                 m["trainer/skipped_step"] = 1.0
                 metrics_log.log(step, m)
-                log.warning("step %d: every group tied (no learning signal); skipped", step)
+                log.warning(
+                    "step %d: after dropping tied groups, fewer actions than learner ranks; skipped", step
+                )
                 continue
             rewards = torch.tensor([a.reward for g in groups for a in g.actions])
             gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])

@@ -353,3 +353,39 @@ def test_source_config_errors_name_the_key(tmp_path):
         SourceConfig(name="x", kind="vllm", model=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="aux.x: an openai source needs base_url"):
         SourceConfig(name="x", kind="openai")
+
+
+def test_router_sends_work_to_the_least_loaded_replica():
+    from ekipl.rollout.policy import PolicyRouter
+
+    router = PolicyRouter(None, actors=["a", "b", "c"])  # _pick only reads the in-flight counts
+    assert [router._pick(w) for w in (5, 1, 1)] == [0, 1, 2]
+    assert router.in_flight == [5, 1, 1]
+    assert router._pick(3) == 1 and router._pick(1) == 2 and router.in_flight == [5, 4, 2]
+
+
+def test_hf_source_generates_k_completions_with_transformers(tiny_vlm_b, counting_data):
+    from ekipl.rollout.sources import HFSource
+
+    src = HFSource(SourceConfig(name="hf_b", kind="hf", model=str(tiny_vlm_b), k=2, max_tokens=6))
+    out = src.generate([counting_data[0], counting_data[1]])
+    assert [len(texts) for texts in out] == [2, 2] and all(isinstance(t, str) for t in out[0])
+
+
+@pytest.mark.slow
+def test_a_hung_aux_source_is_timed_out_and_restarted(
+    coordinator_factory, counting_data, aux_vlm_source, monkeypatch, caplog
+):
+    import ray
+
+    monkeypatch.setattr(aux_vlm_source.cfg, "max_tokens", 1500)  # far longer than the time limit
+    monkeypatch.setattr(aux_vlm_source.cfg, "call_timeout_s", 0.5)
+    coord = coordinator_factory()
+    with caplog.at_level(logging.WARNING):
+        groups, m = coord.rollout([counting_data[2]])
+    assert {a.source for a in groups[0].actions} == {"policy", "dataset"}
+    assert "GetTimeoutError" in caplog.text and m["aux/failures/aux_b"] == 1.0
+    monkeypatch.setattr(aux_vlm_source.cfg, "max_tokens", 24)
+    monkeypatch.setattr(aux_vlm_source.cfg, "call_timeout_s", 600.0)
+    aux_vlm_source.ready(timeout=300)  # killed for hanging, then restarted by Ray
+    assert ray.get(aux_vlm_source.actors[0].ready.remote()) > 0

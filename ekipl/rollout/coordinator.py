@@ -50,8 +50,6 @@ class RolloutConfig:
             raise ValueError(f"rollout.selection: unknown {self.selection!r}; known: {selection.RULES}")
         if self.n < 1 or self.group_size < 1 or self.max_tokens < 1:
             raise ValueError("rollout.n, rollout.group_size and rollout.max_tokens must be >= 1")
-        if self.selection == "topg" and self.group_size > self.n + 10**6:
-            raise ValueError("rollout.group_size is unreasonably large")
 
 
 class RolloutCoordinator:
@@ -99,7 +97,7 @@ class RolloutCoordinator:
                     "restarting it",
                     source.name,
                     type(e).__name__,
-                    str(e).splitlines()[0][:200],
+                    (str(e).splitlines() or [""])[0][:200],
                 )
                 try:
                     source.restart(e)
@@ -220,7 +218,7 @@ class RolloutCoordinator:
         groups, dropped, aux_wins, pass_rates = [], 0, 0, []
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
             pass_rates.append(selection.pass_rate(acts))
-            best = min(enumerate(acts), key=selection._rank_key)[1] if acts else None
+            best = selection.best(acts)
             aux_wins += int(best is not None and not best.is_policy and not selection.all_tied(acts))
             chosen = selection.select(acts, self.cfg.selection, self.cfg.group_size, self.cfg.num_replace)
             if self.cfg.drop_tied and selection.all_tied(chosen):

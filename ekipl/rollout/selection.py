@@ -37,6 +37,11 @@ def select(candidates: list[Action], rule: str, group_size: int, num_replace: in
     raise ValueError(f"rollout.selection: unknown rule {rule!r}; known: {RULES}")
 
 
+def best(actions: list[Action]) -> Action | None:
+    """The top action under the ``topg`` order (reward, then policy first, then earlier)."""
+    return min(enumerate(actions), key=_rank_key)[1] if actions else None
+
+
 def all_tied(actions: list[Action], tol: float = 1e-9) -> bool:
     return len(actions) < 2 or max(a.reward for a in actions) - min(a.reward for a in actions) <= tol
 
