@@ -30,10 +30,15 @@ def test_every_preset_composes_and_validates(preset, tmp_path):
     data = (
         []
         if preset == "cpu_demo"
-        else [f"data.train_file={tmp_path}/train.json", f"data.image_root={tmp_path}", "data.task=counting"]
+        else [f"data.train_file={tmp_path}/train.json", f"data.image_root={tmp_path}"]
     )
     run, sources = to_run_config(compose([f"+experiment={preset}", *data]))
     assert run.rollout.group_size >= 1 and run.trainer.steps >= 1
+    if preset != "cpu_demo":  # the paper's setting
+        task = preset.split("_")[0]
+        assert run.data.task == task and run.rollout.group_size == 8 and run.rollout.max_tokens == 512
+        assert (run.learner.lr, run.algorithm.kl_coef, run.rollout.temperature) == (1e-6, 0.04, 0.9)
+        assert run.learner.zero_stage == 3 and run.learner.bf16 and sources
     for s in sources:
         assert s.name in run.aux
 
