@@ -26,6 +26,13 @@ def _models_build(args) -> int:
     return 0
 
 
+def _plot(args) -> int:
+    from ekipl.plot import plot_runs
+
+    print(plot_runs(args.run_dirs, args.out))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ekipl", description="Vision-EKIPL trainer tools")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -48,10 +55,15 @@ def main(argv: list[str] | None = None) -> int:
     build.add_argument("--force", action="store_true")
     build.set_defaults(fn=_models_build)
 
+    plot = sub.add_parser("plot", help="draw the curves of one or several runs to a PNG")
+    plot.add_argument("run_dirs", nargs="+")
+    plot.add_argument("--out", default="curves.png")
+    plot.set_defaults(fn=_plot)
+
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except ValueError as e:  # DataError and unknown names: a clear message, exit code 2
+    except (ValueError, FileNotFoundError) as e:  # bad data, unknown names, missing runs: exit code 2
         print(f"ekipl: error: {e}", file=sys.stderr)
         return 2
 

@@ -63,7 +63,11 @@ def main(argv: list[str]) -> int:
     steps, skipped = summary["steps"], summary["skipped_steps"]
     print(f"\n[demo] {steps} EKIPL steps ({skipped} skipped) in {time.time() - t0:.0f}s")
     print(table(rows[-(steps + skipped) :]))
-    print(f"\n[demo] metrics: {out / 'metrics.jsonl'}; W&B offline run under {out / 'wandb'} (`wandb sync`)")
+    from ekipl.plot import plot_runs
+
+    png = plot_runs([out], out / "curves.png")
+    print(f"\n[demo] metrics: {out / 'metrics.jsonl'}; curves: {png}")
+    print(f"[demo] W&B offline run under {out / 'wandb'} (upload later with `wandb sync`)")
     print(f"[demo] trained policy (transformers/vLLM loadable): {summary['export']}")
     return 0
 

@@ -151,3 +151,21 @@ def test_a_few_ekipl_steps_through_every_real_component(ray_local, tmp_path, mon
 
     model = hf.load_model(tmp_path / "policy")
     assert sum(p.numel() for p in model.parameters()) > 0
+
+
+def test_plot_draws_curves_of_several_runs(tmp_path, capsys):
+    from PIL import Image
+
+    from ekipl.cli import main as cli
+
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"step": s, "reward/policy/mean": scale * s, "actor/pg_loss": -s} for s in (1, 2, 3)]
+        (d / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "curves.png"
+    assert cli(["plot", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    with Image.open(out) as im:
+        assert im.size[0] > 400 and im.size[1] > 200
+    assert cli(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err

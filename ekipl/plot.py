@@ -1,0 +1,58 @@
+"""``ekipl plot RUN_DIR... [--out curves.png]``: curves of one or several runs from metrics.jsonl."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEFAULT_KEYS = (
+    "reward/policy/mean",
+    "rollout/policy_pass_rate",
+    "select/aux_win_rate",
+    "actor/pg_loss",
+    "actor/entropy",
+    "timing/step",
+)
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
+    rows = []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {n} is not JSON: {e.msg}") from None
+    return rows
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, keys: tuple[str, ...] = DEFAULT_KEYS) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {str(d): read_metrics(d) for d in run_dirs}
+    cols = 3
+    rows_n = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for name, rows in runs.items():
+            pts = [(r["step"], r[key]) for r in rows if key in r]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=Path(name).name)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(keys) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
