@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -29,20 +30,15 @@ from ekipl.tasks.sample import DataError
 
 log = logging.getLogger("ekipl.train")
 
-SECRET_WORDS = ("key", "token", "secret", "password")
+# Config keys whose values are secrets: "api_key", "wandb_token", "secret", "password"... but not
+# "max_tokens" or "api_key_env" (which holds a variable's name, not its value).
+SECRET_KEY = re.compile(r"(^|_)(key|token|secret|password)$", re.IGNORECASE)
 
 
 def redact(obj):
     """A copy of a config tree with values under secret-looking keys replaced (names stay)."""
     if isinstance(obj, dict):
-        return {
-            k: (
-                "<redacted>"
-                if any(w in str(k).lower() for w in SECRET_WORDS) and not str(k).endswith("_env")
-                else redact(v)
-            )
-            for k, v in obj.items()
-        }
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
     return obj

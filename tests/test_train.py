@@ -108,6 +108,9 @@ def test_secrets_are_redacted_from_logged_config():
     from ekipl.train import redact
 
     tree = {"aux": {"gpt": {"api_key_env": "OPENAI_API_KEY", "api_key": "sk-123"}}, "wandb_token": "t"}
+    assert redact({"rollout": {"max_tokens": 512, "aux_max_tokens": 9}}) == {
+        "rollout": {"max_tokens": 512, "aux_max_tokens": 9}
+    }
     assert redact(tree) == {
         "aux": {"gpt": {"api_key_env": "OPENAI_API_KEY", "api_key": "<redacted>"}},
         "wandb_token": "<redacted>",
