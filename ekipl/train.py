@@ -176,41 +176,43 @@ def run(cfg) -> dict:
             configure_logging=False,
         )
         started_ray = True
-    check_resources(run_cfg, source_cfgs, ray.cluster_resources())
-    t0 = time.perf_counter()
-    spec = vb.EngineSpec(
-        model=model_path,
-        dtype=run_cfg.model.dtype,
-        seed=run_cfg.model.seed,
-        max_model_len=run_cfg.model.max_model_len,
-    )
-    router = PolicyRouter(
-        spec,
-        replicas=run_cfg.model.engine_replicas,
-        num_cpus=run_cfg.model.engine_num_cpus,
-        num_gpus=run_cfg.model.engine_num_gpus,
-    )
-    sources = [make_source(s, seed=run_cfg.trainer.seed) for s in source_cfgs]
-    learner = LearnerGroup(model_path, run_cfg.learner, run_cfg.algorithm, seed=run_cfg.trainer.seed)
-    router.ready()
-    for s in sources:
-        if hasattr(s, "ready"):
-            s.ready()
-    log.info("engines and learners up in %.1fs", time.perf_counter() - t0)
-    cache = ActionCache(out / "aux_cache") if run_cfg.trainer.aux_cache else None
-    coord = RolloutCoordinator(
-        run_cfg.rollout,
-        router,
-        sources,
-        processor,
-        RewardWeights(run_cfg.reward.accuracy, run_cfg.reward.format),
-        cache,
-    )
-    metrics_log = MetricsLog(run_cfg, out, redact(tree))
-    sampler = Sampler(len(data), run_cfg.trainer.seed, run_cfg.data.shuffle)
-    k = run_cfg.data.prompts_per_step
+    router = learner = coord = metrics_log = None
+    sources: list = []
     summary = {"steps": 0, "skipped_steps": 0}
     try:
+        check_resources(run_cfg, source_cfgs, ray.cluster_resources())
+        t0 = time.perf_counter()
+        spec = vb.EngineSpec(
+            model=model_path,
+            dtype=run_cfg.model.dtype,
+            seed=run_cfg.model.seed,
+            max_model_len=run_cfg.model.max_model_len,
+        )
+        router = PolicyRouter(
+            spec,
+            replicas=run_cfg.model.engine_replicas,
+            num_cpus=run_cfg.model.engine_num_cpus,
+            num_gpus=run_cfg.model.engine_num_gpus,
+        )
+        sources = [make_source(s, seed=run_cfg.trainer.seed) for s in source_cfgs]
+        learner = LearnerGroup(model_path, run_cfg.learner, run_cfg.algorithm, seed=run_cfg.trainer.seed)
+        router.ready()
+        for s in sources:
+            if hasattr(s, "ready"):
+                s.ready()
+        log.info("engines and learners up in %.1fs", time.perf_counter() - t0)
+        cache = ActionCache(out / "aux_cache") if run_cfg.trainer.aux_cache else None
+        coord = RolloutCoordinator(
+            run_cfg.rollout,
+            router,
+            sources,
+            processor,
+            RewardWeights(run_cfg.reward.accuracy, run_cfg.reward.format),
+            cache,
+        )
+        metrics_log = MetricsLog(run_cfg, out, redact(tree))
+        sampler = Sampler(len(data), run_cfg.trainer.seed, run_cfg.data.shuffle)
+        k = run_cfg.data.prompts_per_step
         from tqdm import tqdm
 
         for step in tqdm(range(1, run_cfg.trainer.steps + 1), desc="ekipl", disable=None):
@@ -241,12 +243,18 @@ def run(cfg) -> dict:
         export = out / "policy"
         export_policy(learner, model_path, export)
         summary["export"] = str(export)
-    finally:
-        metrics_log.close()
-        coord.shutdown()
-        learner.shutdown()
-        for a in router.actors:
-            ray.kill(a)
+    finally:  # also when start-up fails half way: no actor outlives the run
+        if metrics_log is not None:
+            metrics_log.close()
+        if coord is not None:
+            coord.shutdown()
+        else:
+            for src in sources:
+                src.shutdown()
+        if learner is not None:
+            learner.shutdown()
+        for actor in router.actors if router is not None else []:
+            ray.kill(actor)
         if started_ray:
             ray.shutdown()
     return summary
