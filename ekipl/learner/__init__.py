@@ -1,0 +1,1 @@
+"""DeepSpeed ZeRO learner ranks, multimodal batching and weight sync."""
