@@ -167,6 +167,8 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
             f"learner.world_size: {run.learner.world_size} ranks but a step has only "
             f"{run.data.prompts_per_step} prompts x {r.group_size} actions"
         )
+    if run.trainer.ray_address and run.trainer.ray_num_cpus is not None:
+        raise ConfigError("trainer.ray_num_cpus sets up a local Ray; leave it unset with trainer.ray_address")
     if run.trainer.steps < 1:
         raise ConfigError("trainer.steps must be >= 1")
     if run.logger.mode not in ("auto", "online", "offline", "disabled"):

@@ -57,6 +57,7 @@ def test_default_config_composes():
         (["rollout.selection=replace"], "rollout.selection: 'replace' needs at least one aux source"),
         (["+aux.big.kind=vllm", "+aux.big.model=/no/such/model"], "aux.big.model: no such model directory"),
         (["logger.mode=loud"], "logger.mode: unknown 'loud'"),
+        (["trainer.ray_address=auto", "trainer.ray_num_cpus=4"], "trainer.ray_num_cpus sets up a local Ray"),
     ],
 )
 def test_impossible_configs_fail_naming_the_key(overrides, message):
