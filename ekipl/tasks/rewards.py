@@ -244,8 +244,13 @@ def parse_steps(text: str) -> list[tuple[str, str, str]]:
     ][:MAX_STEPS]
 
 
-def _gt_steps(sample: Sample) -> list[tuple[str, str, str]]:
-    return parse_steps(sample.answer)
+def _steps_pair(completion: str, sample: Sample):
+    """(predicted steps, ground-truth steps), or None when either side has no steps."""
+    ans = extract_answer(completion)
+    if ans is None:
+        return None
+    pred, gt = parse_steps(ans), parse_steps(sample.answer)
+    return (pred, gt) if pred and gt else None
 
 
 @register("trance")
@@ -256,12 +261,10 @@ def trance_accuracy(completion: str, sample: Sample) -> float:
     different attributes). The repeat penalty is ``unique(pred) / len(pred)``, so listing a correct
     step many times does not pay.
     """
-    ans = extract_answer(completion)
-    if ans is None:
+    pair = _steps_pair(completion, sample)
+    if pair is None:
         return 0.0
-    pred, gt = parse_steps(ans), _gt_steps(sample)
-    if not pred or not gt:
-        return 0.0
+    pred, gt = pair
     matches = sum((Counter(pred) & Counter(gt)).values())
     penalty = len(set(pred)) / len(pred)
     return matches * penalty / max(len(pred), len(gt))
@@ -273,12 +276,10 @@ def trance_partial_credit(completion: str, sample: Sample) -> float:
     1.0 for an exact step, 0.5 for func+obj or func+value, 0.25 for func only; summed and divided by
     max(len(pred), len(gt)).
     """
-    ans = extract_answer(completion)
-    if ans is None:
+    pair = _steps_pair(completion, sample)
+    if pair is None:
         return 0.0
-    pred, gt = parse_steps(ans), _gt_steps(sample)
-    if not pred or not gt:
-        return 0.0
+    pred, gt = pair
 
     def credit(p, g):
         if p == g:
