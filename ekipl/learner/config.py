@@ -26,8 +26,10 @@ class LearnerConfig:
     def __post_init__(self):
         if self.world_size < 1:
             raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"learner.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+        if self.zero_stage not in (1, 2, 3):
+            # Stage 0 hands the gradients to a plain optimizer with no overflow check: a NaN
+            # gradient would reach the weights instead of skipping the step.
+            raise ValueError(f"learner.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.epochs < 1:
             raise ValueError("learner.micro_batch_size and learner.epochs must be >= 1")
         if self.lr <= 0:
@@ -54,7 +56,8 @@ class LearnerConfig:
                     "torch_adam": True,
                 },
             },
-            "bf16": {"enabled": self.bf16},
+            # bf16 ZeRO-1/2 skips a step with a non-finite gradient only when asked to.
+            "bf16": {"enabled": self.bf16, "check_grad_overflow": True},
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }

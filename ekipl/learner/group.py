@@ -40,6 +40,19 @@ def shard_rows(n: int, world: int) -> list[list[int]]:
     return out
 
 
+class LearnerError(RuntimeError):
+    """A learner rank died or failed: the update cannot go on (resume from the last checkpoint)."""
+
+
+def _brief(e: BaseException) -> str:
+    """One line: the remote exception itself for a failed task, the first line for a dead actor."""
+    cause = getattr(e, "cause", None)
+    if cause is not None:
+        return f"{type(cause).__name__}: {cause}"[:300]
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
 class LearnerGroup:
     def __init__(
         self,
@@ -71,12 +84,28 @@ class LearnerGroup:
         )
 
     def _call(self, method: str, *per_rank_args, **kwargs):
+        """Call ``method`` on every rank and return their results in rank order.
+
+        Fails fast: when one rank dies or raises, the others may wait forever in a collective,
+        so the first failure raises :class:`LearnerError` without waiting for them.
+        """
         import ray
 
         refs = [
             getattr(w, method).remote(*(a[r] for a in per_rank_args), **kwargs)
             for r, w in enumerate(self.workers)
         ]
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayActorError as e:
+                rank = refs.index(done[0])
+                raise LearnerError(f"learner rank {rank} died during {method}: {_brief(e)}") from e
+            except ray.exceptions.RayTaskError as e:
+                rank = refs.index(done[0])
+                raise LearnerError(f"learner rank {rank} failed in {method}: {_brief(e)}") from e
         return ray.get(refs)
 
     def _shards(self, batch: Batch) -> tuple[list[Batch], int]:
@@ -114,6 +143,10 @@ class LearnerGroup:
         out.update({"timing/logprob": t1 - t0, "timing/update": t2 - t1})
         return out
 
+    def export_weights(self, path: str) -> int:
+        """Gather the full weights (bucketed under ZeRO-3) into one safetensors file; returns bytes."""
+        return max(self._call("export_weights", [path] * self.cfg.world_size))
+
     def sync_weights(self, engines) -> dict:
         """Export the weights once (bucketed gather) and load them into every policy engine replica.
 
@@ -123,7 +156,7 @@ class LearnerGroup:
 
         t0 = time.perf_counter()
         path = os.path.join(self.sync_dir, f"{uuid.uuid4().hex}.safetensors")
-        nbytes = max(self._call("export_weights", [path] * self.cfg.world_size))
+        nbytes = self.export_weights(path)
         t1 = time.perf_counter()
         try:
             ray.get([e.load_weights.remote(path) for e in engines])
@@ -139,6 +172,13 @@ class LearnerGroup:
             t2 - t1,
         )
         return {"timing/weight_sync": t2 - t0, "timing/weight_export": t1 - t0, "sync/bytes": float(nbytes)}
+
+    def save_checkpoint(self, path: str) -> None:
+        """Every rank writes its DeepSpeed state under ``path`` (one host or a shared file system)."""
+        self._call("save_checkpoint", [path] * self.cfg.world_size)
+
+    def load_checkpoint(self, path: str) -> None:
+        self._call("load_checkpoint", [path] * self.cfg.world_size)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self._call("state_dict_cpu")[0]

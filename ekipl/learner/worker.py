@@ -122,7 +122,7 @@ class Learner:
         # scale so that the sum over ranks and micro-batches is the whole batch's loss.
         scale = float(self.world_size * n_micro)
         sums: dict[str, float] = {}
-        count = 0
+        count = nonfinite = skipped = 0
         t0 = time.perf_counter()
         for _ in range(self.cfg.epochs):
             for rows in micro_batches(len(batch), self.cfg.micro_batch_size, n_micro):
@@ -144,16 +144,24 @@ class Learner:
                 )
                 if empty:
                     loss = loss * 0.0
+                nonfinite += int(not torch.isfinite(loss.detach()).item())
                 self.engine.backward(loss * scale)
                 # DeepSpeed convention: step() after every micro-batch; it applies the optimizer
-                # only at the accumulation boundary (the last micro-batch of the epoch).
+                # only at the accumulation boundary (the last micro-batch of the epoch). There, a
+                # non-finite global gradient norm (any rank, any micro-batch) makes every rank skip
+                # the optimizer step and drop the gradients: the weights stay as they were.
                 self.engine.step()
                 if not empty:
                     metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v)
                     count += 1
+            if not self.engine.was_step_applied():  # the same decision on every rank
+                skipped = 1
+                break  # later epochs would start from the same weights and fail the same way
         out = {f"actor/{k}": v / max(count, 1) for k, v in sums.items()}
+        out["actor/skipped_step"] = float(skipped)
+        out["actor/nonfinite_loss"] = float(nonfinite)
         out["timing/update_rank"] = time.perf_counter() - t0
         return out
 
@@ -192,10 +200,23 @@ class Learner:
             flush()
         if self.rank != 0:
             return 0
+        bad = [n for n, t in full.items() if t.is_floating_point() and not torch.isfinite(t).all()]
+        if bad:  # never hand NaN/inf weights to an engine or an export
+            raise FloatingPointError(f"non-finite values in {len(bad)} weight tensor(s), e.g. {bad[:3]}")
         tmp = f"{path}.tmp"
         save_file(full, tmp)
         os.replace(tmp, path)
         return sum(t.numel() * t.element_size() for t in full.values())
+
+    def save_checkpoint(self, path: str) -> None:
+        """DeepSpeed's checkpoint of this rank (module, ZeRO optimizer partition) under ``path``."""
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+
+    def load_checkpoint(self, path: str) -> None:
+        """Restore what :meth:`save_checkpoint` wrote (the same world size and ZeRO stage)."""
+        load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=True)
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no checkpoint under {path}")
 
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (all ranks must call; for tests and checkpoints)."""
