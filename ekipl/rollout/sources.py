@@ -23,6 +23,7 @@ import os
 import random
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 from ekipl.tasks.prompts import build_messages
@@ -139,7 +140,6 @@ class VllmSource(Source):
             opts["resources"] = dict(cfg.resources)
         self.actors = [ray.remote(PolicyEngine).options(**opts).remote(spec) for _ in range(cfg.replicas)]
         self._seed = seed
-        self._calls = 0
 
     def ready(self, timeout: float = 600.0):
         """Wait until every replica is up, including one that Ray is restarting."""
@@ -167,7 +167,9 @@ class VllmSource(Source):
                 build_messages(s, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
             )
             reqs.append(vb.Request(prompt=prompt, images=s.load_images()))
-        self._calls += 1
+        # The seed follows the batch's content, not a call counter, so a resumed run samples the
+        # same actions for the same batch as an uninterrupted one.
+        seed = self._seed + zlib.crc32("\x1f".join(s.id for s in samples).encode())
         shards = [list(range(i, len(reqs), len(self.actors))) for i in range(len(self.actors))]
         refs = [
             actor.generate.remote(
@@ -175,7 +177,7 @@ class VllmSource(Source):
                 n=self.cfg.k,
                 temperature=self.cfg.temperature,
                 max_tokens=self.cfg.max_tokens,
-                seed=self._seed + self._calls,
+                seed=seed,
                 top_p=self.cfg.top_p,
             )
             for actor, idx in zip(self.actors, shards, strict=True)
