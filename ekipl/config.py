@@ -9,6 +9,7 @@ typed objects and validates them, so a wrong value fails at start-up with a mess
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 from ekipl.algo.objective import ObjectiveConfig
@@ -50,7 +51,12 @@ class RewardConfig:
 class TrainerConfig:
     steps: int = 2
     output_dir: str = "outputs/run"
-    save_every: int = 0  # 0: no checkpoints
+    save_every: int = 0  # checkpoint every N steps (and at the last step); 0: no checkpoints
+    keep_checkpoints: int = 2  # the newest N are kept; 0 keeps all
+    # never: start fresh (refuses an output_dir with checkpoints); auto: continue from the newest
+    # checkpoint that verifies, if any; or the path of one checkpoint directory
+    resume: str = "never"
+    max_nonfinite_skips: int = 3  # stop after this many consecutive non-finite (skipped) steps
     seed: int = 0
     ray_address: str | None = None  # None: start a local Ray
     ray_num_cpus: int | None = None
@@ -169,7 +175,16 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
         )
     if run.trainer.ray_address and run.trainer.ray_num_cpus is not None:
         raise ConfigError("trainer.ray_num_cpus sets up a local Ray; leave it unset with trainer.ray_address")
-    if run.trainer.steps < 1:
+    t = run.trainer
+    if t.steps < 1:
         raise ConfigError("trainer.steps must be >= 1")
+    if t.save_every < 0 or t.keep_checkpoints < 0 or t.max_nonfinite_skips < 1:
+        raise ConfigError(
+            "trainer.save_every and trainer.keep_checkpoints must be >= 0, trainer.max_nonfinite_skips >= 1"
+        )
+    if t.resume not in ("never", "auto") and not os.path.isdir(t.resume):
+        raise ConfigError(
+            f"trainer.resume: {t.resume!r} is neither 'never', 'auto' nor a checkpoint directory"
+        )
     if run.logger.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"logger.mode: unknown {run.logger.mode!r}; known: auto, online, offline, disabled")

@@ -13,11 +13,10 @@ Bad data or config exits with code 2 and a message naming the key, file, row or 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -25,23 +24,12 @@ from pathlib import Path
 
 import torch
 
+from ekipl import checkpoint as ckpt
 from ekipl.config import ConfigError, RunConfig, to_run_config
+from ekipl.metrics import MetricsLog, redact
 from ekipl.tasks.sample import DataError
 
 log = logging.getLogger("ekipl.train")
-
-# Config keys whose values are secrets: "api_key", "wandb_token", "secret", "password"... but not
-# "max_tokens" or "api_key_env" (which holds a variable's name, not its value).
-SECRET_KEY = re.compile(r"(^|_)(key|token|secret|password)$", re.IGNORECASE)
-
-
-def redact(obj):
-    """A copy of a config tree with values under secret-looking keys replaced (names stay)."""
-    if isinstance(obj, dict):
-        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [redact(v) for v in obj]
-    return obj
 
 
 def resolve_model(path: str, seed: int = 0) -> str:
@@ -51,41 +39,6 @@ def resolve_model(path: str, seed: int = 0) -> str:
     if path in TINY_MODELS:
         return str(build_tiny(path, seed=seed))
     return path
-
-
-class MetricsLog:
-    """metrics.jsonl, always; W&B when enabled (offline without a key)."""
-
-    def __init__(self, run: RunConfig, out: Path, config_tree: dict):
-        self.path = out / "metrics.jsonl"
-        self.path.write_text("")  # a fresh run starts a fresh file (there is no resume yet)
-        self.wandb = None
-        if run.logger.wandb and run.logger.mode != "disabled":
-            import wandb
-
-            mode = run.logger.mode
-            if mode == "auto":
-                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
-                project=run.logger.project,
-                name=run.logger.run_name,
-                mode=mode,
-                dir=str(out),
-                config=redact(config_tree),
-                reinit="finish_previous",
-            )
-
-    def log(self, step: int, metrics: dict) -> None:
-        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-        if self.wandb is not None:
-            self.wandb.log(metrics, step=step)
-
-    def close(self):
-        if self.wandb is not None:
-            self.wandb.finish()
 
 
 def _load_data(run: RunConfig, out: Path):
@@ -113,12 +66,16 @@ class Sampler:
     def __init__(self, n: int, seed: int, shuffle: bool):
         self.n, self.seed, self.shuffle = n, seed, shuffle
         self.position = 0
+        self._cached: tuple[int, list[int]] | None = None
 
     def _order(self, epoch: int) -> list[int]:
-        idx = list(range(self.n))
-        if self.shuffle:
-            random.Random(self.seed * 7919 + epoch).shuffle(idx)
-        return idx
+        """The epoch's permutation, shuffled once per epoch (not once per index taken)."""
+        if self._cached is None or self._cached[0] != epoch:
+            idx = list(range(self.n))
+            if self.shuffle:
+                random.Random(self.seed * 7919 + epoch).shuffle(idx)
+            self._cached = (epoch, idx)
+        return self._cached[1]
 
     def take(self, k: int, advance: bool = True) -> list[int]:
         out, pos = [], self.position
@@ -131,21 +88,87 @@ class Sampler:
         return out
 
 
-def run(cfg) -> dict:
+class ImageCheck:
+    """Decodes each sample's images once, before any engine sees them. A missing or corrupt image
+    raises :class:`DataError` (naming file, row and field), or with ``skip_bad_rows`` drops the
+    sample and counts it."""
+
+    def __init__(self, skip_bad_rows: bool):
+        self.skip = skip_bad_rows
+        self.good: set[str] = set()
+        self.bad: set[str] = set()
+
+    def filter(self, samples: list) -> list:
+        out = []
+        for s in samples:
+            if s.id in self.bad:
+                continue
+            if s.id not in self.good:
+                try:
+                    s.load_images()
+                except DataError as e:
+                    if not self.skip:
+                        raise
+                    self.bad.add(s.id)
+                    log.warning("skipping bad row: %s", e)
+                    continue
+                self.good.add(s.id)
+            out.append(s)
+        return out
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. K consecutive non-finite steps); the last checkpoint is intact."""
+
+
+@dataclasses.dataclass
+class Hooks:
+    """Test seams for fault injection: called by the driver, never needed by a real run.
+
+    ``after_step(step, ctx)`` runs after a step is logged (and checkpointed); ``before_update(step,
+    batch)`` may alter the learner's batch. ``ctx`` holds the live objects (router, sources,
+    learner, coordinator).
+    """
+
+    after_step: object = None
+    before_update: object = None
+
+
+def find_resume(run: RunConfig, root: Path):
+    """(checkpoint dir, driver state) to resume from, or None for a fresh start."""
+    mode = run.trainer.resume
+    if mode == "never":
+        if ckpt.checkpoints(root):
+            raise ConfigError(
+                f"trainer.resume: {root} already holds checkpoints of an earlier run; set "
+                "trainer.resume=auto to continue it, or choose another trainer.output_dir"
+            )
+        return None
+    if mode == "auto":
+        found = ckpt.latest(root)
+        if found is None and ckpt.checkpoints(root):
+            raise ConfigError(f"trainer.resume=auto: no checkpoint under {root} verifies (see the log)")
+        return found
+    try:
+        return Path(mode), ckpt.verify(Path(mode))
+    except ckpt.CheckpointError as e:
+        raise ConfigError(f"trainer.resume: {e}") from None
+
+
+def run(cfg, hooks: Hooks | None = None) -> dict:
     """Run training from a Hydra DictConfig (or a plain dict). Returns a summary."""
     import ray
 
-    from ekipl.algo.objective import group_advantages
     from ekipl.engines import vllm_backend as vb
-    from ekipl.learner.batch import collate
-    from ekipl.learner.group import LearnerGroup
+    from ekipl.learner.group import LearnerError, LearnerGroup
     from ekipl.models import hf
     from ekipl.rollout.cache import ActionCache
     from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.rollout.policy import PolicyRouter
+    from ekipl.rollout.policy import PolicyEngineError, PolicyRouter
     from ekipl.rollout.sources import make_source
     from ekipl.tasks.rewards import RewardWeights
 
+    hooks = hooks or Hooks()
     try:
         from omegaconf import DictConfig, OmegaConf
 
@@ -155,6 +178,10 @@ def run(cfg) -> dict:
     run_cfg, source_cfgs = to_run_config(tree)
     out = Path(run_cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    ckpt_root = out / "checkpoints"
+    resume = find_resume(run_cfg, ckpt_root)
+    if resume is not None:
+        _check_compatible(run_cfg, resume[1])
     (out / "config.json").write_text(json.dumps(redact(tree), indent=1, default=str))
     torch.manual_seed(run_cfg.trainer.seed)
     random.seed(run_cfg.trainer.seed)
@@ -178,7 +205,7 @@ def run(cfg) -> dict:
         started_ray = True
     router = learner = coord = metrics_log = None
     sources: list = []
-    summary = {"steps": 0, "skipped_steps": 0}
+    summary = {"steps": 0, "skipped_steps": 0, "start_step": 0}
     try:
         check_resources(run_cfg, source_cfgs, ray.cluster_resources())
         t0 = time.perf_counter()
@@ -210,36 +237,69 @@ def run(cfg) -> dict:
             RewardWeights(run_cfg.reward.accuracy, run_cfg.reward.format),
             cache,
         )
-        metrics_log = MetricsLog(run_cfg, out, redact(tree))
         sampler = Sampler(len(data), run_cfg.trainer.seed, run_cfg.data.shuffle)
-        k = run_cfg.data.prompts_per_step
+        images = ImageCheck(run_cfg.data.skip_bad_rows)
+        state = {"consecutive_skips": 0, "wandb_id": None}
+        if resume is not None:
+            path, saved = resume
+            t1 = time.perf_counter()
+            learner.load_checkpoint(str(path / "learner"))
+            sampler.position = saved["sampler_position"]
+            ckpt.set_rng_state(saved["rng"])
+            summary.update(steps=saved["steps_done"], skipped_steps=saved["skipped_steps"])
+            state.update(consecutive_skips=saved["consecutive_skips"], wandb_id=saved.get("wandb_id"))
+            summary["start_step"] = saved["step"]
+            if cache is not None:
+                missing = [k for k in saved.get("aux_cache_keys", []) if cache.get(k) is None]
+                if missing:
+                    log.warning(
+                        "resume: %d aux cache entries of the checkpoint are gone (regenerated)", len(missing)
+                    )
+            learner.sync_weights(router.actors)  # the engines started from the base weights
+            log.info("resumed from %s (step %d) in %.1fs", path, saved["step"], time.perf_counter() - t1)
+        metrics_log = MetricsLog(
+            run_cfg.logger, out, redact(tree), resume_step=summary["start_step"], wandb_id=state["wandb_id"]
+        )
+        ctx = {"router": router, "sources": sources, "learner": learner, "coordinator": coord}
         from tqdm import tqdm
 
-        for step in tqdm(range(1, run_cfg.trainer.steps + 1), desc="ekipl", disable=None):
-            ts = time.perf_counter()
-            samples = [data[i] for i in sampler.take(k)]
-            coord.prefetch([data[i] for i in sampler.take(k, advance=False)])  # the next batch, ahead
-            groups, m = coord.rollout(samples)
-            if sum(len(g.actions) for g in groups) < run_cfg.learner.world_size:
-                summary["skipped_steps"] += 1
-                m["trainer/skipped_step"] = 1.0
-                metrics_log.log(step, m)
-                log.warning(
-                    "step %d: after dropping tied groups, fewer actions than learner ranks; skipped", step
+        first, last = summary["start_step"] + 1, run_cfg.trainer.steps
+        try:
+            for step in tqdm(
+                range(first, last + 1), desc="ekipl", initial=first - 1, total=last, disable=None
+            ):
+                m = _step(run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks)
+                skipped = m.get("trainer/skipped_step", 0.0) > 0
+                summary["skipped_steps" if skipped else "steps"] += 1
+                state["consecutive_skips"] = (
+                    state["consecutive_skips"] + 1 if m.get("actor/skipped_step") else 0
                 )
-                continue
-            rewards = torch.tensor([a.reward for g in groups for a in g.actions])
-            gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])
-            is_pol = torch.tensor([a.is_policy for g in groups for a in g.actions])
-            adv = group_advantages(rewards, gidx, is_pol, run_cfg.algorithm.advantage, run_cfg.algorithm.eps)
-            batch = collate(groups, processor, adv)
-            m.update(learner.train_step(batch))
-            m.update(learner.sync_weights(router.actors))
-            m["timing/step"] = time.perf_counter() - ts
-            m["perf/policy_tokens_per_s"] = m["rollout/policy_tokens"] / max(m["timing/rollout"], 1e-9)
-            metrics_log.log(step, m)
-            summary["steps"] += 1
-            summary["last"] = m
+                m["trainer/consecutive_nonfinite_skips"] = float(state["consecutive_skips"])
+                metrics_log.log(step, m)
+                summary["last"] = m
+                every = run_cfg.trainer.save_every
+                if every and (step % every == 0 or step == last):
+                    _save(
+                        run_cfg, ckpt_root, step, learner, coord, cache, sampler, summary, state, metrics_log
+                    )
+                if hooks.after_step is not None:
+                    hooks.after_step(step, ctx)
+                if state["consecutive_skips"] >= run_cfg.trainer.max_nonfinite_skips:
+                    raise TrainingError(
+                        f"{state['consecutive_skips']} consecutive steps had a non-finite loss or gradient "
+                        f"and were skipped (trainer.max_nonfinite_skips="
+                        f"{run_cfg.trainer.max_nonfinite_skips}); the weights are those of the last good "
+                        "step. Lower learner.lr or check the rewards and data."
+                    )
+        except (LearnerError, PolicyEngineError) as e:
+            found = ckpt.latest(ckpt_root)
+            where = (
+                f"the last checkpoint is {found[0]} (step {found[1]['step']}); continue with "
+                "trainer.resume=auto"
+                if found
+                else "there is no checkpoint to resume from (trainer.save_every=0)"
+            )
+            raise TrainingError(f"{e}; {where}") from e
         export = out / "policy"
         export_policy(learner, model_path, export)
         summary["export"] = str(export)
@@ -258,6 +318,84 @@ def run(cfg) -> dict:
         if started_ray:
             ray.shutdown()
     return summary
+
+
+def _step(run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks) -> dict:
+    """One EKIPL step: rollout (aux prefetched ahead) -> advantages -> update -> weight sync."""
+    from ekipl.algo.objective import group_advantages
+    from ekipl.learner.batch import collate
+
+    ts = time.perf_counter()
+    k = run_cfg.data.prompts_per_step
+    samples = images.filter([data[i] for i in sampler.take(k)])
+    coord.prefetch(images.filter([data[i] for i in sampler.take(k, advance=False)]))  # the next batch
+    if not samples:
+        log.warning("step %d: every sample of the batch had a bad image; skipped", step)
+        return {"trainer/skipped_step": 1.0, "data/bad_rows_skipped": float(len(images.bad))}
+    groups, m = coord.rollout(samples, step=step)
+    m["data/bad_rows_skipped"] = float(len(images.bad))
+    if sum(len(g.actions) for g in groups) < run_cfg.learner.world_size:
+        m["trainer/skipped_step"] = 1.0
+        log.warning("step %d: after dropping tied groups, fewer actions than learner ranks; skipped", step)
+        return m
+    rewards = torch.tensor([a.reward for g in groups for a in g.actions])
+    gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])
+    is_pol = torch.tensor([a.is_policy for g in groups for a in g.actions])
+    adv = group_advantages(rewards, gidx, is_pol, run_cfg.algorithm.advantage, run_cfg.algorithm.eps)
+    batch = collate(groups, processor, adv)
+    if hooks.before_update is not None:
+        hooks.before_update(step, batch)
+    m.update(learner.train_step(batch))
+    if m.get("actor/skipped_step"):
+        # The weights did not change, so the engines are already in sync: nothing non-finite
+        # ever reaches them.
+        log.warning("step %d: non-finite loss or gradient; the optimizer step was skipped", step)
+        m["timing/weight_sync"] = 0.0
+    else:
+        m.update(learner.sync_weights(router.actors))
+    m["timing/step"] = time.perf_counter() - ts
+    m["perf/policy_tokens_per_s"] = m["rollout/policy_tokens"] / max(m["timing/rollout"], 1e-9)
+    return m
+
+
+def _save(run_cfg, root, step, learner, coord, cache, sampler, summary, state, metrics_log) -> None:
+    t0 = time.perf_counter()
+    coord.drain()  # prefetched aux actions land in the cache first, so the index below is complete
+    driver_state = {
+        "sampler_position": sampler.position,
+        "rng": ckpt.rng_state(),
+        "steps_done": summary["steps"],
+        "skipped_steps": summary["skipped_steps"],
+        "consecutive_skips": state["consecutive_skips"],
+        "wandb_id": metrics_log.run_id,
+        "aux_cache_keys": cache.keys() if cache is not None else [],
+        "world_size": run_cfg.learner.world_size,
+        "zero_stage": run_cfg.learner.zero_stage,
+        "dataset_size": sampler.n,
+    }
+    path = ckpt.save(
+        root,
+        step,
+        lambda d: learner.save_checkpoint(str(d)),
+        driver_state,
+        keep=run_cfg.trainer.keep_checkpoints,
+    )
+    log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
+
+
+def _check_compatible(run: RunConfig, saved: dict) -> None:
+    """A checkpoint's ZeRO partitions only load into the same layout; the sampler into the same data."""
+    for key, now in (("world_size", run.learner.world_size), ("zero_stage", run.learner.zero_stage)):
+        if saved.get(key) is not None and saved[key] != now:
+            raise ConfigError(
+                f"learner.{key}: the checkpoint was written with {key}={saved[key]}, this run has {now}; "
+                "resume with the same value"
+            )
+    if run.trainer.steps <= saved["step"]:
+        raise ConfigError(
+            f"trainer.steps: the checkpoint is at step {saved['step']}, so steps={run.trainer.steps} leaves "
+            "nothing to do; raise trainer.steps to train further"
+        )
 
 
 def check_resources(run: RunConfig, sources, cluster: dict) -> None:
@@ -282,7 +420,7 @@ def check_resources(run: RunConfig, sources, cluster: dict) -> None:
 def export_policy(learner, model_path: str, out: Path) -> None:
     """Write the trained policy in ``save_pretrained``'s layout (weights + config + processor)."""
     out.mkdir(parents=True, exist_ok=True)
-    learner._call("export_weights", [str(out / "model.safetensors")] * learner.cfg.world_size)
+    learner.export_weights(str(out / "model.safetensors"))
     src = Path(model_path)
     for f in src.iterdir():
         if (
@@ -309,6 +447,9 @@ def main() -> None:
         except (ConfigError, DataError) as e:
             print(f"ekipl: error: {e}", file=sys.stderr)
             sys.exit(2)
+        except TrainingError as e:
+            print(f"ekipl: run stopped: {e}", file=sys.stderr)
+            sys.exit(1)
         print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
 
     _main()

@@ -1,0 +1,83 @@
+"""Where a run's numbers go: ``metrics.jsonl`` always, W&B when enabled (offline without a key).
+
+Secrets never leave through here: the logged config goes through :func:`redact`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+# Config keys whose values are secrets: "api_key", "wandb_token", "secret", "password"... but not
+# "max_tokens" or "api_key_env" (which holds a variable's name, not its value).
+SECRET_KEY = re.compile(r"(^|_)(key|token|secret|password)$", re.IGNORECASE)
+
+
+def redact(obj):
+    """A copy of a config tree with values under secret-looking keys replaced (names stay)."""
+    if isinstance(obj, dict):
+        return {k: "<redacted>" if SECRET_KEY.search(str(k)) else redact(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl (a torn last line, from a crash mid-write, is ignored)."""
+    rows = []
+    if not Path(path).is_file():
+        return rows
+    for line in Path(path).read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+class MetricsLog:
+    """Appends one JSON row per step; on resume, rows after the checkpoint's step are dropped
+    (those steps are run again). ``logger`` is a :class:`~ekipl.config.LoggerConfig`."""
+
+    def __init__(
+        self, logger, out: Path, config_tree: dict, resume_step: int = 0, wandb_id: str | None = None
+    ):
+        self.path = Path(out) / "metrics.jsonl"
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.wandb = None
+        if logger.wandb and logger.mode != "disabled":
+            import wandb
+
+            mode = logger.mode
+            if mode == "auto":
+                mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(
+                project=logger.project,
+                name=logger.run_name,
+                mode=mode,
+                dir=str(out),
+                config=redact(config_tree),
+                id=wandb_id,
+                resume="allow" if wandb_id else None,
+                reinit="finish_previous",
+            )
+
+    @property
+    def run_id(self) -> str | None:
+        return None if self.wandb is None else self.wandb.id
+
+    def log(self, step: int, metrics: dict) -> None:
+        row = {"step": step, **{k: float(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=step)
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
