@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # shared test helpers (openai_stub) import by name
 
 
 @pytest.fixture(scope="session")
@@ -105,3 +108,13 @@ def aux_vlm_source(ray_local, tiny_vlm_b):
     src.ready()
     yield src
     src.shutdown()
+
+
+@pytest.fixture
+def stub_server():
+    """A local OpenAI-compatible endpoint (tests/openai_stub.py)."""
+    from openai_stub import Stub
+
+    stub = Stub()
+    yield stub
+    stub.close()

@@ -3,13 +3,11 @@ auxiliary faults, and the OpenAI-compatible source against a local stub server."
 
 from __future__ import annotations
 
-import json
 import logging
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from openai_stub import ANSWER, SECRET
 
 from ekipl.rollout import selection
 from ekipl.rollout.cache import ActionCache, cache_key
@@ -250,50 +248,6 @@ def test_image_placeholder_mismatch_names_the_sample(tiny_vlm, counting_data):
 # --------------------------------------------------------------------------------------------------
 # The openai source against a local stub server
 
-SECRET = "sk-test-abcdef0123456789"
-
-
-class _Stub(BaseHTTPRequestHandler):
-    script: list = []  # what to answer, one entry per request
-    seen: list = []
-
-    def log_message(self, *a):
-        pass
-
-    def do_POST(self):
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Stub.seen.append({"auth": self.headers.get("Authorization"), "body": body})
-        action = _Stub.script.pop(0) if _Stub.script else "ok"
-        if action == "sleep":
-            time.sleep(1.0)
-            action = "ok"
-        if action == "ok":
-            payload = json.dumps(
-                {"choices": [{"message": {"content": "<think>4</think><answer>4</answer>"}}]}
-            )
-            self.send_response(200)
-        elif action == "garbage":
-            payload = "{not json"
-            self.send_response(200)
-        else:
-            payload = "{}"
-            self.send_response(int(action))
-            if action == "429":
-                self.send_header("Retry-After", "0")
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(payload.encode())
-
-
-@pytest.fixture
-def stub_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    t = threading.Thread(target=server.serve_forever, daemon=True)
-    t.start()
-    _Stub.script, _Stub.seen = [], []
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-
 
 def _openai(url, **kw):
     cfg = dict(
@@ -315,13 +269,13 @@ def test_openai_source_retries_429_500_and_garbage_then_succeeds(
     stub_server, counting_data, monkeypatch, caplog
 ):
     monkeypatch.setenv("EKIPL_TEST_KEY", SECRET)
-    _Stub.script = ["429", "500", "garbage"]
-    src = _openai(stub_server)
+    stub_server.script[:] = ["429", "500", "garbage"]
+    src = _openai(stub_server.url)
     with caplog.at_level(logging.DEBUG):
         out = src.generate([counting_data[0]])
-    assert out == [["<think>4</think><answer>4</answer>"]] and src.retries == 3
-    assert len(_Stub.seen) == 4 and all(s["auth"] == f"Bearer {SECRET}" for s in _Stub.seen)
-    msg = _Stub.seen[0]["body"]["messages"][0]
+    assert out == [[ANSWER]] and src.retries == 3
+    assert len(stub_server.seen) == 4 and all(s["auth"] == f"Bearer {SECRET}" for s in stub_server.seen)
+    msg = stub_server.seen[0]["body"]["messages"][0]
     assert msg["content"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert "HTTP 429" in caplog.text and "HTTP 500" in caplog.text and "malformed" in caplog.text
     assert SECRET not in caplog.text and SECRET not in repr(src)
@@ -331,8 +285,8 @@ def test_openai_source_times_out_gives_up_and_training_goes_on(
     stub_server, counting_data, monkeypatch, caplog
 ):
     monkeypatch.setenv("EKIPL_TEST_KEY", SECRET)
-    _Stub.script = ["sleep"] * 3
-    src = _openai(stub_server, max_retries=2, timeout_s=0.2)
+    stub_server.script[:] = ["sleep"] * 3
+    src = _openai(stub_server.url, max_retries=2, timeout_s=0.2)
     with caplog.at_level(logging.DEBUG):
         t0 = time.perf_counter()
         out = src.generate([counting_data[0]])
@@ -342,8 +296,8 @@ def test_openai_source_times_out_gives_up_and_training_goes_on(
 
 
 def test_openai_source_does_not_retry_a_client_error(stub_server, counting_data):
-    _Stub.script = ["401"]
-    assert _openai(stub_server).generate([counting_data[0]]) == [[]] and len(_Stub.seen) == 1
+    stub_server.script[:] = ["401"]
+    assert _openai(stub_server.url).generate([counting_data[0]]) == [[]] and len(stub_server.seen) == 1
 
 
 def test_source_config_errors_name_the_key(tmp_path):

@@ -6,23 +6,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from runs import CONF, compose
 
-from ekipl.config import ConfigError, register, to_run_config
+from ekipl.config import ConfigError, to_run_config
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -53,7 +43,7 @@ def test_default_config_composes():
     [
         (["rollout.group_size=50"], "rollout.group_size: G=50 is larger than the candidates per prompt"),
         (["algorithm.advantage=magic"], "algorithm.advantage: unknown 'magic'"),
-        (["learner.zero_stage=5"], "learner.zero_stage must be 0, 1, 2 or 3"),
+        (["learner.zero_stage=5"], "learner.zero_stage must be 1, 2 or 3"),
         (["rollout.selection=replace"], "rollout.selection: 'replace' needs at least one aux source"),
         (["+aux.big.kind=vllm", "+aux.big.model=/no/such/model"], "aux.big.model: no such model directory"),
         (["logger.mode=loud"], "logger.mode: unknown 'loud'"),
@@ -173,3 +163,16 @@ def test_plot_draws_curves_of_several_runs(tmp_path, capsys):
         assert im.size[0] > 400 and im.size[1] > 200
     assert cli(["plot", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_sampler_covers_each_row_once_per_epoch_and_peeking_does_not_advance():
+    from ekipl.train import Sampler
+
+    s = Sampler(7, seed=3, shuffle=True)
+    peek = s.take(4, advance=False)
+    first = s.take(7)
+    assert first[:4] == peek and sorted(first) == list(range(7))
+    second = s.take(7)
+    assert sorted(second) == list(range(7)) and second != first  # a new shuffle each epoch
+    again = Sampler(7, seed=3, shuffle=True)
+    assert again.take(14) == first + second

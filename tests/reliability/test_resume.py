@@ -1,0 +1,101 @@
+"""Crash and resume, end to end: the driver is killed (SIGKILL, whole process group) mid-run, the
+resumed run then loses a learner rank, and a second resume finishes the plan. Every step of the
+patched-together run must match an uninterrupted run with the same seed (which also shows that two
+runs with the same seed agree)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from runs import SMALL, compose, rows
+
+from ekipl import checkpoint as ckpt
+
+STEPS = 6
+# What must match step by step: the sampled actions' rewards, the losses, the entropy and the
+# number of sampled tokens (a different policy or sampler state changes them).
+KEYS = (
+    "reward/policy/mean",
+    "reward/dataset/mean",
+    "select/ratio/policy",
+    "rollout/policy_tokens",
+    "actor/pg_loss",
+    "actor/entropy",
+    "actor/clip_frac",
+)
+
+
+def _same(a: dict, b: dict, step: int) -> None:
+    for k in KEYS:
+        assert k in a and k in b, (step, k)
+        assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), f"step {step}, {k}: {a[k]} != {b[k]}"
+
+
+@pytest.mark.slow
+def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_local, tmp_path):
+    from ekipl.train import Hooks, TrainingError, run
+
+    # The uninterrupted reference.
+    ref_dir = tmp_path / "ref"
+    summary = run(compose([*SMALL, f"trainer.steps={STEPS}", f"trainer.output_dir={ref_dir}"]))
+    assert summary["steps"] == STEPS
+    ref = {r["step"]: r for r in rows(ref_dir)}
+
+    # 1. The driver, in its own process (and its own local Ray), killed once step 2 is saved.
+    out = tmp_path / "run"
+    overrides = [*SMALL, f"trainer.steps={STEPS}", "trainer.save_every=1", f"trainer.output_dir={out}"]
+    log_path = tmp_path / "killed.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "ekipl.train", *overrides],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: the kill takes Ray's processes too
+        )
+        deadline = time.monotonic() + 400
+        while not (out / "checkpoints" / "step_000002").exists():
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no checkpoint at step 2 in time"
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=60)
+    found = ckpt.latest(out / "checkpoints")
+    assert found is not None
+    killed_at = found[1]["step"]
+    assert 2 <= killed_at < STEPS - 2, killed_at
+    for r in rows(out):  # the killed process's own steps equal the reference's: determinism
+        _same(r, ref[r["step"]], r["step"])
+
+    # 2. Resume; a learner rank dies after the first resumed step: a clear error, a valid checkpoint.
+    def kill_rank(step, ctx):
+        if step == killed_at + 1:
+            import ray
+
+            ray.kill(ctx["learner"].workers[1])
+
+    with pytest.raises(TrainingError) as err:
+        run(compose([*overrides, "trainer.resume=auto"]), hooks=Hooks(after_step=kill_rank))
+    msg = str(err.value)
+    assert "learner rank 1 died" in msg and f"step {killed_at + 1}" in msg and "trainer.resume=auto" in msg
+    path, state = ckpt.latest(out / "checkpoints")
+    assert state["step"] == killed_at + 1 and ckpt.verify(path)["step"] == killed_at + 1
+
+    # 3. Resume again: the plan completes and every step matches the uninterrupted run.
+    summary = run(compose([*overrides, "trainer.resume=auto"]))
+    assert summary["start_step"] == killed_at + 1 and summary["steps"] == STEPS
+    got = rows(out)
+    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    for r in got:
+        _same(r, ref[r["step"]], r["step"])
+    assert (out / "policy" / "model.safetensors").is_file()
+
+    # Starting over in a directory with checkpoints, without resume, is refused, naming the key.
+    from ekipl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="trainer.resume"):
+        run(compose(overrides))
