@@ -207,3 +207,14 @@ def test_entropy_and_per_source_means():
     assert torch.allclose(O.entropy_from_logits(logits), torch.full((1, 2), math.log(4)))
     got = O.per_source_means(T([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]), ["policy", "aux_a", "dataset"])
     assert got == {"policy": 2.0, "dataset": 5.0}
+
+
+def test_sft_loss_is_the_token_mean_nll_with_the_global_denominator():
+    logp = torch.tensor([[-1.0, -2.0], [-3.0, -4.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    loss, m = O.sft_loss(logp, mask)
+    assert loss.item() == pytest.approx(2.0) and m["nll"].item() == pytest.approx(2.0)
+    loss.backward()
+    assert torch.allclose(logp.grad, -mask / 3)
+    loss6, _ = O.sft_loss(logp, mask, global_tokens=6.0)  # this rank's share of a 6-token batch
+    assert loss6.item() == pytest.approx(1.0)

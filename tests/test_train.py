@@ -145,6 +145,25 @@ def test_a_few_ekipl_steps_through_every_real_component(ray_local, tmp_path, mon
 
     model = hf.load_model(tmp_path / "policy")
     assert sum(p.numel() for p in model.parameters()) > 0
+    # ... and in vLLM: ekipl.eval starts its engine from the export, then loads the base weights
+    from ekipl.eval import evaluate, write
+    from ekipl.tasks.loader import load_task_file
+    from ekipl.train import resolve_model
+
+    data = tmp_path / "data" / "counting"
+    splits = {s: list(load_task_file(data / f"test_{s}.json"))[:3] for s in ("id", "ood")}
+    models = {"trained": str(tmp_path / "policy"), "base": resolve_model("tiny-qwen2-vl")}
+    table_rows = evaluate(models, splits, k=2, max_tokens=16, max_model_len=2048)
+    assert [(r["model"], r["split"]) for r in table_rows] == [
+        ("trained", "id"),
+        ("trained", "ood"),
+        ("base", "id"),
+        ("base", "ood"),
+    ]
+    for r in table_rows:
+        assert r["problems"] == 3 and 0 <= r["pass@1"] <= r["pass@2"] <= 1 and 0 <= r["accuracy"] <= 1
+    js, md = write(table_rows, tmp_path / "eval")
+    assert json.loads(js.read_text()) == table_rows and "| trained | ood |" in md.read_text()
 
 
 def test_plot_draws_curves_of_several_runs(tmp_path, capsys):

@@ -246,6 +246,19 @@ def policy_loss(
     return loss, metrics
 
 
+def sft_loss(
+    logp: torch.Tensor, mask: torch.Tensor, *, global_tokens: float | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Stage-1 CoT-SFT (Reason-RFT's warm-up): the token-mean negative log-likelihood of the recorded
+    trace, ``L = −Σ_{b,t} m_{b,t} log π_θ(y_{b,t}) / Σ_{b,t} m_{b,t}`` (the denominator is the whole
+    batch's token count when ``global_tokens`` is given, as for the RL loss)."""
+    loss = aggregate(-logp, mask, "token_mean", global_tokens=global_tokens)
+    with torch.no_grad():
+        m = mask.to(logp.dtype)
+        nll = (-logp * m).sum() / m.sum().clamp(min=1.0)
+    return loss, {"nll": nll}
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """Per-token entropy H = −Σ_v p_v log p_v, shape logits.shape[:-1]."""
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -116,14 +116,18 @@ class LearnerGroup:
             )
         return [batch.select(r) for r in rows], max(len(r) for r in rows)
 
-    def train_step(self, batch: Batch) -> dict:
-        """Old (and reference) log-probs, then μ epochs of ZeRO updates. Returns metrics and timings."""
+    def train_step(self, batch: Batch, sft: bool = False) -> dict:
+        """Old (and reference) log-probs, then μ epochs of ZeRO updates. Returns metrics and timings.
+
+        ``sft``: CoT-SFT on the completions instead (no old or reference log-probs are needed).
+        """
         t0 = time.perf_counter()
         shards, max_rows = self._shards(batch)
-        old = self._call("logprobs", shards, max_rows=max_rows)
-        for s, lp in zip(shards, old, strict=True):
-            s.old_logp = lp[:, : s.input_ids.shape[1] - 1]
-        if self.objective.kl_coef > 0:
+        if not sft:
+            old = self._call("logprobs", shards, max_rows=max_rows)
+            for s, lp in zip(shards, old, strict=True):
+                s.old_logp = lp[:, : s.input_ids.shape[1] - 1]
+        if self.objective.kl_coef > 0 and not sft:
             ref = self._call("logprobs", shards, max_rows=max_rows, reference=True)
             for s, lp in zip(shards, ref, strict=True):
                 s.ref_logp = lp[:, : s.input_ids.shape[1] - 1]
@@ -135,6 +139,7 @@ class LearnerGroup:
             global_tokens=float(batch.completion_mask.sum()),
             global_seqs=float(len(batch)),
             max_len=int(batch.completion_mask.sum(-1).max()),
+            sft=sft,
         )
         t2 = time.perf_counter()
         out = {

@@ -110,9 +110,18 @@ class Learner:
         return torch.cat(outs) if outs else torch.zeros(0, batch.input_ids.shape[1] - 1)
 
     def update(
-        self, batch: Batch, max_rows: int, global_tokens: float, global_seqs: float, max_len: int
+        self,
+        batch: Batch,
+        max_rows: int,
+        global_tokens: float,
+        global_seqs: float,
+        max_len: int,
+        sft: bool = False,
     ) -> dict:
-        """μ epochs over this rank's rows, one optimizer step per epoch. Returns averaged metrics."""
+        """μ epochs over this rank's rows, one optimizer step per epoch. Returns averaged metrics.
+
+        ``sft``: the CoT-SFT loss (negative log-likelihood of the completions) instead of the RL one.
+        """
         self.engine.train()
         n_micro = self._n_micro_for(max_rows)
         if n_micro != self._n_micro:
@@ -130,18 +139,21 @@ class Learner:
                 mb = self._to_device(batch.select(rows or [0]))
                 logp, ent = sequence_logprobs(self.engine, mb, with_entropy=True)
                 mask = mb.completion_mask * (0.0 if empty else 1.0)
-                loss, metrics = O.policy_loss(
-                    self.objective,
-                    logp,
-                    mb.old_logp,
-                    mb.advantages,
-                    mask,
-                    mb.is_aux,
-                    mb.ref_logp,
-                    global_tokens=global_tokens,
-                    global_seqs=global_seqs,
-                    max_len=max_len,
-                )
+                if sft:
+                    loss, metrics = O.sft_loss(logp, mask, global_tokens=global_tokens)
+                else:
+                    loss, metrics = O.policy_loss(
+                        self.objective,
+                        logp,
+                        mb.old_logp,
+                        mb.advantages,
+                        mask,
+                        mb.is_aux,
+                        mb.ref_logp,
+                        global_tokens=global_tokens,
+                        global_seqs=global_seqs,
+                        max_len=max_len,
+                    )
                 if empty:
                     loss = loss * 0.0
                 nonfinite += int(not torch.isfinite(loss.detach()).item())

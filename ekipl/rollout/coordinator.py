@@ -52,6 +52,37 @@ class RolloutConfig:
             raise ValueError("rollout.n, rollout.group_size and rollout.max_tokens must be >= 1")
 
 
+def render_prompt(processor, sample: Sample, system_prompt: bool = False) -> str:
+    """The policy's chat text for ``sample``, with exactly one placeholder per image (else DataError)."""
+    text = processor.apply_chat_template(
+        build_messages(sample, system_prompt), add_generation_prompt=True, tokenize=False
+    )
+    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    found = text.count(image_token)
+    if found != len(sample.image_paths):
+        raise DataError(
+            f"the prompt has {found} image placeholders for {len(sample.image_paths)} images "
+            "(does the problem text contain an image token?)",
+            file=sample.source_file,
+            row=sample.row,
+            row_id=sample.id,
+            field="problem",
+        )
+    return text
+
+
+def text_token_ids(tokenizer, text: str, eos_id: int, max_tokens: int) -> tuple[list[int], str]:
+    """External text (an aux model's answer, a recorded trace) in the policy's tokens, ending with the
+    end-of-turn token, or cut at ``max_tokens`` (then without it; the text is cut to match).
+
+    External text is data, never control: an ``<|image_pad|>`` in it stays plain text."""
+    ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    if len(ids) >= max_tokens:
+        ids = ids[:max_tokens]
+        return ids, tokenizer.decode(ids)
+    return ids + [eos_id], text
+
+
 class RolloutCoordinator:
     def __init__(
         self,
@@ -65,7 +96,6 @@ class RolloutCoordinator:
         self.cfg, self.policy, self.sources, self.processor = cfg, policy, sources, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.image_token = getattr(processor, "image_token", "<|image_pad|>")
         self.weights, self.cache = weights or RewardWeights(), cache
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(sources) + 1))
         self._pending: dict[tuple[str, tuple[str, ...]], Future] = {}
@@ -131,29 +161,10 @@ class RolloutCoordinator:
     # ------------------------------------------------------------------------------------------
 
     def prompt(self, sample: Sample) -> str:
-        text = self.processor.apply_chat_template(
-            build_messages(sample, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
-        )
-        found = text.count(self.image_token)
-        if found != len(sample.image_paths):
-            raise DataError(
-                f"the prompt has {found} image placeholders for {len(sample.image_paths)} images "
-                "(does the problem text contain an image token?)",
-                file=sample.source_file,
-                row=sample.row,
-                row_id=sample.id,
-                field="problem",
-            )
-        return text
+        return render_prompt(self.processor, sample, self.cfg.system_prompt)
 
     def _aux_action(self, source: str, text: str, sample: Sample) -> Action:
-        # External text is data, never control: "<|image_pad|>" in it stays plain text.
-        ids = self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
-        if len(ids) >= self.cfg.aux_max_tokens:
-            ids = ids[: self.cfg.aux_max_tokens]
-            text = self.tokenizer.decode(ids)
-        else:
-            ids = ids + [self.eos_id]
+        ids, text = text_token_ids(self.tokenizer, text, self.eos_id, self.cfg.aux_max_tokens)
         r = score(text, sample, self.weights)
         return Action(
             source=source, token_ids=ids, text=text, reward=r.total, accuracy=r.accuracy, format=r.format

@@ -1,0 +1,184 @@
+"""``python -m ekipl.eval``: a policy through vLLM on ID and OOD splits, with the task metrics.
+
+Per split and model it reports, with Reason-RFT's evaluation scoring (``score(evaluation=True)``:
+exact counts, geometry choices/numbers/math equivalence, TRANCE partial credit per step):
+
+* ``accuracy``  -- mean accuracy of the greedy answer (temperature 0);
+* ``format``    -- share of greedy answers in the ``<think>..</think><answer>..</answer>`` form;
+* ``pass@1`` / ``pass@k`` -- from ``n`` samples at ``temperature`` per problem, with the unbiased
+  estimator ``pass@k = E[1 - C(n - c, k) / C(n, k)]`` over problems, where ``c`` counts samples
+  with accuracy 1 (full marks).
+
+Writes ``eval.json`` and ``eval.md`` (a Markdown table) to ``--out``. Several models of one
+architecture share one engine: the next model's weights are loaded into it (no second start).
+
+    python -m ekipl.eval --model outputs/run/policy --split id=data/test_id.json \\
+        --split ood=data/test_ood.json --k 4 --out outputs/run/eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from ekipl.tasks.sample import DataError
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem: 1 - C(n-c, k) / C(n, k) (1.0 when n - c < k)."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def summarize(greedy: list[tuple[float, float]], sampled: list[list[float]], k: int) -> dict:
+    """Split metrics from greedy (accuracy, format) pairs and per-problem sampled accuracies."""
+    n_prob = max(len(greedy), 1)
+    out = {
+        "problems": len(greedy),
+        "accuracy": sum(a for a, _ in greedy) / n_prob,
+        "format": sum(f for _, f in greedy) / n_prob,
+    }
+    if sampled:
+        n = len(sampled[0])
+        correct = [sum(a >= 1.0 for a in accs) for accs in sampled]
+        out["pass@1"] = sum(pass_at_k(n, c, 1) for c in correct) / len(sampled)
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(sampled)
+    return out
+
+
+def evaluate_split(llm, processor, samples, k: int, n: int, temperature: float, max_tokens: int, seed=0):
+    """Greedy and sampled answers for ``samples`` from one engine; returns the split's metrics."""
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.tasks.prompts import build_messages
+    from ekipl.tasks.rewards import score
+
+    requests = []
+    for s in samples:
+        text = processor.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False)
+        requests.append(vb.Request(prompt=text, images=s.load_images()))
+    banned = vb.placeholder_token_ids(llm)
+    greedy_p = vb.sampling_params(n=1, temperature=0.0, max_tokens=max_tokens, banned_token_ids=banned)
+    greedy = []
+    for s, (c,) in zip(samples, vb.generate(llm, requests, greedy_p), strict=True):
+        r = score(c.text, s, evaluation=True)
+        greedy.append((r.accuracy, r.format))
+    sampled = []
+    if n > 0:
+        params = vb.sampling_params(
+            n=n, temperature=temperature, max_tokens=max_tokens, banned_token_ids=banned
+        )
+        outs = vb.generate(llm, requests, params, seed=seed)
+        sampled = [
+            [score(c.text, s, evaluation=True).accuracy for c in group]
+            for s, group in zip(samples, outs, strict=True)
+        ]
+    return summarize(greedy, sampled, k)
+
+
+def evaluate(
+    models: dict[str, str],
+    splits: dict[str, list],
+    k: int = 4,
+    n: int | None = None,
+    temperature: float = 1.0,
+    max_tokens: int = 512,
+    max_model_len: int = 4096,
+    seed: int = 0,
+) -> list[dict]:
+    """Rows ``{"model", "split", metrics...}`` for every model x split. Models after the first are
+    loaded into the first one's engine (they must share its architecture)."""
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.models import hf
+
+    n = k if n is None else n
+    names = list(models)
+    first = models[names[0]]
+    llm = vb.start_engine(
+        vb.EngineSpec(model=first, seed=seed, max_model_len=max_model_len, enable_weight_sync=len(names) > 1)
+    )
+    processor = hf.load_processor(first)
+    rows = []
+    for name in names:
+        if models[name] != first:
+            weights = Path(models[name]) / "model.safetensors"
+            if not weights.is_file():
+                raise FileNotFoundError(f"{models[name]}: no model.safetensors to load into the engine")
+            vb.load_weights_from_file(llm, str(weights))
+        for split, samples in splits.items():
+            metrics = evaluate_split(llm, processor, samples, k, n, temperature, max_tokens, seed)
+            rows.append({"model": name, "split": split, **metrics})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table: one row per model x split."""
+    metrics = [k for k in rows[0] if k not in ("model", "split")] if rows else []
+    head = "| model | split | " + " | ".join(metrics) + " |"
+    sep = "|---|---|" + "---|" * len(metrics)
+    body = []
+    for r in rows:
+        cells = [f"{r[m]:.0f}" if m == "problems" else f"{r[m]:.3f}" for m in metrics]
+        body.append(f"| {r['model']} | {r['split']} | " + " | ".join(cells) + " |")
+    return "\n".join([head, sep, *body])
+
+
+def write(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(rows, indent=1))
+    (out / "eval.md").write_text(table(rows) + "\n")
+    return out / "eval.json", out / "eval.md"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ekipl.tasks.loader import load_task_file
+
+    p = argparse.ArgumentParser(prog="python -m ekipl.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", action="append", required=True, help="NAME=PATH or PATH; repeatable")
+    p.add_argument("--split", action="append", required=True, help="NAME=FILE (RL JSON/ShareGPT); repeatable")
+    p.add_argument("--image-root", default=None)
+    p.add_argument("--task", default=None, help="the task when the rows do not say it")
+    p.add_argument("--k", type=int, default=4, help="pass@k")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default k)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--limit", type=int, default=0, help="first N problems of each split (0: all)")
+    p.add_argument("--out", default="outputs/eval")
+    args = p.parse_args(argv)
+
+    def pairs(values, what):
+        out = {}
+        for v in values:
+            name, _, path = v.rpartition("=")
+            out[name or Path(path).name] = path
+        if len(out) != len(values):
+            raise DataError(f"--{what}: names must be unique")
+        return out
+
+    try:
+        models = pairs(args.model, "model")
+        splits = {}
+        for name, path in pairs(args.split, "split").items():
+            ds = load_task_file(path, image_root=args.image_root, task=args.task)
+            splits[name] = list(ds)[: args.limit or None]
+        if args.n is not None and args.n < args.k:
+            raise DataError(f"--n {args.n} is smaller than --k {args.k}: pass@k needs n >= k samples")
+        rows = evaluate(
+            models, splits, k=args.k, n=args.n, temperature=args.temperature, max_tokens=args.max_tokens
+        )
+    except (DataError, FileNotFoundError) as e:
+        print(f"ekipl eval: error: {e}", file=sys.stderr)
+        return 2
+    js, md = write(rows, Path(args.out))
+    print(table(rows))
+    print(f"\nwritten: {js}, {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""ekipl.eval: pass@k, the split summary, the table, and the CLI's errors (the live path through
+vLLM runs on the trained policy in tests/test_train.py)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from ekipl.eval import main, pass_at_k, summarize, table
+
+
+def test_pass_at_k_is_the_unbiased_estimator():
+    assert pass_at_k(4, 0, 1) == 0.0 and pass_at_k(4, 4, 4) == 1.0
+    assert pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert pass_at_k(4, 1, 2) == pytest.approx(1 - math.comb(3, 2) / math.comb(4, 2))  # 0.5
+    assert pass_at_k(5, 2, 4) == 1.0  # fewer than k wrong samples: some k-subset is right
+    with pytest.raises(ValueError, match="at least 4 samples"):
+        pass_at_k(2, 1, 4)
+
+
+def test_summarize_counts_only_full_marks_as_passes():
+    greedy = [(1.0, 1.0), (0.5, 0.0)]  # accuracy, format (TRANCE partial credit gives 0.5)
+    sampled = [[1.0, 0.0], [0.5, 0.5]]
+    m = summarize(greedy, sampled, k=2)
+    assert m == {"problems": 2, "accuracy": 0.75, "format": 0.5, "pass@1": 0.25, "pass@2": 0.5}
+    md = table([{"model": "m", "split": "id", **m}])
+    assert md.splitlines()[0] == "| model | split | problems | accuracy | format | pass@1 | pass@2 |"
+    assert "| m | id | 2 | 0.750 | 0.500 | 0.250 | 0.500 |" in md
+
+
+def test_cli_bad_split_file_and_bad_k_exit_2(tmp_path, capsys):
+    bad = tmp_path / "test.json"
+    bad.write_text(json.dumps([{"id": "a", "problem": "How many?"}]))
+    assert main(["--model", str(tmp_path), "--split", f"id={bad}", "--task", "counting"]) == 2
+    err = capsys.readouterr().err
+    assert "ekipl eval: error:" in err and "row 0" in err and "field 'answer'" in err
+    good = tmp_path / "ok.json"
+    good.write_text(json.dumps([{"id": "a", "problem": "How many?", "answer": "3"}]))
+    assert main(["--model", str(tmp_path), "--split", str(good), "--task", "counting", "--n", "2"]) == 2
+    assert "pass@k needs n >= k" in capsys.readouterr().err
