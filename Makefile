@@ -31,10 +31,17 @@ demo: install
 	$(PY) -m ekipl.demo
 
 lint: install
-	$(VENV)/bin/ruff check ekipl tests bench
-	$(VENV)/bin/ruff format --check ekipl tests bench
+	$(VENV)/bin/ruff check ekipl tests bench launch
+	$(VENV)/bin/ruff format --check ekipl tests bench launch
 
-bench: install
+# The bench group adds TRL (the baseline in bench/trl_compare.py); `make test` never installs it.
+BENCH_STAMP := $(VENV)/.installed-$(EXTRA)-bench
+$(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
+	$(UV) sync --frozen --extra $(EXTRA) --group bench --python $(PYTHON)
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP) $@
+
+bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
 clean:

@@ -26,6 +26,9 @@ class ModelConfig:
     engine_replicas: int = 1
     engine_num_cpus: float = 1.0
     engine_num_gpus: float = 0.0
+    # Custom Ray resources per policy engine replica (placement on labelled nodes).
+    engine_resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    tensor_parallel_size: int = 1  # GPUs per policy engine replica (vLLM tensor parallelism)
     seed: int = 0
 
 

@@ -95,6 +95,7 @@ def run(cfg) -> dict:
         learner = LearnerGroup(
             model_path, run_cfg.learner, ObjectiveConfig(kl_coef=0.0), seed=run_cfg.trainer.seed
         )
+        learner.ready()
         metrics_log = MetricsLog(run_cfg.logger, out, redact(tree))
         sampler = Sampler(len(usable), run_cfg.trainer.seed, run_cfg.data.shuffle)
         images = ImageCheck(run_cfg.data.skip_bad_rows)

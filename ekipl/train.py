@@ -214,20 +214,30 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
             dtype=run_cfg.model.dtype,
             seed=run_cfg.model.seed,
             max_model_len=run_cfg.model.max_model_len,
+            tensor_parallel_size=run_cfg.model.tensor_parallel_size,
         )
         router = PolicyRouter(
             spec,
             replicas=run_cfg.model.engine_replicas,
             num_cpus=run_cfg.model.engine_num_cpus,
             num_gpus=run_cfg.model.engine_num_gpus,
+            resources=run_cfg.model.engine_resources,
         )
         sources = [make_source(s, seed=run_cfg.trainer.seed) for s in source_cfgs]
-        learner = LearnerGroup(model_path, run_cfg.learner, run_cfg.algorithm, seed=run_cfg.trainer.seed)
+        learner = LearnerGroup(
+            model_path,
+            run_cfg.learner,
+            run_cfg.algorithm,
+            seed=run_cfg.trainer.seed,
+            resources=run_cfg.learner.resources,
+        )
         router.ready()
         for s in sources:
             if hasattr(s, "ready"):
                 s.ready()
+        learner.ready()
         log.info("engines and learners up in %.1fs", time.perf_counter() - t0)
+        write_placement(out / "placement.json", router, sources, learner)
         cache = ActionCache(out / "aux_cache") if run_cfg.trainer.aux_cache else None
         coord = RolloutCoordinator(
             run_cfg.rollout,
@@ -398,16 +408,45 @@ def _check_compatible(run: RunConfig, saved: dict) -> None:
         )
 
 
+def write_placement(path: Path, router, sources, learner) -> dict:
+    """Which Ray node each actor landed on (logged, and written to ``placement.json``)."""
+    import ray
+
+    nodes = {
+        "policy": ray.get([a.node_id.remote() for a in router.actors]),
+        "learner": ray.get([w.node_id.remote() for w in learner.workers]),
+        "aux": {
+            s.name: ray.get([a.node_id.remote() for a in s.actors]) for s in sources if hasattr(s, "actors")
+        },
+    }
+    path.write_text(json.dumps(nodes, indent=1))
+    log.info("placement (Ray node ids): %s", json.dumps(nodes))
+    return nodes
+
+
 def check_resources(run: RunConfig, sources, cluster: dict) -> None:
     """Fail at start-up, naming the keys, when the actors cannot all be placed at once."""
-    need_cpu = run.model.engine_replicas * run.model.engine_num_cpus
-    need_cpu += run.learner.world_size * run.learner.num_cpus_per_worker
-    need_gpu = run.model.engine_replicas * run.model.engine_num_gpus
-    need_gpu += run.learner.world_size * run.learner.num_gpus_per_worker
+    need: dict[str, float] = {}
+
+    def add(n: float, cpus: float, gpus: float, custom: dict):
+        for name, amount in (("CPU", cpus), ("GPU", gpus), *custom.items()):
+            need[name] = need.get(name, 0.0) + n * float(amount)
+
+    m, lc = run.model, run.learner
+    add(m.engine_replicas, m.engine_num_cpus, m.engine_num_gpus, m.engine_resources)
+    add(lc.world_size, lc.num_cpus_per_worker, lc.num_gpus_per_worker, lc.resources)
     for s in sources:
         if s.kind == "vllm":
-            need_cpu += s.replicas * s.num_cpus
-            need_gpu += s.replicas * s.num_gpus
+            add(s.replicas, s.num_cpus, s.num_gpus, s.resources)
+    custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > cluster.get(k, 0.0)}
+    if custom:
+        raise ConfigError(
+            "the actors need custom Ray resources the cluster lacks: "
+            + ", ".join(f"{k}={v:g} (cluster has {cluster.get(k, 0.0):g})" for k, v in custom.items())
+            + "; start nodes with --resources, or change model.engine_resources, aux.*.resources or "
+            "learner.resources"
+        )
+    need_cpu, need_gpu = need.get("CPU", 0.0), need.get("GPU", 0.0)
     have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
     if need_cpu > have_cpu or need_gpu > have_gpu:
         raise ConfigError(

@@ -172,11 +172,11 @@ def test_cache_hits_on_a_second_run(coordinator_factory, counting_data, aux_vlm_
     samples = [counting_data[4], counting_data[5]]
     first = coordinator_factory(cache=True)
     g1, _ = first.rollout(samples)
-    calls = aux_vlm_source._calls
+    calls = aux_vlm_source.calls
     second = coordinator_factory(cache=True)  # a resumed run: same cache directory
     second.prefetch(samples)
     g2, _ = second.rollout(samples)
-    assert aux_vlm_source._calls == calls, "the second run called the auxiliary engine again"
+    assert aux_vlm_source.calls == calls, "the second run called the auxiliary engine again"
     assert second.cache.hits == 2
     texts = [[a.text for a in g.actions if a.source == "aux_b"] for g in (g1 + g2)]
     assert texts[:2] == texts[2:]

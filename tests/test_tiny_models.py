@@ -39,7 +39,9 @@ def test_specs_are_valid_for_vllm_cpu():
         assert spec.hidden_size % spec.num_heads == 0
 
 
-@pytest.mark.parametrize("name", sorted(TINY_MODELS))
+# The 75M and 100M benchmark models are bench-qwen2-25m's builder at other sizes: three builds of
+# each would add ~20 s of CI time and no coverage.
+@pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - {"bench-qwen2-75m", "bench-qwen2-100m"}))
 def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path, name):
     a = build_tiny(name, seed=3, root=tmp_path / "a")
     b = build_tiny(name, seed=3, root=tmp_path / "b")

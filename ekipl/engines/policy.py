@@ -21,6 +21,11 @@ class PolicyEngine:
     def ready(self) -> float:
         return self.start_seconds
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def generate(
         self,
         requests: list[vb.Request],
@@ -52,3 +57,18 @@ class PolicyEngine:
         n = vb.load_weights_from_file(self.llm, path)
         self.weight_version += 1
         return n
+
+    def load_weights_bytes(self, blob: bytes) -> int:
+        """The same, from the file's bytes (an engine on another node than learner rank 0)."""
+        import os
+        import tempfile
+
+        fd, path = tempfile.mkstemp(
+            suffix=".safetensors", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+        )
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(blob)
+            return self.load_weights(path)
+        finally:
+            os.remove(path)

@@ -22,6 +22,8 @@ class LearnerConfig:
     sync_bucket_mb: int = 64
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
+    # Custom Ray resources each rank needs, e.g. {learner_node: 1} to keep ranks on labelled nodes.
+    resources: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if self.world_size < 1:

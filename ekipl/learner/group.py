@@ -7,11 +7,7 @@ reference log-probs, then μ epochs of updates) and pushes the new weights to po
 from __future__ import annotations
 
 import logging
-import os
-import socket
-import tempfile
 import time
-import uuid
 
 import torch
 
@@ -21,12 +17,6 @@ from ekipl.learner.config import LearnerConfig
 from ekipl.learner.worker import Learner
 
 log = logging.getLogger(__name__)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard_rows(n: int, world: int) -> list[list[int]]:
@@ -72,16 +62,20 @@ class LearnerGroup:
             opts["resources"] = resources
         if scheduling_strategy is not None:
             opts["scheduling_strategy"] = scheduling_strategy
-        port = free_port()
         self.workers = [
-            actor.options(**opts).remote(
-                r, cfg.world_size, "127.0.0.1", port, model_path, cfg, objective, seed
-            )
+            actor.options(**opts).remote(r, cfg.world_size, model_path, cfg, objective, seed)
             for r in range(cfg.world_size)
         ]
-        self.sync_dir = tempfile.mkdtemp(
-            prefix="ekipl-sync-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-        )
+        # The group meets on rank 0's node, wherever Ray put it (ranks may span nodes).
+        addr, port = ray.get(self.workers[0].rendezvous.remote())
+        # Not awaited here: the ranks load the model and build DeepSpeed while the caller starts
+        # engines; each actor runs setup before any later call (see ready()).
+        self._setup = [w.setup.remote(addr, port) for w in self.workers]
+        self._nodes: dict[str, str] = {}  # actor id -> node id, for weight sync
+
+    def ready(self) -> None:
+        """Wait until every rank has joined the group and built its engine (raises LearnerError)."""
+        self._wait(self._setup, "setup")
 
     def _call(self, method: str, *per_rank_args, **kwargs):
         """Call ``method`` on every rank and return their results in rank order.
@@ -89,12 +83,16 @@ class LearnerGroup:
         Fails fast: when one rank dies or raises, the others may wait forever in a collective,
         so the first failure raises :class:`LearnerError` without waiting for them.
         """
-        import ray
 
         refs = [
             getattr(w, method).remote(*(a[r] for a in per_rank_args), **kwargs)
             for r, w in enumerate(self.workers)
         ]
+        return self._wait(refs, method)
+
+    def _wait(self, refs: list, method: str) -> list:
+        import ray
+
         pending = list(refs)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
@@ -148,35 +146,57 @@ class LearnerGroup:
         out.update({"timing/logprob": t1 - t0, "timing/update": t2 - t1})
         return out
 
-    def export_weights(self, path: str) -> int:
-        """Gather the full weights (bucketed under ZeRO-3) into one safetensors file; returns bytes."""
-        return max(self._call("export_weights", [path] * self.cfg.world_size))
+    def export_weights(self, path: str | None = None) -> tuple[str, int]:
+        """Gather the full weights (bucketed under ZeRO-3) into one safetensors file written by rank 0
+        on its node (default: rank 0's shared-memory sync dir). Returns (path, bytes)."""
+        return self._call("export_weights", [path] * self.cfg.world_size)[0]
+
+    def _node(self, actor) -> str:
+        import ray
+
+        key = actor._actor_id.hex()
+        if key not in self._nodes:
+            self._nodes[key] = ray.get(actor.node_id.remote())
+        return self._nodes[key]
 
     def sync_weights(self, engines) -> dict:
         """Export the weights once (bucketed gather) and load them into every policy engine replica.
 
-        One file in shared memory and one call per engine: never one remote call per tensor.
+        Engines on rank 0's node read the file from shared memory; engines on other nodes get its
+        bytes through Ray's object store (one transfer per engine, fetched from rank 0's node). One
+        call per engine either way: never one remote call per tensor.
         """
-        import ray
 
         t0 = time.perf_counter()
-        path = os.path.join(self.sync_dir, f"{uuid.uuid4().hex}.safetensors")
-        nbytes = self.export_weights(path)
+        path, nbytes = self.export_weights()
         t1 = time.perf_counter()
+        rank0 = self.workers[0]
         try:
-            ray.get([e.load_weights.remote(path) for e in engines])
+            home = self._node(rank0)
+            local = [e for e in engines if self._node(e) == home]
+            remote = [e for e in engines if self._node(e) != home]
+            refs = [e.load_weights.remote(path) for e in local]
+            if remote:
+                blob = rank0.read_file.remote(path)  # stays in rank 0's object store until fetched
+                refs += [e.load_weights_bytes.remote(blob) for e in remote]
+            self._wait(refs, "load_weights")
         finally:
-            if os.path.exists(path):
-                os.remove(path)
+            rank0.remove_file.remote(path)
         t2 = time.perf_counter()
         log.info(
-            "weight sync: %.1f MB in %.3fs (export %.3fs, load %.3fs)",
+            "weight sync: %.1f MB in %.3fs (export %.3fs, load %.3fs, %d engine(s) on other nodes)",
             nbytes / 1e6,
             t2 - t0,
             t1 - t0,
             t2 - t1,
+            len(remote),
         )
-        return {"timing/weight_sync": t2 - t0, "timing/weight_export": t1 - t0, "sync/bytes": float(nbytes)}
+        return {
+            "timing/weight_sync": t2 - t0,
+            "timing/weight_export": t1 - t0,
+            "sync/bytes": float(nbytes),
+            "sync/remote_engines": float(len(remote)),
+        }
 
     def save_checkpoint(self, path: str) -> None:
         """Every rank writes its DeepSpeed state under ``path`` (one host or a shared file system)."""
@@ -189,10 +209,12 @@ class LearnerGroup:
         return self._call("state_dict_cpu")[0]
 
     def shutdown(self):
-        import shutil
 
         import ray
 
+        try:  # each rank's shared-memory sync dir lives on its own node
+            ray.get([w.cleanup.remote() for w in self.workers], timeout=10)
+        except Exception:  # a dead rank: nothing more to do for it
+            pass
         for w in self.workers:
             ray.kill(w)
-        shutil.rmtree(self.sync_dir, ignore_errors=True)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
+import uuid
 
 import torch
 
@@ -28,17 +30,41 @@ def micro_batches(n_rows: int, size: int, n_micro: int) -> list[list[int]]:
 
 
 class Learner:
+    """One rank. Construction is cheap; :meth:`setup` joins the process group and builds the
+    DeepSpeed engine (rank 0's :meth:`rendezvous` says where the group meets)."""
+
     def __init__(
         self,
         rank: int,
         world_size: int,
-        master_addr: str,
-        master_port: int,
         model_path: str,
         cfg: LearnerConfig,
         objective: O.ObjectiveConfig,
         seed: int = 0,
     ):
+        self.rank, self.world_size, self.model_path, self.seed = rank, world_size, model_path, seed
+        self.cfg, self.objective = cfg, objective
+        shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
+        self.sync_dir = tempfile.mkdtemp(prefix=f"ekipl-sync-r{rank}-", dir=shm)  # on this rank's node
+
+    def rendezvous(self) -> tuple[str, int]:
+        """This node's address and a free port on it (called on rank 0)."""
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            port = s.getsockname()[1]
+        try:
+            import ray
+
+            addr = ray.util.get_node_ip_address()
+        except Exception:  # outside Ray
+            addr = "127.0.0.1"
+        return addr, port
+
+    def setup(self, master_addr: str, master_port: int) -> None:
+        rank, world_size, cfg, objective = self.rank, self.world_size, self.cfg, self.objective
+        model_path, seed = self.model_path, self.seed
         gpus = torch.cuda.device_count()
         local_rank = rank % gpus if gpus else 0
         os.environ.update(
@@ -52,7 +78,6 @@ class Learner:
 
         from ekipl.models import hf
 
-        self.rank, self.world_size, self.cfg, self.objective = rank, world_size, cfg, objective
         self.device = torch.device("cuda", local_rank) if gpus else torch.device("cpu")
         deepspeed.init_distributed(dist_backend="nccl" if gpus else "gloo", auto_mpi_discovery=False)
         torch.manual_seed(seed)
@@ -178,8 +203,9 @@ class Learner:
         return out
 
     # -------------------------------------------------------------------------------------------
-    def export_weights(self, path: str | None) -> int:
-        """Write the full weights to ``path`` (a safetensors file; rank 0 only). Returns bytes.
+    def export_weights(self, path: str | None = None) -> tuple[str | None, int]:
+        """Write the full weights to ``path`` (a safetensors file, written by rank 0 on its node;
+        default: a new file in rank 0's shared-memory sync dir). Returns (path, bytes) on rank 0.
 
         Under ZeRO-3 the partitioned parameters are gathered bucket by bucket (``sync_bucket_mb``),
         so no rank ever materialises more than one bucket beyond its shard.
@@ -211,14 +237,30 @@ class Learner:
         if bucket:
             flush()
         if self.rank != 0:
-            return 0
+            return None, 0
+        if path is None:
+            path = os.path.join(self.sync_dir, f"{uuid.uuid4().hex}.safetensors")
         bad = [n for n, t in full.items() if t.is_floating_point() and not torch.isfinite(t).all()]
         if bad:  # never hand NaN/inf weights to an engine or an export
             raise FloatingPointError(f"non-finite values in {len(bad)} weight tensor(s), e.g. {bad[:3]}")
         tmp = f"{path}.tmp"
         save_file(full, tmp)
         os.replace(tmp, path)
-        return sum(t.numel() * t.element_size() for t in full.values())
+        return path, sum(t.numel() * t.element_size() for t in full.values())
+
+    def read_file(self, path: str) -> bytes:
+        """A file's bytes (weights for engines on other nodes travel through Ray's object store)."""
+        with open(path, "rb") as f:
+            return f.read()
+
+    def remove_file(self, path: str) -> None:
+        if path.startswith(self.sync_dir) and os.path.exists(path):
+            os.remove(path)
+
+    def cleanup(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     def save_checkpoint(self, path: str) -> None:
         """DeepSpeed's checkpoint of this rank (module, ZeRO optimizer partition) under ``path``."""
@@ -230,10 +272,13 @@ class Learner:
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {path}")
 
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (all ranks must call; for tests and checkpoints)."""
-        import tempfile
-
         from safetensors.torch import load_file
 
         with tempfile.TemporaryDirectory() as d:

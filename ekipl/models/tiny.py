@@ -107,6 +107,9 @@ TINY_MODELS: dict[str, TinySpec] = {
     "bench-qwen2-25m": TinySpec(
         vision=False, hidden_size=384, intermediate_size=1536, num_layers=8, num_heads=6, num_kv_heads=2
     ),
+    "bench-qwen2-75m": TinySpec(  # the TRL comparison's compute-bound size
+        vision=False, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4
+    ),
     "bench-qwen2-100m": TinySpec(
         vision=False, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4
     ),

@@ -44,6 +44,7 @@ class RolloutConfig:
     system_prompt: bool = False
     prefetch: bool = True
     seed: int = 0
+    ignore_eos: bool = False  # benchmarks: every policy completion is exactly max_tokens long
 
     def __post_init__(self):
         if self.selection not in selection.RULES:
@@ -190,6 +191,7 @@ class RolloutCoordinator:
             temperature=self.cfg.temperature,
             max_tokens=self.cfg.max_tokens,
             seed=self.cfg.seed * 100003 + self._step,
+            ignore_eos=self.cfg.ignore_eos,
         )
         t_policy = time.perf_counter() - t0
 
@@ -212,6 +214,8 @@ class RolloutCoordinator:
             candidates.append(acts)
 
         t1 = time.perf_counter()
+        t_reward = t1 - t0 - t_policy
+        aux_texts: list[tuple[str, list[int], list[list[str]]]] = []  # (source, sample indices, texts)
         if self.cfg.aux_on_demand:
             need = [
                 i for i, acts in enumerate(candidates) if selection.pass_rate(acts) < self.cfg.pass_threshold
@@ -219,14 +223,16 @@ class RolloutCoordinator:
             sub = [samples[i] for i in need]
             if sub:
                 futs = {src.name: self._pool.submit(self._aux, src, sub) for src in self.sources}
-                for name, f in futs.items():
-                    for i, texts in zip(need, f.result(), strict=True):
-                        candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
+                aux_texts = [(name, need, f.result()) for name, f in futs.items()]
         else:
-            for name, f in aux_futs.items():
-                for i, texts in enumerate(f.result()):
-                    candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
-        t_aux_wait = time.perf_counter() - t1
+            everyone = list(range(len(samples)))
+            aux_texts = [(name, everyone, f.result()) for name, f in aux_futs.items()]
+        t2 = time.perf_counter()
+        t_aux_wait = t2 - t1
+        for name, idx, texts_per_sample in aux_texts:
+            for i, texts in zip(idx, texts_per_sample, strict=True):
+                candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
+        t_reward += time.perf_counter() - t2
 
         groups, dropped, aux_wins, pass_rates = [], 0, 0, []
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
@@ -243,6 +249,7 @@ class RolloutCoordinator:
             {
                 "timing/rollout": t_policy,
                 "timing/aux_wait": t_aux_wait,
+                "timing/reward": t_reward,  # scoring every candidate, re-tokenizing aux text
                 "timing/rollout_total": time.perf_counter() - t0,
             }
         )

@@ -49,6 +49,7 @@ class SourceConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict = dataclasses.field(default_factory=dict)
+    tensor_parallel_size: int = 1  # vLLM tensor parallelism inside the actor (set num_gpus to match)
     max_model_len: int = 2048
     # openai
     base_url: str = ""
@@ -128,7 +129,13 @@ class VllmSource(Source):
 
         super().__init__(cfg)
         self.processor = hf.load_processor(cfg.model)
-        spec = vb.EngineSpec(model=cfg.model, seed=seed, dtype="auto", max_model_len=cfg.max_model_len)
+        spec = vb.EngineSpec(
+            model=cfg.model,
+            seed=seed,
+            dtype="auto",
+            max_model_len=cfg.max_model_len,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+        )
         opts = dict(
             num_cpus=cfg.num_cpus,
             num_gpus=cfg.num_gpus,
@@ -140,6 +147,7 @@ class VllmSource(Source):
             opts["resources"] = dict(cfg.resources)
         self.actors = [ray.remote(PolicyEngine).options(**opts).remote(spec) for _ in range(cfg.replicas)]
         self._seed = seed
+        self.calls = 0  # generate() calls that reached the engines (the cache spares the rest)
 
     def ready(self, timeout: float = 600.0):
         """Wait until every replica is up, including one that Ray is restarting."""
@@ -169,6 +177,7 @@ class VllmSource(Source):
             reqs.append(vb.Request(prompt=prompt, images=s.load_images()))
         # The seed follows the batch's content, not a call counter, so a resumed run samples the
         # same actions for the same batch as an uninterrupted one.
+        self.calls += 1
         seed = self._seed + zlib.crc32("\x1f".join(s.id for s in samples).encode())
         shards = [list(range(i, len(reqs), len(self.actors))) for i in range(len(self.actors))]
         refs = [

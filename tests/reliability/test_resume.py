@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -40,16 +41,12 @@ def _same(a: dict, b: dict, step: int) -> None:
 def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_local, tmp_path):
     from ekipl.train import Hooks, TrainingError, run
 
-    # The uninterrupted reference.
-    ref_dir = tmp_path / "ref"
-    summary = run(compose([*SMALL, f"trainer.steps={STEPS}", f"trainer.output_dir={ref_dir}"]))
-    assert summary["steps"] == STEPS
-    ref = {r["step"]: r for r in rows(ref_dir)}
-
-    # 1. The driver, in its own process (and its own local Ray), killed once step 2 is saved.
+    # 1. The driver, in its own process (and its own local Ray), killed once step 2 is saved. A
+    # watcher thread does the kill, so the uninterrupted reference runs here meanwhile.
     out = tmp_path / "run"
     overrides = [*SMALL, f"trainer.steps={STEPS}", "trainer.save_every=1", f"trainer.output_dir={out}"]
     log_path = tmp_path / "killed.log"
+    watch = {}
     with open(log_path, "w") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "ekipl.train", *overrides],
@@ -57,13 +54,29 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
             stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group: the kill takes Ray's processes too
         )
-        deadline = time.monotonic() + 400
-        while not (out / "checkpoints" / "step_000002").exists():
-            assert proc.poll() is None, log_path.read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint at step 2 in time"
-            time.sleep(0.1)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=60)
+
+        def kill_after_step_2():
+            deadline = time.monotonic() + 500
+            while not (out / "checkpoints" / "step_000002").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    watch["error"] = f"exited {proc.returncode} or timed out before step 2's checkpoint"
+                    break
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)
+
+        watcher = threading.Thread(target=kill_after_step_2, daemon=True)
+        watcher.start()
+        try:  # the uninterrupted reference, in this process, meanwhile
+            ref_dir = tmp_path / "ref"
+            summary = run(compose([*SMALL, f"trainer.steps={STEPS}", f"trainer.output_dir={ref_dir}"]))
+            assert summary["steps"] == STEPS
+            ref = {r["step"]: r for r in rows(ref_dir)}
+            watcher.join(timeout=600)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert "error" not in watch, watch["error"] + "\n" + log_path.read_text()[-3000:]
     found = ckpt.latest(out / "checkpoints")
     assert found is not None
     killed_at = found[1]["step"]

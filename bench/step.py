@@ -1,0 +1,140 @@
+"""Where an EKIPL step's time goes, and what auxiliary sources cost.
+
+    .venv/bin/python -m bench.step [--repeats 3] [--groups 4 8 16]
+
+One set of actors (a policy vLLM engine, an auxiliary vLLM engine on the second tiny VLM, the
+recorded-trace source, 2 ZeRO-2 learner ranks on gloo) runs the trainer's own step function
+(``ekipl.train._step``: prefetch -> rollout -> rewards/selection -> advantages -> update -> sync)
+for every G in ``--groups`` with 0, 1 and 2 auxiliary sources, 2 prompts per step. Each cell is
+the median of ``--repeats`` steps after one warm-up step. The overlap column is the step time over
+the same G's step time with no auxiliary source (goal <= 1.1x: prefetch hides auxiliary generation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PARTS = [
+    ("aux wait", "timing/aux_wait"),
+    ("rollout", "timing/rollout"),
+    ("reward", "timing/reward"),
+    ("log-prob", "timing/logprob"),
+    ("update", "timing/update"),
+    ("sync", "timing/weight_sync"),
+    ("total", "timing/step"),
+]
+
+
+def compose(overrides):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ekipl.config import register
+
+    register()
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--max-tokens", type=int, default=48)
+    args = p.parse_args(argv)
+
+    import tempfile
+
+    import ray
+
+    from ekipl.config import to_run_config
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.learner.group import LearnerGroup
+    from ekipl.models import hf
+    from ekipl.rollout.coordinator import RolloutCoordinator
+    from ekipl.rollout.policy import PolicyRouter
+    from ekipl.rollout.sources import make_source
+    from ekipl.tasks.rewards import RewardWeights
+    from ekipl.train import Hooks, ImageCheck, Sampler, _load_data, _step, resolve_model
+
+    out = Path(tempfile.mkdtemp(prefix="ekipl-bench-step-"))
+    base = ["+experiment=cpu_demo", "data.synthetic_size=32", f"trainer.output_dir={out}"]
+    run_cfg, source_cfgs = to_run_config(compose(base))
+    data = _load_data(run_cfg, out)
+    model = resolve_model(run_cfg.model.path)
+    for s in source_cfgs:
+        if s.kind == "vllm":
+            s.model = resolve_model(s.model)
+            s.max_tokens = args.max_tokens
+    processor = hf.load_processor(model)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        router = PolicyRouter(vb.EngineSpec(model=model, dtype="float32", seed=0), replicas=1)
+        sources = {s.name: make_source(s) for s in source_cfgs}
+        learner = LearnerGroup(model, run_cfg.learner, run_cfg.algorithm)
+        router.ready()
+        for s in sources.values():
+            if hasattr(s, "ready"):
+                s.ready()
+        source_sets = {0: [], 1: [sources["aux_b"]], 2: [sources["aux_b"], sources["dataset"]]}
+        results = []
+        for g in args.groups:
+            for n_aux, srcs in source_sets.items():
+                cfg, _ = to_run_config(
+                    compose(
+                        [
+                            *base,
+                            f"rollout.n={g}",
+                            f"rollout.group_size={g}",
+                            f"rollout.max_tokens={args.max_tokens}",
+                            "rollout.drop_tied=false",  # every step trains, so every part is timed
+                            "aux.aux_b=null" if n_aux == 0 else f"aux.aux_b.k={max(1, g // 4)}",
+                        ]
+                    )
+                )
+                coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, RewardWeights(), cache=None)
+                sampler = Sampler(len(data), seed=g * 10 + n_aux, shuffle=True)
+                images = ImageCheck(False)
+                steps = []
+                for step in range(1, args.repeats + 2):
+                    m = _step(cfg, step, data, sampler, images, coord, learner, router, processor, Hooks())
+                    if step > 1:  # the first step warms up the prefetch pipeline
+                        steps.append(m)
+                coord._pool.shutdown(wait=True)
+                row = {"G": g, "aux": n_aux}
+                for _, key in PARTS:
+                    row[key] = statistics.median(m.get(key, 0.0) for m in steps)
+                tokens = statistics.median(m["rollout/policy_tokens"] for m in steps)
+                row["tokens/s"] = tokens / row["timing/step"]
+                results.append(row)
+                print(f"  G={g} aux={n_aux}: {row['timing/step']:.2f}s per step", file=sys.stderr, flush=True)
+        print(table(results))
+    finally:
+        ray.shutdown()
+    return 0
+
+
+def table(results: list[dict]) -> str:
+    base = {r["G"]: r["timing/step"] for r in results if r["aux"] == 0}
+    head = (
+        "| G | aux sources | "
+        + " | ".join(name + " s" for name, _ in PARTS)
+        + " | policy tokens/s | vs 0 aux |"
+    )
+    sep = "|---|---|" + "---|" * (len(PARTS) + 2)
+    lines = [head, sep]
+    for r in results:
+        cells = [f"{r[key]:.3f}" for _, key in PARTS]
+        ratio = r["timing/step"] / base[r["G"]] if r["G"] in base else float("nan")
+        lines.append(
+            f"| {r['G']} | {r['aux']} | " + " | ".join(cells) + f" | {r['tokens/s']:.0f} | {ratio:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

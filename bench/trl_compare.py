@@ -1,0 +1,193 @@
+"""ekipl against TRL's GRPOTrainer: time per step and tokens/s, side by side in one run.
+
+    .venv/bin/python -m bench.trl_compare [--repeats 3] [--models tiny-qwen2 bench-qwen2-75m]
+
+The same for both sides: the policy (a text-only Qwen2 built locally with random weights), the
+prompts (the synthetic counting problems' text), G=8 completions for each of 2 prompts per step,
+64 forced completion tokens (EOS ignored), β=0 (no reference model), AdamW at lr 1e-6, one update
+per step over all 16 completions, the format reward. ekipl runs its own step (``ekipl.train._step``:
+a vLLM engine in a Ray actor, DeepSpeed ZeRO-2 learner ranks in Ray actors, weight sync) with 1 and
+with 2 learner ranks; TRL runs in this process with transformers ``generate`` (its vLLM paths need a
+GPU). Each figure is the median of ``--repeats`` steps after one warm-up step. TRL comes from the
+``bench`` dependency group (``make bench`` installs it; ``make test`` does not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+G, PROMPTS, TOKENS, LR = 8, 2, 64, 1e-6
+
+
+def prompts(n: int) -> list:
+    """Text-only samples from the synthetic counting problems (images dropped)."""
+    from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.sample import Sample
+    from ekipl.tasks.synth import make_dataset
+
+    out = Path(tempfile.mkdtemp(prefix="ekipl-bench-trl-"))
+    paths = make_dataset("counting", out, n_train=n, n_test=4, seed=0)
+    return [
+        Sample(id=s.id, task="counting", problem=s.problem, answer=s.answer, cot=s.cot)
+        for s in load_task_file(paths["train"])
+    ]
+
+
+def ekipl_steps(model: str, samples: list, world_size: int, repeats: int) -> list[float]:
+    import ray
+
+    from ekipl.algo.objective import ObjectiveConfig
+    from ekipl.config import RunConfig
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.learner.config import LearnerConfig
+    from ekipl.learner.group import LearnerGroup
+    from ekipl.models import hf
+    from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
+    from ekipl.rollout.policy import PolicyRouter
+    from ekipl.train import Hooks, ImageCheck, Sampler, _step
+
+    run_cfg = RunConfig()
+    run_cfg.data.prompts_per_step = PROMPTS
+    run_cfg.learner = LearnerConfig(
+        world_size=world_size, zero_stage=2, lr=LR, micro_batch_size=G * PROMPTS // world_size
+    )
+    run_cfg.algorithm = ObjectiveConfig(kl_coef=0.0)
+    run_cfg.rollout = RolloutConfig(
+        n=G, group_size=G, max_tokens=TOKENS, temperature=1.0, drop_tied=False, ignore_eos=True
+    )
+    processor = hf.load_processor(model)
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        router = PolicyRouter(vb.EngineSpec(model=model, dtype="float32", seed=0), replicas=1)
+        learner = LearnerGroup(model, run_cfg.learner, run_cfg.algorithm)
+        router.ready()
+        learner.ready()
+        coord = RolloutCoordinator(run_cfg.rollout, router, [], processor)
+        sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
+        times = []
+        for step in range(1, repeats + 2):
+            m = _step(run_cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
+            if step > 1:
+                times.append(m["timing/step"])
+        coord.shutdown()
+        learner.shutdown()
+        for a in router.actors:
+            ray.kill(a)
+        return times
+    finally:
+        ray.shutdown()
+
+
+def _user_text(sample) -> str:
+    from ekipl.tasks.prompts import build_messages
+
+    content = build_messages(sample)[-1]["content"]
+    return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
+
+
+def trl_steps(model: str, samples: list, repeats: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ekipl.tasks.rewards import format_reward
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [{"prompt": [{"role": "user", "content": _user_text(s)}]} for s in samples]
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    def reward(completions, **kw):
+        return [format_reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+
+    out = tempfile.mkdtemp(prefix="ekipl-bench-trl-out-")
+    args = GRPOConfig(
+        output_dir=out,
+        per_device_train_batch_size=G * PROMPTS,
+        gradient_accumulation_steps=1,
+        num_generations=G,
+        max_completion_length=TOKENS,
+        generation_kwargs={"min_new_tokens": TOKENS},  # forced length, as ekipl's ignore_eos
+        temperature=1.0,
+        learning_rate=LR,
+        beta=0.0,
+        num_iterations=1,
+        max_steps=repeats + 1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"),
+        reward_funcs=[reward],
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tok,
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    steps = [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)]
+    return steps[1:]
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--models", nargs="+", default=["tiny-qwen2", "bench-qwen2-75m"])
+    args = p.parse_args(argv)
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("bench.trl_compare: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
+        return 2
+    from ekipl.models import hf
+    from ekipl.models.tiny import build_tiny
+
+    samples = prompts(16)
+    tokens = G * PROMPTS * TOKENS
+    rows = []
+    for name in args.models:
+        path = str(build_tiny(name))
+        params = sum(p.numel() for p in hf.load_model(path).parameters())
+        trl_t = statistics.median(trl_steps(path, samples, args.repeats))
+        print(f"  {name}: TRL {trl_t:.2f}s per step", file=sys.stderr, flush=True)
+        for world in (1, 2):
+            t = statistics.median(ekipl_steps(path, samples, world, args.repeats))
+            print(f"  {name}: ekipl ({world} rank) {t:.2f}s per step", file=sys.stderr, flush=True)
+            rows.append((name, params, world, t, trl_t))
+    print(table(rows, tokens))
+    return 0
+
+
+def table(rows, tokens: int) -> str:
+    lines = [
+        "| policy | params | ekipl learner ranks | ekipl s/step | TRL s/step | ekipl tok/s | TRL tok/s "
+        "| ekipl / TRL time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, params, world, t, trl_t in rows:
+        lines.append(
+            f"| {name} | {params / 1e6:.1f}M | {world} | {t:.2f} | {trl_t:.2f} | {tokens / t:.0f} | "
+            f"{tokens / trl_t:.0f} | {t / trl_t:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
