@@ -1,14 +1,21 @@
-"""`make bench`: run every benchmark that exists and print its Markdown table."""
+"""`make bench`: run every benchmark and print its Markdown table (figures: bench/RESULTS.md)."""
 
 from __future__ import annotations
 
-from bench import rollout, weight_sync
+from bench import rollout, step, trl_compare, weight_sync
 
 
 def main() -> int:
-    rc = rollout.main([])
-    print()
-    return rc or weight_sync.main([])
+    rc = 0
+    for name, fn in (
+        ("rollout", rollout.main),
+        ("step", step.main),
+        ("trl_compare", trl_compare.main),
+        ("weight_sync", weight_sync.main),
+    ):
+        print(f"\n## bench.{name}\n", flush=True)
+        rc = fn([]) or rc
+    return rc
 
 
 if __name__ == "__main__":

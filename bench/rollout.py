@@ -1,8 +1,10 @@
-"""Policy rollout throughput through the Ray actor vs vLLM called directly in one process.
+"""Policy rollout throughput through the Ray actor vs vLLM called directly in one process, and
+with two engine replicas behind the router (scaling).
 
 Both sides run the same engine spec on the same prompts (synthetic counting samples with images)
 with a forced completion length, alternating repeats so that machine noise hits both alike.
-Prints a Markdown table of medians and the ratio (goal: actor >= 0.9x direct).
+Prints a Markdown table of medians and the ratio (goal: actor >= 0.9x direct). The 2-replica row
+splits the same batch over two engine actors (on a 2-core machine they share the cores).
 
     .venv/bin/python -m bench.rollout [--repeats 3] [--prompts 8] [--n 8] [--tokens 64]
 """
@@ -49,7 +51,9 @@ def main(argv=None) -> int:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         router = PolicyRouter(vb.EngineSpec(**vars(spec)), replicas=1)
+        router2 = PolicyRouter(vb.EngineSpec(**vars(spec)), replicas=2)
         router.ready()
+        router2.ready()
         llm = vb.start_engine(spec)
         params = vb.sampling_params(n=args.n, max_tokens=args.tokens, seed=0, ignore_eos=True)
         total = args.prompts * args.n * args.tokens
@@ -58,16 +62,20 @@ def main(argv=None) -> int:
             out = vb.generate(llm, reqs, params)
             assert sum(len(c.token_ids) for g in out for c in g) == total
 
-        def actor():
-            out = router.generate(
-                reqs, n=args.n, temperature=1.0, max_tokens=args.tokens, seed=0, ignore_eos=True
-            )
-            assert sum(len(c.token_ids) for g in out for c in g) == total
+        def through(r):
+            def fn():
+                out = r.generate(
+                    reqs, n=args.n, temperature=1.0, max_tokens=args.tokens, seed=0, ignore_eos=True
+                )
+                assert sum(len(c.token_ids) for g in out for c in g) == total
 
-        direct(), actor()  # warm-up both
-        times = {"direct": [], "actor": []}
+            return fn
+
+        actor, two = through(router), through(router2)
+        direct(), actor(), two()  # warm-up all
+        times = {"direct": [], "actor": [], "2 replicas": []}
         for r in range(args.repeats):
-            order = (("direct", direct), ("actor", actor))
+            order = (("direct", direct), ("actor", actor), ("2 replicas", two))
             for name, fn in order if r % 2 == 0 else order[::-1]:  # alternate who goes first
                 t0 = time.perf_counter()
                 fn()
@@ -78,7 +86,7 @@ def main(argv=None) -> int:
     print(f"### Policy rollout throughput: Ray actor vs direct vLLM (CPU, median of {args.repeats})\n")
     print(f"{args.prompts} prompts x {args.n} samples x {args.tokens} forced tokens = {total} tokens\n")
     print("| path | seconds | tokens/s | vs direct |\n|---|---|---|---|")
-    for k in ("direct", "actor"):
+    for k in ("direct", "actor", "2 replicas"):
         print(f"| {k} | {med[k]:.3f} | {total / med[k]:.0f} | {med['direct'] / med[k]:.2f}x |")
     return 0
 
