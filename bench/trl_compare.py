@@ -39,7 +39,8 @@ def prompts(n: int) -> list:
     ]
 
 
-def ekipl_steps(model: str, samples: list, world_size: int, repeats: int) -> list[float]:
+def ekipl_steps(model: str, samples: list, world_size: int, repeats: int) -> tuple[list[float], list[float]]:
+    """Step times, and the learner's share of them (log-probs + update), after one warm-up step."""
     import ray
 
     from ekipl.algo.objective import ObjectiveConfig
@@ -70,16 +71,17 @@ def ekipl_steps(model: str, samples: list, world_size: int, repeats: int) -> lis
         learner.ready()
         coord = RolloutCoordinator(run_cfg.rollout, router, [], processor)
         sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
-        times = []
+        times, learn = [], []
         for step in range(1, repeats + 2):
             m = _step(run_cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
             if step > 1:
                 times.append(m["timing/step"])
+                learn.append(m["timing/logprob"] + m["timing/update"])
         coord.shutdown()
         learner.shutdown()
         for a in router.actors:
             ray.kill(a)
-        return times
+        return times, learn
     finally:
         ray.shutdown()
 
@@ -168,23 +170,24 @@ def main(argv: list[str]) -> int:
         trl_t = statistics.median(trl_steps(path, samples, args.repeats))
         print(f"  {name}: TRL {trl_t:.2f}s per step", file=sys.stderr, flush=True)
         for world in (1, 2):
-            t = statistics.median(ekipl_steps(path, samples, world, args.repeats))
+            times, learn = ekipl_steps(path, samples, world, args.repeats)
+            t, lt = statistics.median(times), statistics.median(learn)
             print(f"  {name}: ekipl ({world} rank) {t:.2f}s per step", file=sys.stderr, flush=True)
-            rows.append((name, params, world, t, trl_t))
+            rows.append((name, params, world, t, lt, trl_t))
     print(table(rows, tokens))
     return 0
 
 
 def table(rows, tokens: int) -> str:
     lines = [
-        "| policy | params | ekipl learner ranks | ekipl s/step | TRL s/step | ekipl tok/s | TRL tok/s "
-        "| ekipl / TRL time |",
-        "|---|---|---|---|---|---|---|---|",
+        "| policy | params | ekipl learner ranks | ekipl s/step | of which learner s | TRL s/step "
+        "| ekipl tok/s | TRL tok/s | ekipl / TRL time |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, params, world, t, trl_t in rows:
+    for name, params, world, t, lt, trl_t in rows:
         lines.append(
-            f"| {name} | {params / 1e6:.1f}M | {world} | {t:.2f} | {trl_t:.2f} | {tokens / t:.0f} | "
-            f"{tokens / trl_t:.0f} | {t / trl_t:.2f}x |"
+            f"| {name} | {params / 1e6:.1f}M | {world} | {t:.2f} | {lt:.2f} | {trl_t:.2f} | "
+            f"{tokens / t:.0f} | {tokens / trl_t:.0f} | {t / trl_t:.2f}x |"
         )
     return "\n".join(lines)
 

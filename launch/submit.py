@@ -26,6 +26,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,7 @@ EXCLUDES = [
     "*.bin",
     "*.pt",
 ]
+NO_AGENT = "No available agent to submit job"
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 
 
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--submission-id", default=None)
     p.add_argument("--no-wait", action="store_true", help="return once submitted")
     p.add_argument("--dry-run", action="store_true", help="print the command only")
+    p.add_argument(
+        "--agent-wait-s", type=float, default=120.0, help="retry while the head's job agent starts"
+    )
     args = p.parse_args(argv)
     out = [o.split("=", 1)[1] for o in overrides if o.startswith("trainer.output_dir=")]
     if not out or not os.path.isabs(out[-1]):
@@ -105,7 +110,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         return 0
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    return subprocess.call(cmd, env=env)
+    return submit_with_retries(cmd, env, args.agent_wait_s)
+
+
+def submit_with_retries(cmd: list[str], env: dict, wait_s: float) -> int:
+    """Run ``ray job submit``, echoing its output. A head that has just started may answer "No
+    available agent to submit job" until its job agent registers: no job was created then, so the
+    submission is retried for up to ``wait_s`` seconds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        agent_missing = False
+        for line in proc.stdout:
+            sys.stdout.write(line)
+            agent_missing = agent_missing or NO_AGENT in line
+        rc = proc.wait()
+        if rc == 0 or not agent_missing or time.monotonic() > deadline:
+            return rc
+        print("submit: the cluster's job agent is not up yet; retrying in 2 s", file=sys.stderr, flush=True)
+        time.sleep(2.0)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Operation on a Ray cluster: ``launch/submit.py`` (``ray job submit``) sends a tiny run to a
-simulated multi-node cluster (``ray.cluster_utils.Cluster``: a head and two worker nodes, all
-started by this test), with the auxiliary vLLM engine pinned to one labelled node and the learner
-ranks to the other, and the policy engine to the head (so new weights must cross nodes). One run
-covers both: job submission and placement by custom resources."""
+simulated 2-node cluster (``ray.cluster_utils.Cluster``: a head and a worker node, started by this
+test), with the auxiliary vLLM engine pinned to one labelled node and the learner ranks to the
+other; the policy engine sits with the auxiliary engine, away from learner rank 0, so new weights
+must cross nodes. One run covers job submission and placement by custom resources."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_end_to_end_as_a_ray_job_on_a_multi_node_cluster(tmp_path):
+def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
     """A few EKIPL steps through every real component -- a policy vLLM engine, an auxiliary vLLM
     engine on another tiny VLM, recorded traces, 2 ZeRO ranks on gloo, W&B offline -- submitted
     with launch/submit.py; then the exported policy is loaded by transformers and by vLLM."""
@@ -37,15 +37,15 @@ def test_end_to_end_as_a_ray_job_on_a_multi_node_cluster(tmp_path):
         initialize_head=True,
         connect=False,
         head_node_args={
-            "num_cpus": 2,
+            "num_cpus": 3,
             "include_dashboard": True,
             "dashboard_port": dashboard,
-            "resources": {"policy_node": 1},
+            "resources": {"learner_node": 2},
         },
     )
     try:
-        aux_node = cluster.add_node(num_cpus=2, resources={"aux_node": 2})
-        learner_node = cluster.add_node(num_cpus=2, resources={"learner_node": 2})
+        learner_node = cluster.head_node
+        aux_node = cluster.add_node(num_cpus=3, resources={"aux_node": 2, "policy_node": 1})
         cluster.wait_for_nodes()
         out = tmp_path / "job"
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_API_KEY")}
@@ -88,7 +88,7 @@ def test_end_to_end_as_a_ray_job_on_a_multi_node_cluster(tmp_path):
         placement = json.loads((out / "placement.json").read_text())
         assert placement["aux"]["aux_b"] == [aux_node.node_id]
         assert placement["learner"] == [learner_node.node_id] * 2
-        assert placement["policy"] == [cluster.head_node.node_id]
+        assert placement["policy"] == [aux_node.node_id]
         got = rows(out)
         assert [row["step"] for row in got] == [1, 2]
         # the policy engine is not on learner rank 0's node: weights went through the object store
