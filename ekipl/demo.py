@@ -12,6 +12,7 @@ OOD test splits) and a PNG of the curves. Extra arguments are Hydra overrides, e
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -88,7 +89,10 @@ def main(argv: list[str]) -> int:
     data = out / "data" / cfg.data.synthetic_task
     splits = {s: list(load_task_file(data / f"test_{s}.json"))[:EVAL_PROBLEMS] for s in ("id", "ood")}
     models = {"trained": summary["export"], "base": resolve_model(cfg.model.path, cfg.model.seed)}
-    rows = evaluate(models, splits, k=4, temperature=1.0, max_tokens=cfg.rollout.max_tokens)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the in-process engine's per-call warnings
+    rows = evaluate(
+        models, splits, k=4, temperature=1.0, max_tokens=cfg.rollout.max_tokens, dtype=cfg.model.dtype
+    )
     js, md = write(rows, out / "eval")
     print(
         f"\n[demo] evaluation ({EVAL_PROBLEMS} problems per split, greedy + 4 samples) "

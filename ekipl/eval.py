@@ -90,6 +90,7 @@ def evaluate(
     max_tokens: int = 512,
     max_model_len: int = 4096,
     seed: int = 0,
+    dtype: str = "auto",
 ) -> list[dict]:
     """Rows ``{"model", "split", metrics...}`` for every model x split. Models after the first are
     loaded into the first one's engine (they must share its architecture)."""
@@ -100,7 +101,13 @@ def evaluate(
     names = list(models)
     first = models[names[0]]
     llm = vb.start_engine(
-        vb.EngineSpec(model=first, seed=seed, max_model_len=max_model_len, enable_weight_sync=len(names) > 1)
+        vb.EngineSpec(
+            model=first,
+            seed=seed,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enable_weight_sync=len(names) > 1,
+        )
     )
     processor = hf.load_processor(first)
     rows = []
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=None, help="samples per problem (default k)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: the model's config)")
     p.add_argument("--limit", type=int, default=0, help="first N problems of each split (0: all)")
     p.add_argument("--out", default="outputs/eval")
     args = p.parse_args(argv)
@@ -169,7 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.n is not None and args.n < args.k:
             raise DataError(f"--n {args.n} is smaller than --k {args.k}: pass@k needs n >= k samples")
         rows = evaluate(
-            models, splits, k=args.k, n=args.n, temperature=args.temperature, max_tokens=args.max_tokens
+            models,
+            splits,
+            k=args.k,
+            n=args.n,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            dtype=args.dtype,
         )
     except (DataError, FileNotFoundError) as e:
         print(f"ekipl eval: error: {e}", file=sys.stderr)

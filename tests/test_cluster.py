@@ -127,7 +127,7 @@ def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
     data = out / "data" / "counting"
     splits = {s: list(load_task_file(data / f"test_{s}.json"))[:3] for s in ("id", "ood")}
     models = {"trained": str(out / "policy"), "base": resolve_model("tiny-qwen2-vl")}
-    table_rows = evaluate(models, splits, k=2, max_tokens=16, max_model_len=2048)
+    table_rows = evaluate(models, splits, k=2, max_tokens=16, max_model_len=2048, dtype="float32")
     assert [(r["model"], r["split"]) for r in table_rows] == [
         ("trained", "id"),
         ("trained", "ood"),
