@@ -124,6 +124,7 @@ def trl_steps(model: str, samples: list, repeats: int) -> list[float]:
         generation_kwargs={"min_new_tokens": TOKENS},  # forced length, as ekipl's ignore_eos
         temperature=1.0,
         learning_rate=LR,
+        lr_scheduler_type="constant",  # as ekipl
         beta=0.0,
         num_iterations=1,
         max_steps=repeats + 1,
