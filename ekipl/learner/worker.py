@@ -67,6 +67,10 @@ class Learner:
         model_path, seed = self.model_path, self.seed
         gpus = torch.cuda.device_count()
         local_rank = rank % gpus if gpus else 0
+        if not gpus:
+            # Ray gives an actor one thread per CPU it reserved (1 by default); the learner steps
+            # while the engines wait, so on CPU its ranks share the machine's cores instead.
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // world_size))
         os.environ.update(
             MASTER_ADDR=master_addr,
             MASTER_PORT=str(master_port),
@@ -157,12 +161,18 @@ class Learner:
         scale = float(self.world_size * n_micro)
         sums: dict[str, float] = {}
         count = nonfinite = skipped = 0
+        # π_old: the weights' log-probs before this step's first optimizer step. Every micro-batch of
+        # the first epoch runs before that step, so its own detached log-probs are π_old, and no
+        # separate forward pass is needed (unless the caller supplied ``old_logp``).
+        old_cache: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
         for _ in range(self.cfg.epochs):
-            for rows in micro_batches(len(batch), self.cfg.micro_batch_size, n_micro):
+            for j, rows in enumerate(micro_batches(len(batch), self.cfg.micro_batch_size, n_micro)):
                 empty = not rows
                 mb = self._to_device(batch.select(rows or [0]))
                 logp, ent = sequence_logprobs(self.engine, mb, with_entropy=True)
+                if mb.old_logp is None:
+                    mb.old_logp = old_cache.setdefault(j, logp.detach())
                 mask = mb.completion_mask * (0.0 if empty else 1.0)
                 if sft:
                     loss, metrics = O.sft_loss(logp, mask, global_tokens=global_tokens)

@@ -22,14 +22,20 @@ class PolicyRouter:
         num_gpus: float = 0.0,
         resources: dict | None = None,
         actors: list | None = None,
+        engine_share: int | None = None,
     ):
+        """``engine_share``: engines of the run generating at once on one CPU machine (default: the
+        replicas); they split its cores. Ignored on GPU."""
         import ray
 
         from ekipl.engines.policy import PolicyEngine
 
         if actors is None:
             opts = dict(
-                num_cpus=num_cpus, num_gpus=num_gpus, max_restarts=0, runtime_env=vb.actor_runtime_env()
+                num_cpus=num_cpus,
+                num_gpus=num_gpus,
+                max_restarts=0,
+                runtime_env=vb.actor_runtime_env(share=engine_share or replicas),
             )
             if resources:
                 opts["resources"] = dict(resources)

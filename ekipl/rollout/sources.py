@@ -120,7 +120,7 @@ class DatasetSource(Source):
 
 
 class VllmSource(Source):
-    def __init__(self, cfg: SourceConfig, seed: int = 0):
+    def __init__(self, cfg: SourceConfig, seed: int = 0, engine_share: int = 1):
         import ray
 
         from ekipl.engines import vllm_backend as vb
@@ -141,7 +141,7 @@ class VllmSource(Source):
             num_gpus=cfg.num_gpus,
             max_restarts=-1,
             max_task_retries=0,
-            runtime_env=vb.actor_runtime_env(),
+            runtime_env=vb.actor_runtime_env(share=engine_share),
         )
         if cfg.resources:
             opts["resources"] = dict(cfg.resources)
@@ -355,7 +355,11 @@ class OpenAISource(Source):
         self._client.close()
 
 
-def make_source(cfg: SourceConfig, seed: int = 0) -> Source:
-    return {"dataset": DatasetSource, "vllm": VllmSource, "openai": OpenAISource, "hf": HFSource}[cfg.kind](
+def make_source(cfg: SourceConfig, seed: int = 0, engine_share: int = 1) -> Source:
+    """The source for ``cfg``. ``engine_share``: how many engines of the run generate at the same time
+    on one CPU machine (vllm sources split its cores with them; ignored on GPU)."""
+    if cfg.kind == "vllm":
+        return VllmSource(cfg, seed, engine_share=engine_share)
+    return {"dataset": DatasetSource, "openai": OpenAISource, "hf": HFSource}[cfg.kind](
         *((cfg,) if cfg.kind == "dataset" else (cfg, seed))
     )
