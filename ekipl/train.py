@@ -310,7 +310,8 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
                 f"the last checkpoint is {found[0]} (step {found[1]['step']}); continue with "
                 "trainer.resume=auto"
                 if found
-                else "there is no checkpoint to resume from (trainer.save_every=0)"
+                else "there is no checkpoint to resume from yet"
+                + ("" if run_cfg.trainer.save_every else " (trainer.save_every=0 writes none)")
             )
             raise TrainingError(f"{e}; {where}") from e
         export = out / "policy"

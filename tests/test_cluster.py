@@ -41,11 +41,18 @@ def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
             "include_dashboard": True,
             "dashboard_port": dashboard,
             "resources": {"learner_node": 2},
+            # Every node's dashboard agent listens on 52365 by default, which the session's own
+            # local Ray (other tests) already holds: the job agent would never come up.
+            "dashboard_agent_listen_port": _free_port(),
         },
     )
     try:
         learner_node = cluster.head_node
-        aux_node = cluster.add_node(num_cpus=3, resources={"aux_node": 2, "policy_node": 1})
+        aux_node = cluster.add_node(
+            num_cpus=3,
+            resources={"aux_node": 2, "policy_node": 1},
+            dashboard_agent_listen_port=_free_port(),
+        )
         cluster.wait_for_nodes()
         out = tmp_path / "job"
         env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "WANDB_API_KEY")}

@@ -86,7 +86,7 @@ def _prepare_env(spec: EngineSpec) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gib))
 
 
-def actor_runtime_env(share: int = 1) -> dict:
+def actor_runtime_env(share: int = 1, num_gpus: float = 0.0) -> dict:
     """Ray ``runtime_env`` for an actor hosting an engine (one of ``share`` engines that generate
     at the same time on one machine, e.g. the replicas behind one router).
 
@@ -96,7 +96,7 @@ def actor_runtime_env(share: int = 1) -> dict:
     that share the machine split its cores and leave placement to the OS (vllm-cpu's automatic
     binding would pin all of them to the same cores).
     """
-    if on_cpu():
+    if num_gpus == 0 and on_cpu():  # decided per actor: a CPU-only head may place GPU engines
         cores = os.cpu_count() or 1
         env = {"OMP_NUM_THREADS": str(max(1, cores // share))}
         if share > 1:

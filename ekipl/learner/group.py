@@ -162,13 +162,18 @@ class LearnerGroup:
 
         Engines on rank 0's node read the file from shared memory; engines on other nodes get its
         bytes through Ray's object store (one transfer per engine, fetched from rank 0's node). One
-        call per engine either way: never one remote call per tensor.
+        call per engine either way: never one remote call per tensor. A failed engine raises
+        :class:`~ekipl.rollout.policy.PolicyEngineError`.
         """
+        import ray
+
+        from ekipl.rollout.policy import PolicyEngineError
 
         t0 = time.perf_counter()
         path, nbytes = self.export_weights()
         t1 = time.perf_counter()
         rank0 = self.workers[0]
+        remote: list = []
         try:
             home = self._node(rank0)
             local = [e for e in engines if self._node(e) == home]
@@ -177,7 +182,9 @@ class LearnerGroup:
             if remote:
                 blob = rank0.read_file.remote(path)  # stays in rank 0's object store until fetched
                 refs += [e.load_weights_bytes.remote(blob) for e in remote]
-            self._wait(refs, "load_weights")
+            ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            raise PolicyEngineError(f"a policy engine failed to load new weights: {_brief(e)}") from e
         finally:
             rank0.remove_file.remote(path)
         t2 = time.perf_counter()

@@ -83,6 +83,11 @@ class Learner:
         from ekipl.models import hf
 
         self.device = torch.device("cuda", local_rank) if gpus else torch.device("cpu")
+        if not gpus:
+            # On CPU DeepSpeed would JIT-compile a shared-memory all-reduce op on first use (1-2
+            # minutes, and a C++ compiler). Only its inference all-reduce uses that op; ZeRO's
+            # collectives go through torch.distributed (gloo) either way.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend="nccl" if gpus else "gloo", auto_mpi_discovery=False)
         torch.manual_seed(seed)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32

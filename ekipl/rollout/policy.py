@@ -35,7 +35,7 @@ class PolicyRouter:
                 num_cpus=num_cpus,
                 num_gpus=num_gpus,
                 max_restarts=0,
-                runtime_env=vb.actor_runtime_env(share=engine_share or replicas),
+                runtime_env=vb.actor_runtime_env(share=engine_share or replicas, num_gpus=num_gpus),
             )
             if resources:
                 opts["resources"] = dict(resources)

@@ -141,7 +141,7 @@ class VllmSource(Source):
             num_gpus=cfg.num_gpus,
             max_restarts=-1,
             max_task_retries=0,
-            runtime_env=vb.actor_runtime_env(share=engine_share),
+            runtime_env=vb.actor_runtime_env(share=engine_share, num_gpus=cfg.num_gpus),
         )
         if cfg.resources:
             opts["resources"] = dict(cfg.resources)
