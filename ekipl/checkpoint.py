@@ -17,7 +17,6 @@ ones are reported and passed over. Pure file I/O: no Ray, no DeepSpeed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ekipl.rollout.cache import file_digest
+
 log = logging.getLogger(__name__)
 
 MANIFEST = "MANIFEST.json"
@@ -38,14 +39,6 @@ PREFIX = "step_"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used, with what is wrong and where."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,7 +88,7 @@ def save(root: Path, step: int, write_learner: Callable[[Path], None], state: di
         manifest = {
             "step": step,
             "files": {
-                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files
+                str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in files
             },
         }
         with open(tmp / MANIFEST, "w") as f:
@@ -148,7 +141,7 @@ def verify(path: Path) -> dict:
             raise CheckpointError(
                 f"{path}: file {rel} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
             )
-        if _sha256(f) != meta["sha256"]:
+        if file_digest(f) != meta["sha256"]:
             raise CheckpointError(f"{path}: file {rel} does not match its sha256 in the manifest (corrupt)")
     try:
         state = json.loads((path / STATE).read_text())

@@ -11,7 +11,6 @@ OOD test splits) and a PNG of the curves. Extra arguments are Hydra overrides, e
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -51,6 +50,7 @@ def main(argv: list[str]) -> int:
     from hydra import compose, initialize_config_dir
 
     from ekipl.config import ConfigError, register
+    from ekipl.metrics import read_metrics
     from ekipl.tasks.sample import DataError
     from ekipl.train import run
 
@@ -68,7 +68,7 @@ def main(argv: list[str]) -> int:
     except (ConfigError, DataError) as e:
         print(f"ekipl: error: {e}", file=sys.stderr)
         return 2
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_metrics(out / "metrics.jsonl")
     steps, skipped = summary["steps"], summary["skipped_steps"]
     print(f"\n[demo] {steps} EKIPL steps ({skipped} skipped) in {time.time() - t0:.0f}s")
     print(table(rows[-(steps + skipped) :]))

@@ -25,16 +25,19 @@ def redact(obj):
     return obj
 
 
-def read_metrics(path: Path) -> list[dict]:
-    """The rows of a metrics.jsonl (a torn last line, from a crash mid-write, is ignored)."""
+def read_metrics(path: Path, skip_bad_lines: bool = False) -> list[dict]:
+    """The rows of a metrics.jsonl. A line that is not JSON raises ValueError naming it, or with
+    ``skip_bad_lines`` (a resumed run: a crash may have torn a line mid-write) is left out."""
+    path = Path(path)
     rows = []
-    if not Path(path).is_file():
-        return rows
-    for line in Path(path).read_text().splitlines():
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
         try:
             rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except json.JSONDecodeError as e:
+            if not skip_bad_lines:
+                raise ValueError(f"{path}: line {n} is not JSON: {e.msg}") from None
     return rows
 
 
@@ -46,7 +49,11 @@ class MetricsLog:
         self, logger, out: Path, config_tree: dict, resume_step: int = 0, wandb_id: str | None = None
     ):
         self.path = Path(out) / "metrics.jsonl"
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= resume_step] if resume_step else []
+        kept = []
+        if resume_step and self.path.is_file():
+            kept = [
+                r for r in read_metrics(self.path, skip_bad_lines=True) if r.get("step", 0) <= resume_step
+            ]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.wandb = None
         if logger.wandb and logger.mode != "disabled":

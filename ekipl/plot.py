@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from ekipl.metrics import read_metrics
 
 DEFAULT_KEYS = (
     "reward/policy/mean",
@@ -15,18 +16,11 @@ DEFAULT_KEYS = (
 )
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+def run_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}")
-    rows = []
-    for n, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {n} is not JSON: {e.msg}") from None
-    return rows
+    return read_metrics(path)
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path, keys: tuple[str, ...] = DEFAULT_KEYS) -> Path:
@@ -35,7 +29,7 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, keys: tuple[str, ...]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = {str(d): read_metrics(d) for d in run_dirs}
+    runs = {str(d): run_metrics(d) for d in run_dirs}
     cols = 3
     rows_n = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)

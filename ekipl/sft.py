@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -49,14 +48,17 @@ def run(cfg) -> dict:
     from ekipl.learner.batch import collate
     from ekipl.learner.group import LearnerGroup
     from ekipl.models import hf
-    from ekipl.train import ImageCheck, Sampler, _load_data, export_policy, resolve_model
+    from ekipl.train import (
+        ImageCheck,
+        Sampler,
+        _load_data,
+        config_tree,
+        export_policy,
+        init_ray,
+        resolve_model,
+    )
 
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    except ImportError:  # pragma: no cover
-        tree = dict(cfg)
+    tree = config_tree(cfg)
     tree["aux"] = {}  # SFT has no auxiliary sources
     run_cfg, _ = to_run_config(tree)
     out = Path(run_cfg.trainer.output_dir)
@@ -80,15 +82,7 @@ def run(cfg) -> dict:
     model_path = resolve_model(run_cfg.model.path, run_cfg.model.seed)
     processor = hf.load_processor(model_path)
 
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(
-            address=run_cfg.trainer.ray_address,
-            num_cpus=run_cfg.trainer.ray_num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
+    started_ray = init_ray(run_cfg)
     learner = metrics_log = None
     summary: dict = {"steps": 0}
     try:
@@ -128,24 +122,9 @@ def run(cfg) -> dict:
 
 
 def main() -> None:
-    import hydra
+    from ekipl.train import hydra_main
 
-    from ekipl.config import register
-
-    register()
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
-
-    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
-    def _main(cfg) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        try:
-            summary = run(cfg)
-        except (ConfigError, DataError) as e:
-            print(f"ekipl: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
-
-    _main()
+    hydra_main(run)
 
 
 if __name__ == "__main__":

@@ -169,12 +169,7 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
     from ekipl.tasks.rewards import RewardWeights
 
     hooks = hooks or Hooks()
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        tree = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    except ImportError:  # pragma: no cover
-        tree = dict(cfg)
+    tree = config_tree(cfg)
     run_cfg, source_cfgs = to_run_config(tree)
     out = Path(run_cfg.trainer.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,16 +188,7 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
             s.model = resolve_model(s.model, run_cfg.model.seed)
     processor = hf.load_processor(model_path)
 
-    started_ray = False
-    if not ray.is_initialized():
-        ray.init(
-            address=run_cfg.trainer.ray_address,
-            num_cpus=run_cfg.trainer.ray_num_cpus,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-        )
-        started_ray = True
+    started_ray = init_ray(run_cfg)
     router = learner = coord = metrics_log = None
     sources: list = []
     summary = {"steps": 0, "skipped_steps": 0, "start_step": 0}
@@ -474,7 +460,33 @@ def export_policy(learner, model_path: str, out: Path) -> None:
             shutil.copy2(f, out / f.name)
 
 
-def main() -> None:
+def config_tree(cfg) -> dict:
+    """A Hydra DictConfig (or a plain dict) as a resolved plain dict."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def init_ray(run: RunConfig) -> bool:
+    """Join ``trainer.ray_address`` or start a local Ray, unless Ray is already up (tests, jobs).
+    Returns whether this call started it (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=run.trainer.ray_address,
+        num_cpus=run.trainer.ray_num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return True
+
+
+def hydra_main(run_fn) -> None:
+    """The command-line entry of ``ekipl.train`` and ``ekipl.sft``: Hydra composes ``conf/``, then
+    ``run_fn(cfg)``. Bad config or data exits 2 with the message; a run that had to stop exits 1."""
     import hydra
 
     from ekipl.config import register
@@ -486,7 +498,7 @@ def main() -> None:
     def _main(cfg) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
-            summary = run(cfg)
+            summary = run_fn(cfg)
         except (ConfigError, DataError) as e:
             print(f"ekipl: error: {e}", file=sys.stderr)
             sys.exit(2)
@@ -496,6 +508,10 @@ def main() -> None:
         print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
 
     _main()
+
+
+def main() -> None:
+    hydra_main(run)
 
 
 if __name__ == "__main__":
