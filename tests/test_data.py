@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from bad_rows import malformed_rows
 
 from ekipl.cli import main as cli
 from ekipl.tasks import prompts
@@ -157,19 +158,7 @@ def test_prompts_follow_reason_rft_wording():
 GOOD = {"id": "r0", "image": "images/train/counting-train-000000.png", "problem": "How many?", "answer": "3"}
 
 
-@pytest.mark.parametrize(
-    "row,field,message",
-    [
-        ({**GOOD, "image": "images/nope.png"}, "image", "image file not found"),
-        ({k: v for k, v in GOOD.items() if k != "problem"}, "problem", "missing or empty"),
-        ({k: v for k, v in GOOD.items() if k != "answer"}, "answer", "needs 'answer' or 'solution'"),
-        ({**GOOD, "answer": ["3"]}, "answer", "must be a string or a number"),
-        ({**GOOD, "task": "chess"}, "task", "unknown task 'chess'"),
-        ({**GOOD, "image": 5}, "image", "must be a path or a list of paths"),
-        ({**GOOD, "conversations": [{"from": "human", "value": "q"}]}, "conversations", "at least two"),
-        ({**GOOD, "cot": 7}, "cot", "must be a string"),
-    ],
-)
+@pytest.mark.parametrize("row,field,message", malformed_rows(GOOD))
 def test_malformed_rows_name_file_row_and_field(synth, row, field, message):
     path = synth / "counting" / f"bad-{field}.json"
     path.write_text(json.dumps([GOOD, row]))

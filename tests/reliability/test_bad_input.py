@@ -7,6 +7,7 @@ import json
 import sys
 
 import pytest
+from bad_rows import malformed_rows
 
 GOOD = {"id": "r0", "image": "img.png", "problem": "How many?", "answer": "3"}
 
@@ -26,17 +27,7 @@ def data_dir(tmp_path, red_image):
     return tmp_path
 
 
-ROWS = [
-    ({**GOOD, "image": "nope.png"}, "image", "image file not found"),
-    ({k: v for k, v in GOOD.items() if k != "problem"}, "problem", "missing or empty"),
-    ({k: v for k, v in GOOD.items() if k != "answer"}, "answer", "needs 'answer' or 'solution'"),
-    ({**GOOD, "answer": ["3"]}, "answer", "must be a string or a number"),
-    ({**GOOD, "task": "chess"}, "task", "unknown task 'chess'"),
-    ({**GOOD, "image": 5}, "image", "must be a path or a list of paths"),
-    ({**GOOD, "conversations": [{"from": "human", "value": "q"}]}, "conversations", "at least two"),
-    ({**GOOD, "cot": 7}, "cot", "must be a string"),
-    ({**GOOD}, "id", "duplicate id"),
-]
+ROWS = [*malformed_rows(GOOD), ({**GOOD}, "id", "duplicate id")]
 
 
 @pytest.mark.parametrize("row,field,message", ROWS, ids=[f"{r[1]}-{r[2][:12]}" for r in ROWS])
