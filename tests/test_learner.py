@@ -166,10 +166,11 @@ def test_zero3_on_two_gloo_ranks_matches_one_process(zero3, reference):
 
 @pytest.mark.slow
 def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batch, zero3, tiny_vlm):
-    """After an update and a sync, vLLM's log-probs of a fixed completion match the learner's (1e-3)."""
+    """After an update and a sync, vLLM's log-probs of a fixed completion match the learner's (1e-3);
+    twice, because the second sync rewrites the first one's shared-memory buffer in place."""
     import ray
 
-    _, groups, proc = batch
+    b, groups, proc = batch
     group = zero3[0]
     engine = policy_router.actors[0]
     g = groups[0]
@@ -177,24 +178,36 @@ def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batc
     enc = proc(text=[g.prompt], images=images, return_tensors="pt")
     prompt_ids = enc["input_ids"][0].tolist()
     comp = g.actions[0].token_ids
-    before = torch.tensor(ray.get(engine.score.remote(prompt_ids, comp, images)))
-    stats = group.sync_weights([engine])
-    after = torch.tensor(ray.get(engine.score.remote(prompt_ids, comp, images)))
-    learner_sd = group.state_dict()
-    assert stats["sync/bytes"] > 1e6 and stats["timing/weight_sync"] > 0
-    model = hf.load_model(tiny_vlm).eval()
-    model.load_state_dict(learner_sd)
     ids = torch.tensor([prompt_ids + comp])
-    with torch.no_grad():
-        learner_lp = hf.completion_logprobs(
-            model,
-            ids,
-            len(prompt_ids),
-            pixel_values=enc["pixel_values"],
-            image_grid_thw=enc["image_grid_thw"],
-        )[0]
-    assert (before - learner_lp).abs().max() > 1e-2, "the update should have moved these log-probs"
-    assert torch.allclose(after, learner_lp, atol=1e-3), (after - learner_lp).abs().max()
+
+    def learner_logprobs() -> torch.Tensor:
+        model = hf.load_model(tiny_vlm).eval()
+        model.load_state_dict(group.state_dict())
+        with torch.no_grad():
+            return hf.completion_logprobs(
+                model,
+                ids,
+                len(prompt_ids),
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+            )[0]
+
+    def engine_logprobs() -> torch.Tensor:
+        return torch.tensor(ray.get(engine.score.remote(prompt_ids, comp, images)))
+
+    before = engine_logprobs()
+    paths = []
+    for step in (1, 2):
+        if step == 2:
+            group.train_step(b)
+        stats = group.sync_weights([engine])
+        paths.append(group.export_weights()[0])
+        after, learner_lp = engine_logprobs(), learner_logprobs()
+        assert stats["sync/bytes"] > 1e6 and stats["timing/weight_sync"] > 0
+        assert (before - learner_lp).abs().max() > 1e-2, f"update {step} should have moved these log-probs"
+        assert torch.allclose(after, learner_lp, atol=1e-3), (step, (after - learner_lp).abs().max())
+        before = after
+    assert paths[0] == paths[1], "weight sync should reuse one buffer, not write a file per sync"
 
 
 def test_learner_config_errors_name_the_key():

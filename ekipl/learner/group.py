@@ -146,7 +146,7 @@ class LearnerGroup:
 
     def export_weights(self, path: str | None = None) -> tuple[str, int]:
         """Gather the full weights (bucketed under ZeRO-3) into one safetensors file written by rank 0
-        on its node (default: rank 0's shared-memory sync dir). Returns (path, bytes)."""
+        on its node (default: rank 0's shared-memory weight buffer). Returns (path, bytes)."""
         return self._call("export_weights", [path] * self.cfg.world_size)[0]
 
     def _node(self, actor) -> str:
@@ -160,9 +160,10 @@ class LearnerGroup:
     def sync_weights(self, engines) -> dict:
         """Export the weights once (bucketed gather) and load them into every policy engine replica.
 
-        Engines on rank 0's node read the file from shared memory; engines on other nodes get its
-        bytes through Ray's object store (one transfer per engine, fetched from rank 0's node). One
-        call per engine either way: never one remote call per tensor. A failed engine raises
+        Rank 0 rewrites its shared-memory weight buffer in place (one copy of the weights); engines
+        on rank 0's node map that file; engines on other nodes get its bytes through Ray's object
+        store (one transfer per engine, fetched from rank 0's node). One call per engine either
+        way: never one remote call per tensor. A failed engine raises
         :class:`~ekipl.rollout.policy.PolicyEngineError`.
         """
         import ray
@@ -182,11 +183,9 @@ class LearnerGroup:
             if remote:
                 blob = rank0.read_file.remote(path)  # stays in rank 0's object store until fetched
                 refs += [e.load_weights_bytes.remote(blob) for e in remote]
-            ray.get(refs)
+            ray.get(refs)  # every engine is done reading before the next sync rewrites the buffer
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             raise PolicyEngineError(f"a policy engine failed to load new weights: {_brief(e)}") from e
-        finally:
-            rank0.remove_file.remote(path)
         t2 = time.perf_counter()
         log.info(
             "weight sync: %.1f MB in %.3fs (export %.3fs, load %.3fs, %d engine(s) on other nodes)",

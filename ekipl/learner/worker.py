@@ -11,7 +11,6 @@ import math
 import os
 import tempfile
 import time
-import uuid
 
 import torch
 
@@ -218,45 +217,65 @@ class Learner:
         return out
 
     # -------------------------------------------------------------------------------------------
-    def export_weights(self, path: str | None = None) -> tuple[str | None, int]:
-        """Write the full weights to ``path`` (a safetensors file, written by rank 0 on its node;
-        default: a new file in rank 0's shared-memory sync dir). Returns (path, bytes) on rank 0.
-
-        Under ZeRO-3 the partitioned parameters are gathered bucket by bucket (``sync_bucket_mb``),
-        so no rank ever materialises more than one bucket beyond its shard.
-        """
+    def _gathered(self):
+        """Yield (name, full parameter) for every parameter; under ZeRO-3 the partitioned
+        parameters are gathered bucket by bucket (``sync_bucket_mb``), so no rank ever materialises
+        more than one bucket beyond its shard. All ranks must iterate it together."""
         import deepspeed
-        from safetensors.torch import save_file
 
-        module = self.engine.module
-        named = list(module.named_parameters())
         budget = self.cfg.sync_bucket_mb * 2**20
-        full: dict[str, torch.Tensor] = {}
-        bucket: list[tuple[str, torch.nn.Parameter]] = []
+        buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
         size = 0
-
-        def flush():
+        for name, p in self.engine.module.named_parameters():
+            if size >= budget:
+                buckets.append([])
+                size = 0
+            buckets[-1].append((name, p))
+            size += (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+        for bucket in buckets:
             params = [p for _, p in bucket]
             with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
-                if self.rank == 0:
-                    for n, p in bucket:
-                        full[n] = p.detach().to("cpu", copy=True).contiguous()
+                yield from bucket
 
-        for name, p in named:
-            numel = p.ds_numel if hasattr(p, "ds_numel") else p.numel()
-            bucket.append((name, p))
-            size += numel * p.element_size()
-            if size >= budget:
-                flush()
-                bucket, size = [], 0
-        if bucket:
-            flush()
+    def export_weights(self, path: str | None = None) -> tuple[str | None, int]:
+        """Write the full weights as safetensors, on rank 0's node. Returns (path, bytes) on rank 0.
+
+        With ``path`` (an export or a checkpoint's copy): a new file there. Without (weight sync):
+        rank 0's :class:`~ekipl.learner.weight_buffer.WeightBuffer` in its shared-memory sync dir,
+        rewritten in place, whose path stays the same from sync to sync. Non-finite weights raise
+        ``FloatingPointError`` before any engine is told to read them.
+        """
+        if path is not None:
+            return self._save_file(path)
+        from ekipl.learner.weight_buffer import WeightBuffer, layout_of
+
+        buf = None
+        if self.rank == 0:
+            layout = layout_of(list(self.engine.module.named_parameters()))
+            buf = getattr(self, "_buffer", None)
+            if buf is None or buf.layout != layout:
+                buf = self._buffer = WeightBuffer(os.path.join(self.sync_dir, "weights.safetensors"), layout)
+        bad = []
+        for name, p in self._gathered():
+            if buf is not None and not buf.write(name, p):
+                bad.append(name)
         if self.rank != 0:
             return None, 0
-        if path is None:
-            path = os.path.join(self.sync_dir, f"{uuid.uuid4().hex}.safetensors")
+        if bad:  # never hand NaN/inf weights to an engine
+            raise FloatingPointError(f"non-finite values in {len(bad)} weight tensor(s), e.g. {bad[:3]}")
+        return buf.path, buf.nbytes
+
+    def _save_file(self, path: str) -> tuple[str | None, int]:
+        from safetensors.torch import save_file
+
+        full = {}
+        for n, p in self._gathered():  # every rank iterates: the gathers are collectives
+            if self.rank == 0:
+                full[n] = p.detach().to("cpu", copy=True).contiguous()
+        if self.rank != 0:
+            return None, 0
         bad = [n for n, t in full.items() if t.is_floating_point() and not torch.isfinite(t).all()]
-        if bad:  # never hand NaN/inf weights to an engine or an export
+        if bad:  # never write NaN/inf weights into an export
             raise FloatingPointError(f"non-finite values in {len(bad)} weight tensor(s), e.g. {bad[:3]}")
         tmp = f"{path}.tmp"
         save_file(full, tmp)
@@ -268,13 +287,10 @@ class Learner:
         with open(path, "rb") as f:
             return f.read()
 
-    def remove_file(self, path: str) -> None:
-        if path.startswith(self.sync_dir) and os.path.exists(path):
-            os.remove(path)
-
     def cleanup(self) -> None:
         import shutil
 
+        self._buffer = None  # unmap it before the file goes
         shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     def save_checkpoint(self, path: str) -> None:
