@@ -17,6 +17,7 @@ size first so every tensor stays aligned for its dtype, with no holes.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -50,7 +51,7 @@ class WeightBuffer:
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         spans = {}
         for name, dtype, shape in order:
-            n = dtype.itemsize * _numel(shape)
+            n = dtype.itemsize * math.prod(shape)
             header[name] = dict(dtype=_DTYPES[dtype], shape=list(shape), data_offsets=[offset, offset + n])
             spans[name] = (offset, n)
             offset += n
@@ -80,17 +81,7 @@ class WeightBuffer:
         view.copy_(tensor.detach())
         return not view.is_floating_point() or bool(torch.isfinite(view.sum()))
 
-    def close(self) -> None:
-        self.views = {}
-
 
 def layout_of(named: list[tuple[str, torch.Tensor]]) -> Layout:
     """The layout of full (gathered) parameters; ZeRO-3 shards report their full shape in ``ds_shape``."""
     return tuple((n, p.dtype, tuple(getattr(p, "ds_shape", p.shape))) for n, p in named)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    out = 1
-    for s in shape:
-        out *= s
-    return out

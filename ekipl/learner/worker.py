@@ -45,6 +45,7 @@ class Learner:
         self.cfg, self.objective = cfg, objective
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.sync_dir = tempfile.mkdtemp(prefix=f"ekipl-sync-r{rank}-", dir=shm)  # on this rank's node
+        self._buffer = None  # rank 0's weight-sync buffer, laid out at the first sync
 
     def rendezvous(self) -> tuple[str, int]:
         """This node's address and a free port on it (called on rank 0)."""
@@ -252,7 +253,7 @@ class Learner:
         buf = None
         if self.rank == 0:
             layout = layout_of(list(self.engine.module.named_parameters()))
-            buf = getattr(self, "_buffer", None)
+            buf = self._buffer
             if buf is None or buf.layout != layout:
                 buf = self._buffer = WeightBuffer(os.path.join(self.sync_dir, "weights.safetensors"), layout)
         bad = []
