@@ -5,6 +5,10 @@ The driver loop, per step::
     prefetch aux actions for the next batch -> policy rollout -> rewards and selection
     -> advantages -> learner update (μ epochs) -> weight sync -> log
 
+With ``rollout.one_step_off`` the next batch's policy rollout starts before the update (with the
+weights this batch was sampled with) and the sync waits for it: rollout overlaps the update, and
+the policy learns from actions one update stale.
+
 Configs live in ``conf/`` (``+experiment=cpu_demo`` runs the tiny CPU demo). Metrics go to
 ``<output_dir>/metrics.jsonl`` always, and to W&B (online with WANDB_API_KEY, offline otherwise).
 At the end the policy is exported with ``save_pretrained``'s layout to ``<output_dir>/policy``.
@@ -202,8 +206,10 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
             max_model_len=run_cfg.model.max_model_len,
             tensor_parallel_size=run_cfg.model.tensor_parallel_size,
         )
-        # On CPU, the policy and aux engines generate at the same time (prefetch): they split the cores.
+        # On CPU, the policy and aux engines generate at the same time (prefetch): they split the
+        # cores; with one-step-off rollout the learner's update runs beside them too and takes a share.
         engines = run_cfg.model.engine_replicas + sum(s.replicas for s in source_cfgs if s.kind == "vllm")
+        engines += int(run_cfg.rollout.one_step_off)
         router = PolicyRouter(
             spec,
             replicas=run_cfg.model.engine_replicas,
@@ -247,6 +253,8 @@ def run(cfg, hooks: Hooks | None = None) -> dict:
             ckpt.set_rng_state(saved["rng"])
             summary.update(steps=saved["steps_done"], skipped_steps=saved["skipped_steps"])
             state.update(consecutive_skips=saved["consecutive_skips"], wandb_id=saved.get("wandb_id"))
+            if run_cfg.rollout.one_step_off:
+                coord.restore_early(saved.get("early_rollout"))
             summary["start_step"] = saved["step"]
             if cache is not None:
                 missing = [k for k in saved.get("aux_cache_keys", []) if cache.get(k) is None]
@@ -328,11 +336,14 @@ def _step(run_cfg, step, data, sampler, images, coord, learner, router, processo
     ts = time.perf_counter()
     k = run_cfg.data.prompts_per_step
     samples = images.filter([data[i] for i in sampler.take(k)])
-    coord.prefetch(images.filter([data[i] for i in sampler.take(k, advance=False)]))  # the next batch
+    upcoming = images.filter([data[i] for i in sampler.take(k, advance=False)])  # the next batch
+    coord.prefetch(upcoming)
     if not samples:
         log.warning("step %d: every sample of the batch had a bad image; skipped", step)
         return {"trainer/skipped_step": 1.0, "data/bad_rows_skipped": float(len(images.bad))}
     groups, m = coord.rollout(samples, step=step)
+    if run_cfg.rollout.one_step_off and upcoming:
+        coord.start_early(upcoming, step + 1)  # with these weights, while the learner updates
     m["data/bad_rows_skipped"] = float(len(images.bad))
     if sum(len(g.actions) for g in groups) < run_cfg.learner.world_size:
         m["trainer/skipped_step"] = 1.0
@@ -369,6 +380,7 @@ def _save(run_cfg, root, step, learner, coord, cache, sampler, summary, state, m
         "consecutive_skips": state["consecutive_skips"],
         "wandb_id": metrics_log.run_id,
         "aux_cache_keys": cache.keys() if cache is not None else [],
+        "early_rollout": coord.early_state(),  # one-step-off: the next step's actions, already sampled
         "world_size": run_cfg.learner.world_size,
         "zero_stage": run_cfg.learner.zero_stage,
         "dataset_size": sampler.n,

@@ -210,6 +210,58 @@ def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batc
     assert paths[0] == paths[1], "weight sync should reuse one buffer, not write a file per sync"
 
 
+@pytest.mark.slow
+def test_one_step_off_rollout_samples_with_the_weights_it_started_with(
+    policy_router, batch, zero3, counting_data
+):
+    """rollout.one_step_off: a rollout started before a weight sync is sampled, in full, with the
+    weights the engine had when it started (the sync waits for it); the same seed after the sync
+    samples differently. Its finished actions survive a JSON round trip (checkpoints)."""
+    import json
+
+    from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
+
+    b, _, proc = batch
+    group = zero3[0]
+    cfg = RolloutConfig(
+        n=4, group_size=4, max_tokens=12, temperature=1.0, drop_tied=False, ignore_eos=True, one_step_off=True
+    )
+    coord = RolloutCoordinator(cfg, policy_router, [], proc)
+    samples = [counting_data[0], counting_data[1]]
+
+    def sampled(groups):
+        return [(a.token_ids, a.sampling_logprobs) for g in groups for a in g.actions]
+
+    group.sync_weights(policy_router.actors)
+    before, m_before = coord.rollout(samples, step=7)
+    group.train_step(b)  # the learner moves on; the engine still has the old weights
+    coord.start_early(samples, step=7)
+    group.sync_weights(policy_router.actors)  # queued behind the early generation
+    early, m_early = coord.rollout(samples, step=7)
+    after, _ = coord.rollout(samples, step=7)
+    assert (m_before["rollout/one_step_off"], m_early["rollout/one_step_off"]) == (0.0, 1.0)
+    for (ids_a, lp_a), (ids_b, lp_b) in zip(sampled(before), sampled(early), strict=True):
+        assert ids_a == ids_b and lp_a == pytest.approx(lp_b, abs=1e-4)
+    moved = [
+        max(abs(x - y) for x, y in zip(lp_a, lp_b, strict=True)) if ids_a == ids_b else float("inf")
+        for (ids_a, lp_a), (ids_b, lp_b) in zip(sampled(before), sampled(after), strict=True)
+    ]
+    assert max(moved) > 1e-3, "the update should have changed what this seed samples"
+
+    coord.start_early(samples, step=8)
+    state = json.loads(json.dumps(coord.early_state()))
+    resumed = RolloutCoordinator(cfg, policy_router, [], proc)
+    resumed.restore_early(state)
+    (got, m), (want, _) = resumed.rollout(samples, step=8), coord.rollout(samples, step=8)
+    assert m["rollout/one_step_off"] == 1.0 and sampled(got) == sampled(want)
+
+    coord.start_early(samples, step=9)  # for another step: not used
+    _, m = coord.rollout(samples, step=10)
+    assert m["rollout/one_step_off"] == 0.0
+    for c in (coord, resumed):
+        c.shutdown()
+
+
 def test_learner_config_errors_name_the_key():
     with pytest.raises(ValueError, match="learner.zero_stage"):
         LearnerConfig(zero_stage=4)

@@ -6,6 +6,14 @@ next batch in the background (while the policy generates and the learner updates
 land in the content-addressed cache, which :meth:`rollout` reads. A failed or hung auxiliary source
 is logged and restarted, and groups are built from the remaining sources; a failed policy engine
 raises :class:`~ekipl.rollout.policy.PolicyEngineError`.
+
+With ``rollout.one_step_off``, :meth:`start_early` also starts the *policy's* generation for the
+next batch before the learner updates (one-step-off-policy rollout, as verl's): the engines generate
+it with the weights that produced the current batch while the learner computes the next ones, and
+the next :meth:`rollout` uses it. Those actions are one update stale; π_old is still the learner's
+own forward pass, so the objective treats them as on-policy. :meth:`early_state` /
+:meth:`restore_early` carry a finished early rollout through a checkpoint, so a resumed run samples
+what an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -45,6 +53,10 @@ class RolloutConfig:
     prefetch: bool = True
     seed: int = 0
     ignore_eos: bool = False  # benchmarks: every policy completion is exactly max_tokens long
+    # Generate the next batch's policy actions (with the weights before this step's update) while
+    # the learner updates: hides rollout behind the update where they run on different devices;
+    # the actions are one update stale. See bench/RESULTS.md for what it gains on CPU.
+    one_step_off: bool = False
 
     def __post_init__(self):
         if self.selection not in selection.RULES:
@@ -102,6 +114,7 @@ class RolloutCoordinator:
         self._pending: dict[tuple[str, tuple[str, ...]], Future] = {}
         self.failures: dict[str, int] = {s.name: 0 for s in sources}
         self._step = 0
+        self._early: EarlyRollout | None = None
 
     # ------------------------------------------------------------------------------------------
     # Auxiliary sources
@@ -171,9 +184,56 @@ class RolloutCoordinator:
             source=source, token_ids=ids, text=text, reward=r.total, accuracy=r.accuracy, format=r.format
         )
 
+    @staticmethod
+    def _requests(prompts: list[str], samples: list[Sample]) -> list[vb.Request]:
+        return [vb.Request(prompt=p, images=s.load_images()) for p, s in zip(prompts, samples, strict=True)]
+
+    def _submit(self, requests: list[vb.Request], step: int):
+        return self.policy.submit(
+            requests,
+            n=self.cfg.n,
+            temperature=self.cfg.temperature,
+            max_tokens=self.cfg.max_tokens,
+            seed=self.cfg.seed * 100003 + step,
+            ignore_eos=self.cfg.ignore_eos,
+        )
+
+    def start_early(self, samples: list[Sample], step: int) -> None:
+        """Start the policy's generation for step ``step``'s batch now, with the engines' current
+        weights (one-step-off-policy rollout); :meth:`rollout` for the same step and samples uses it."""
+        requests = self._requests([self.prompt(s) for s in samples], samples)
+        self._early = EarlyRollout(step, tuple(s.id for s in samples), self._submit(requests, step))
+
+    def _take_early(self, samples: list[Sample], step: int) -> list[list[vb.Completion]] | None:
+        early, self._early = self._early, None
+        if early is None:
+            return None
+        out = early.completions()  # also when unused: a failed engine is reported, never skipped
+        if (early.step, early.sample_ids) != (step, tuple(s.id for s in samples)):
+            log.warning("the early rollout was for step %d, not step %d: generating again", early.step, step)
+            return None
+        return out
+
+    def early_state(self) -> dict | None:
+        """The early rollout for the next step, finished, as JSON-able data (for a checkpoint)."""
+        if self._early is None:
+            return None
+        return {
+            "step": self._early.step,
+            "sample_ids": list(self._early.sample_ids),
+            "completions": [[dataclasses.asdict(c) for c in comps] for comps in self._early.completions()],
+        }
+
+    def restore_early(self, state: dict | None) -> None:
+        """Undo :meth:`early_state` (a resumed run continues with the early rollout it had saved)."""
+        if state:
+            done = [[vb.Completion(**c) for c in comps] for comps in state["completions"]]
+            self._early = EarlyRollout(state["step"], tuple(state["sample_ids"]), done=done)
+
     def rollout(self, samples: list[Sample], step: int | None = None) -> tuple[list[Group], dict]:
         """Groups for ``samples``. ``step`` (default: the previous call's + 1) seeds policy sampling,
-        so a resumed run samples what an uninterrupted one would have."""
+        so a resumed run samples what an uninterrupted one would have. The policy's actions come
+        from :meth:`start_early` when it was called for this step and these samples."""
         t0 = time.perf_counter()
         self._step = self._step + 1 if step is None else step
         prompts = [self.prompt(s) for s in samples]
@@ -182,17 +242,10 @@ class RolloutCoordinator:
             if self.cfg.aux_on_demand
             else {src.name: self._aux_future(src, samples) for src in self.sources}
         )
-        requests = [
-            vb.Request(prompt=p, images=s.load_images()) for p, s in zip(prompts, samples, strict=True)
-        ]
-        completions = self.policy.generate(
-            requests,
-            n=self.cfg.n,
-            temperature=self.cfg.temperature,
-            max_tokens=self.cfg.max_tokens,
-            seed=self.cfg.seed * 100003 + self._step,
-            ignore_eos=self.cfg.ignore_eos,
-        )
+        completions = self._take_early(samples, self._step)
+        early = completions is not None
+        if not early:
+            completions = self._submit(self._requests(prompts, samples), self._step).result()
         t_policy = time.perf_counter() - t0
 
         candidates: list[list[Action]] = []
@@ -247,7 +300,8 @@ class RolloutCoordinator:
         metrics = self._metrics(candidates, groups, dropped, aux_wins, pass_rates)
         metrics.update(
             {
-                "timing/rollout": t_policy,
+                "rollout/one_step_off": float(early),  # 1: generated before the previous update
+                "timing/rollout": t_policy,  # with an early rollout: only the wait for its end
                 "timing/aux_wait": t_aux_wait,
                 "timing/reward": t_reward,  # scoring every candidate, re-tokenizing aux text
                 "timing/rollout_total": time.perf_counter() - t0,
@@ -284,6 +338,22 @@ class RolloutCoordinator:
             f.result()
 
     def shutdown(self):
+        self._early = None
         self._pool.shutdown(wait=False, cancel_futures=True)
         for s in self.sources:
             s.shutdown()
+
+
+@dataclasses.dataclass
+class EarlyRollout:
+    """The policy's generation for a coming step: in flight (``pending``) or finished (``done``)."""
+
+    step: int
+    sample_ids: tuple[str, ...]
+    pending: object = None  # a PolicyRouter.submit handle
+    done: list[list[vb.Completion]] | None = None
+
+    def completions(self) -> list[list[vb.Completion]]:
+        if self.done is None:
+            self.done = self.pending.result()
+        return self.done

@@ -56,7 +56,7 @@ class PolicyRouter:
             self.in_flight[i] += weight
             return i
 
-    def generate(
+    def submit(
         self,
         requests: list[vb.Request],
         n: int,
@@ -65,10 +65,10 @@ class PolicyRouter:
         seed: int | None = None,
         chunk: int | None = None,
         ignore_eos: bool = False,
-    ) -> list[list[vb.Completion]]:
-        """Generate for all requests, split in chunks over the replicas (least loaded first)."""
-        import ray
-
+    ) -> PendingGeneration:
+        """Start generating for all requests, split in chunks over the replicas (least loaded first);
+        returns at once. Each replica runs its calls in order, so a weight sync issued after this
+        waits for it: the completions come from the weights the engines had when it was called."""
         chunk = chunk or max(1, -(-len(requests) // len(self.actors)))
         parts = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
         picks = [self._pick(len(p)) for p in parts]
@@ -83,14 +83,38 @@ class PolicyRouter:
             )
             for k, (i, p) in enumerate(zip(picks, parts, strict=True))
         ]
-        try:
-            outs = ray.get(refs)
-        except ray.exceptions.RayActorError as e:
-            raise PolicyEngineError(f"a policy engine replica died: {e}") from e
-        except ray.exceptions.RayTaskError as e:
-            raise PolicyEngineError(f"policy generation failed: {e}") from e
-        finally:
-            with self._lock:
-                for i, p in zip(picks, parts, strict=True):
-                    self.in_flight[i] -= len(p)
-        return [g for out in outs for g in out]
+        return PendingGeneration(self, refs, [(i, len(p)) for i, p in zip(picks, parts, strict=True)])
+
+    def generate(self, requests: list[vb.Request], n: int, temperature: float, max_tokens: int, **kw):
+        """:meth:`submit`, then wait: the completions of each request, in order."""
+        return self.submit(requests, n, temperature, max_tokens, **kw).result()
+
+    def _done(self, loads: list[tuple[int, int]]) -> None:
+        with self._lock:
+            for i, weight in loads:
+                self.in_flight[i] -= weight
+
+
+class PendingGeneration:
+    """Generation in flight on the policy replicas; :meth:`result` waits for it (once)."""
+
+    def __init__(self, router: PolicyRouter, refs: list, loads: list[tuple[int, int]]):
+        self._router, self._refs, self._loads = router, refs, loads
+        self._out: list[list[vb.Completion]] | None = None
+
+    def result(self) -> list[list[vb.Completion]]:
+        import ray
+
+        if self._out is None:
+            try:
+                outs = ray.get(self._refs)
+            except ray.exceptions.RayActorError as e:
+                raise PolicyEngineError(f"a policy engine replica died: {e}") from e
+            except ray.exceptions.RayTaskError as e:
+                raise PolicyEngineError(f"policy generation failed: {e}") from e
+            finally:
+                if self._loads:
+                    self._router._done(self._loads)
+                    self._loads = []
+            self._out = [g for out in outs for g in out]
+        return self._out

@@ -112,3 +112,31 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
 
     with pytest.raises(ConfigError, match="trainer.resume"):
         run(compose(overrides))
+
+
+@pytest.mark.slow
+def test_one_step_off_resume_uses_the_saved_early_rollout(ray_local, tmp_path):
+    """rollout.one_step_off: each step from the second on uses actions sampled during the previous
+    step, and a checkpoint carries them, so resuming from step 2 redoes step 3 as the run did."""
+    import shutil
+
+    from ekipl.train import run
+
+    ref = tmp_path / "ref"
+    overrides = [*SMALL, "rollout.one_step_off=true", "trainer.steps=3", "trainer.save_every=1"]
+    run(compose([*overrides, f"trainer.output_dir={ref}"]))
+    got = rows(ref)
+    assert [r["rollout/one_step_off"] for r in got] == [0.0, 1.0, 1.0]
+    state = ckpt.verify(ref / "checkpoints" / "step_000002")
+    assert state["early_rollout"]["step"] == 3 and state["early_rollout"]["completions"]
+
+    # The same run, as if it had died right after step 2's checkpoint.
+    again = tmp_path / "again"
+    shutil.copytree(ref, again)
+    shutil.rmtree(again / "checkpoints" / "step_000003")
+    summary = run(compose([*overrides, f"trainer.output_dir={again}", "trainer.resume=auto"]))
+    assert summary["start_step"] == 2
+    resumed = rows(again)
+    assert [r["step"] for r in resumed] == [1, 2, 3]
+    assert resumed[2]["rollout/one_step_off"] == 1.0  # the saved actions, not a fresh rollout
+    _same(resumed[2], got[2], 3)
