@@ -39,8 +39,10 @@ def prompts(n: int) -> list:
     ]
 
 
-def ekipl_steps(model: str, samples: list, world_size: int, repeats: int) -> tuple[list[float], list[float]]:
-    """Step times, and the learner's share of them (log-probs + update), after one warm-up step."""
+def ekipl_steps(model: str, samples: list, worlds: list[int], repeats: int) -> dict[int, tuple[list, list]]:
+    """For each learner world size: step times and the learner's share of them (log-probs +
+    update), after one warm-up step. One engine serves every world size (the sync at the start of
+    each gives it that learner's weights)."""
     import ray
 
     from ekipl.algo.objective import ObjectiveConfig
@@ -53,35 +55,39 @@ def ekipl_steps(model: str, samples: list, world_size: int, repeats: int) -> tup
     from ekipl.rollout.policy import PolicyRouter
     from ekipl.train import Hooks, ImageCheck, Sampler, _step
 
-    run_cfg = RunConfig()
-    run_cfg.data.prompts_per_step = PROMPTS
-    run_cfg.learner = LearnerConfig(
-        world_size=world_size, zero_stage=2, lr=LR, micro_batch_size=G * PROMPTS // world_size
-    )
-    run_cfg.algorithm = ObjectiveConfig(kl_coef=0.0)
-    run_cfg.rollout = RolloutConfig(
-        n=G, group_size=G, max_tokens=TOKENS, temperature=1.0, drop_tied=False, ignore_eos=True
-    )
     processor = hf.load_processor(model)
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         router = PolicyRouter(vb.EngineSpec(model=model, dtype="float32", seed=0), replicas=1)
-        learner = LearnerGroup(model, run_cfg.learner, run_cfg.algorithm)
         router.ready()
-        learner.ready()
-        coord = RolloutCoordinator(run_cfg.rollout, router, [], processor)
-        sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
-        times, learn = [], []
-        for step in range(1, repeats + 2):
-            m = _step(run_cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
-            if step > 1:
-                times.append(m["timing/step"])
-                learn.append(m["timing/logprob"] + m["timing/update"])
-        coord.shutdown()
-        learner.shutdown()
+        out = {}
+        for world_size in worlds:
+            run_cfg = RunConfig()
+            run_cfg.data.prompts_per_step = PROMPTS
+            run_cfg.learner = LearnerConfig(
+                world_size=world_size, zero_stage=2, lr=LR, micro_batch_size=G * PROMPTS // world_size
+            )
+            run_cfg.algorithm = ObjectiveConfig(kl_coef=0.0)
+            run_cfg.rollout = RolloutConfig(
+                n=G, group_size=G, max_tokens=TOKENS, temperature=1.0, drop_tied=False, ignore_eos=True
+            )
+            learner = LearnerGroup(model, run_cfg.learner, run_cfg.algorithm)
+            learner.ready()
+            learner.sync_weights(router.actors)
+            coord = RolloutCoordinator(run_cfg.rollout, router, [], processor)
+            sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
+            times, learn = [], []
+            for step in range(1, repeats + 2):
+                m = _step(run_cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
+                if step > 1:
+                    times.append(m["timing/step"])
+                    learn.append(m["timing/logprob"] + m["timing/update"])
+            coord.shutdown()
+            learner.shutdown()
+            out[world_size] = times, learn
         for a in router.actors:
             ray.kill(a)
-        return times, learn
+        return out
     finally:
         ray.shutdown()
 
@@ -170,8 +176,7 @@ def main(argv: list[str]) -> int:
         params = sum(p.numel() for p in hf.load_model(path).parameters())
         trl_t = statistics.median(trl_steps(path, samples, args.repeats))
         print(f"  {name}: TRL {trl_t:.2f}s per step", file=sys.stderr, flush=True)
-        for world in (1, 2):
-            times, learn = ekipl_steps(path, samples, world, args.repeats)
+        for world, (times, learn) in ekipl_steps(path, samples, [1, 2], args.repeats).items():
             t, lt = statistics.median(times), statistics.median(learn)
             print(f"  {name}: ekipl ({world} rank) {t:.2f}s per step", file=sys.stderr, flush=True)
             rows.append((name, params, world, t, lt, trl_t))
