@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
+
 from bench import rollout, step, trl_compare, weight_sync
 
 
 def main() -> int:
-    rc = 0
+    rc, took = 0, {}
     for name, fn in (
         ("rollout", rollout.main),
         ("step", step.main),
@@ -14,7 +16,10 @@ def main() -> int:
         ("weight_sync", weight_sync.main),
     ):
         print(f"\n## bench.{name}\n", flush=True)
+        t0 = time.perf_counter()
         rc = fn([]) or rc
+        took[name] = time.perf_counter() - t0
+    print("\n" + ", ".join(f"bench.{k} {v / 60:.1f} min" for k, v in took.items()), flush=True)
     return rc
 
 

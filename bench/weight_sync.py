@@ -5,7 +5,8 @@ shared-memory safetensors buffer in place, gathering bucket by bucket under ZeRO
 ``collective_rpc`` has the engine reload from it) and, in the same run, the floor: copying the same
 tensors once into memory already allocated. Every model runs under ZeRO-2 (the trainer's default:
 rank 0 holds the full weights); ``--zero3-models`` also under ZeRO-3 (the weights are gathered),
-against the same engine. Prints a Markdown table of medians.
+against the same engine (not in ``make bench``, to keep it under 15 minutes). Prints a Markdown
+table of medians.
 
     .venv/bin/python -m bench.weight_sync [--repeats 3] [--models tiny-qwen2 ...] [--zero3-models ...]
 """
@@ -99,7 +100,12 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=["tiny-qwen2", "bench-qwen2-25m", "bench-qwen2-100m"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--world-size", type=int, default=2)
-    ap.add_argument("--zero3-models", nargs="*", default=["bench-qwen2-100m"], help="also timed under ZeRO-3")
+    ap.add_argument(
+        "--zero3-models",
+        nargs="*",
+        default=[],
+        help="also timed under ZeRO-3 (e.g. bench-qwen2-100m; ~1 min)",
+    )
     args = ap.parse_args(argv)
     rows = run(args.models, args.repeats, args.world_size, args.zero3_models)
     print(table(rows, args.world_size))
