@@ -210,7 +210,12 @@ class RolloutCoordinator:
             return None
         out = early.completions()  # also when unused: a failed engine is reported, never skipped
         if (early.step, early.sample_ids) != (step, tuple(s.id for s in samples)):
-            log.warning("the early rollout was for step %d, not step %d: generating again", early.step, step)
+            log.warning(
+                "the early rollout (step %d, samples %s) is not step %d's batch: generating again",
+                early.step,
+                list(early.sample_ids),
+                step,
+            )
             return None
         return out
 
