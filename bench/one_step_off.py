@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 
-from bench.trl_compare import LR, PROMPTS, TOKENS, G, prompts
+from bench.trl_compare import PROMPTS, TOKENS, G, ekipl_config, prompts, run_steps
 
 PARTS = [
     ("rollout", ("timing/rollout",)),
@@ -36,26 +36,18 @@ PARTS = [
 def measure(model: str, repeats: int) -> list[tuple[str, dict]]:
     import ray
 
-    from ekipl.algo.objective import ObjectiveConfig
-    from ekipl.config import RunConfig
     from ekipl.engines import vllm_backend as vb
-    from ekipl.learner.config import LearnerConfig
     from ekipl.learner.group import LearnerGroup
     from ekipl.models import hf
-    from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
-    from ekipl.train import Hooks, ImageCheck, Sampler, _step
 
     samples = prompts(16)
     processor = hf.load_processor(model)
     cores = os.cpu_count() or 1
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        cfg = RunConfig()
-        cfg.data.prompts_per_step = PROMPTS
-        cfg.learner = LearnerConfig(world_size=1, zero_stage=2, lr=LR, micro_batch_size=G * PROMPTS)
-        cfg.algorithm = ObjectiveConfig(kl_coef=0.0)
-        learner = LearnerGroup(model, cfg.learner, cfg.algorithm)
+        base = ekipl_config(1)
+        learner = LearnerGroup(model, base.learner, base.algorithm)
         learner.ready()
         results = []
         for label, off, share in (
@@ -63,27 +55,9 @@ def measure(model: str, repeats: int) -> list[tuple[str, dict]]:
             (f"one-step-off, engine on {max(1, cores // 2)} of {cores}", True, 2),
             (f"one-step-off, engine on {cores} of {cores}", True, 1),
         ):
-            cfg.rollout = RolloutConfig(
-                n=G,
-                group_size=G,
-                max_tokens=TOKENS,
-                temperature=1.0,
-                drop_tied=False,
-                ignore_eos=True,
-                one_step_off=off,
-            )
-            spec = vb.EngineSpec(model=model, dtype="float32", seed=0)
-            router = PolicyRouter(spec, engine_share=share)
+            router = PolicyRouter(vb.EngineSpec(model=model, dtype="float32", seed=0), engine_share=share)
             router.ready()
-            learner.sync_weights(router.actors)
-            coord = RolloutCoordinator(cfg.rollout, router, [], processor)
-            sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
-            rows = []
-            for step in range(1, repeats + 2):
-                m = _step(cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
-                if step > 1:
-                    rows.append(m)
-            coord.shutdown()
+            rows = run_steps(ekipl_config(1, one_step_off=off), samples, router, learner, processor, repeats)
             for a in router.actors:
                 ray.kill(a)
             cell = {name: statistics.median(sum(r[k] for k in keys) for r in rows) for name, keys in PARTS}

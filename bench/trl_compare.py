@@ -39,21 +39,58 @@ def prompts(n: int) -> list:
     ]
 
 
+def ekipl_config(world_size: int, one_step_off: bool = False):
+    """The trainer's config for this workload: the same G, tokens, β, optimizer as TRL's side."""
+    from ekipl.algo.objective import ObjectiveConfig
+    from ekipl.config import RunConfig
+    from ekipl.learner.config import LearnerConfig
+    from ekipl.rollout.coordinator import RolloutConfig
+
+    cfg = RunConfig()
+    cfg.data.prompts_per_step = PROMPTS
+    cfg.learner = LearnerConfig(
+        world_size=world_size, zero_stage=2, lr=LR, micro_batch_size=G * PROMPTS // world_size
+    )
+    cfg.algorithm = ObjectiveConfig(kl_coef=0.0)
+    cfg.rollout = RolloutConfig(
+        n=G,
+        group_size=G,
+        max_tokens=TOKENS,
+        temperature=1.0,
+        drop_tied=False,
+        ignore_eos=True,
+        one_step_off=one_step_off,
+    )
+    return cfg
+
+
+def run_steps(cfg, samples: list, router, learner, processor, repeats: int) -> list[dict]:
+    """The trainer's step function ``repeats`` times after one warm-up step; their metrics."""
+    from ekipl.rollout.coordinator import RolloutCoordinator
+    from ekipl.train import Hooks, ImageCheck, Sampler, _step
+
+    learner.sync_weights(router.actors)  # the engine may hold another learner's weights
+    coord = RolloutCoordinator(cfg.rollout, router, [], processor)
+    sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
+    out = []
+    for step in range(1, repeats + 2):
+        m = _step(cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
+        if step > 1:
+            out.append(m)
+    coord.shutdown()
+    return out
+
+
 def ekipl_steps(model: str, samples: list, worlds: list[int], repeats: int) -> dict[int, tuple[list, list]]:
     """For each learner world size: step times and the learner's share of them (log-probs +
     update), after one warm-up step. One engine serves every world size (the sync at the start of
     each gives it that learner's weights)."""
     import ray
 
-    from ekipl.algo.objective import ObjectiveConfig
-    from ekipl.config import RunConfig
     from ekipl.engines import vllm_backend as vb
-    from ekipl.learner.config import LearnerConfig
     from ekipl.learner.group import LearnerGroup
     from ekipl.models import hf
-    from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
-    from ekipl.train import Hooks, ImageCheck, Sampler, _step
 
     processor = hf.load_processor(model)
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
@@ -62,29 +99,15 @@ def ekipl_steps(model: str, samples: list, worlds: list[int], repeats: int) -> d
         router.ready()
         out = {}
         for world_size in worlds:
-            run_cfg = RunConfig()
-            run_cfg.data.prompts_per_step = PROMPTS
-            run_cfg.learner = LearnerConfig(
-                world_size=world_size, zero_stage=2, lr=LR, micro_batch_size=G * PROMPTS // world_size
-            )
-            run_cfg.algorithm = ObjectiveConfig(kl_coef=0.0)
-            run_cfg.rollout = RolloutConfig(
-                n=G, group_size=G, max_tokens=TOKENS, temperature=1.0, drop_tied=False, ignore_eos=True
-            )
-            learner = LearnerGroup(model, run_cfg.learner, run_cfg.algorithm)
+            cfg = ekipl_config(world_size)
+            learner = LearnerGroup(model, cfg.learner, cfg.algorithm)
             learner.ready()
-            learner.sync_weights(router.actors)
-            coord = RolloutCoordinator(run_cfg.rollout, router, [], processor)
-            sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
-            times, learn = [], []
-            for step in range(1, repeats + 2):
-                m = _step(run_cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
-                if step > 1:
-                    times.append(m["timing/step"])
-                    learn.append(m["timing/logprob"] + m["timing/update"])
-            coord.shutdown()
+            rows = run_steps(cfg, samples, router, learner, processor, repeats)
             learner.shutdown()
-            out[world_size] = times, learn
+            out[world_size] = (
+                [m["timing/step"] for m in rows],
+                [m["timing/logprob"] + m["timing/update"] for m in rows],
+            )
         for a in router.actors:
             ray.kill(a)
         return out

@@ -359,6 +359,4 @@ class EarlyRollout:
     done: list[list[vb.Completion]] | None = None
 
     def completions(self) -> list[list[vb.Completion]]:
-        if self.done is None:
-            self.done = self.pending.result()
-        return self.done
+        return self.pending.result() if self.done is None else self.done  # result() keeps its answer
