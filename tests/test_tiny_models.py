@@ -40,8 +40,11 @@ def test_specs_are_valid_for_vllm_cpu():
 
 
 # The 75M and 100M benchmark models are bench-qwen2-25m's builder at other sizes: three builds of
-# each would add ~20 s of CI time and no coverage.
-@pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - {"bench-qwen2-75m", "bench-qwen2-100m"}))
+# each would add ~20 s of CI time and no coverage. The 2B one is checked on the meta device below.
+BIG = {"bench-qwen2-75m", "bench-qwen2-100m", "bench-qwen2-vl-2b"}
+
+
+@pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - BIG))
 def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path, name):
     a = build_tiny(name, seed=3, root=tmp_path / "a")
     b = build_tiny(name, seed=3, root=tmp_path / "b")
@@ -49,6 +52,23 @@ def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path, name):
     for f in ("model.safetensors", "tokenizer.json", "config.json"):
         assert _sha(a / f) == _sha(b / f), f"{name}: {f} differs between two builds with one seed"
     assert _sha(a / "model.safetensors") != _sha(c / "model.safetensors")
+
+
+def test_the_2b_bench_model_has_qwen2_vl_2b_shapes():
+    """bench-qwen2-vl-2b is Qwen2-VL-2B's architecture: its parameter count (2,208,985,600 with
+    tied embeddings), vocabulary rows and M-RoPE sections, built on the meta device (no memory)."""
+    import transformers
+
+    from ekipl.models.tiny import model_config
+
+    ids = {t: 1024 + i for i, t in enumerate(SPECIAL_TOKENS)}
+    config = model_config(spec_for("bench-qwen2-vl-2b"), ids, vocab=1038)
+    with torch.device("meta"):
+        model = transformers.Qwen2VLForConditionalGeneration(config)
+    assert sum(p.numel() for p in model.parameters()) == 2_208_985_600
+    assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
+    assert config.text_config.vocab_size == 151936
+    assert config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
 
 
 def test_cache_is_reused_and_tokenizers_differ(tiny_vlm, tiny_vlm_b, model_root):

@@ -81,6 +81,12 @@ class TinySpec:
     # Image budget: 28*28 pixels is one merged image token.
     min_pixels: int = 28 * 28 * 4
     max_pixels: int = 28 * 28 * 16
+    vision_mlp_ratio: int = 2
+    # Rows of the embedding and LM head (0: the tokenizer's size, padded to 64). A real model's
+    # vocabulary size costs what it costs in memory and compute even with a small tokenizer.
+    vocab_rows: int = 0
+    tie_embeddings: bool = False
+    save_dtype: str = "float32"  # the checkpoint's dtype ("bfloat16" halves a big model's file)
 
     @property
     def head_dim(self) -> int:
@@ -112,6 +118,26 @@ TINY_MODELS: dict[str, TinySpec] = {
     ),
     "bench-qwen2-100m": TinySpec(
         vision=False, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4
+    ),
+    # Qwen2-VL-2B's shapes (2.21B parameters: its vocabulary rows, tied embeddings, 28 layers, the
+    # 32-block vision tower) with random weights, for the GPU benchmark (bench/gpu.py). Images are
+    # 448x448: 256 merged image tokens each.
+    "bench-qwen2-vl-2b": TinySpec(
+        vocab_rows=151936,
+        hidden_size=1536,
+        intermediate_size=8960,
+        num_layers=28,
+        num_heads=12,
+        num_kv_heads=2,
+        tie_embeddings=True,
+        vision_depth=32,
+        vision_embed_dim=1280,
+        vision_heads=16,
+        vision_mlp_ratio=4,
+        max_position_embeddings=32768,
+        min_pixels=448 * 448,
+        max_pixels=448 * 448,
+        save_dtype="bfloat16",
     ),
 }
 
@@ -233,15 +259,12 @@ def _padded_vocab(n: int) -> int:
     return (n + 63) // 64 * 64
 
 
-def _build_into(out: Path, name: str, spec: TinySpec, seed: int) -> None:
-    import torch
+def model_config(spec: TinySpec, ids: dict[str, int], vocab: int):
+    """The transformers config of a spec, given the tokenizer's special-token ids and its size."""
     import transformers
 
-    tokenizer = _build_tokenizer(spec.vocab_size, seed)
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = _padded_vocab(len(tokenizer))
     text_kwargs = dict(
-        vocab_size=vocab,
+        vocab_size=spec.vocab_rows or _padded_vocab(vocab),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_layers,
@@ -252,36 +275,44 @@ def _build_into(out: Path, name: str, spec: TinySpec, seed: int) -> None:
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
     )
+    common = dict(tie_word_embeddings=spec.tie_embeddings, dtype=spec.save_dtype)
+    if not spec.vision:
+        return transformers.Qwen2Config(**text_kwargs, **common)
+    half = spec.head_dim // 2
+    section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
+    return transformers.Qwen2VLConfig(
+        text_config=dict(
+            **text_kwargs,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        ),
+        vision_config=dict(
+            depth=spec.vision_depth,
+            embed_dim=spec.vision_embed_dim,
+            num_heads=spec.vision_heads,
+            hidden_size=spec.hidden_size,
+            mlp_ratio=spec.vision_mlp_ratio,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        **common,
+    )
+
+
+def _build_into(out: Path, name: str, spec: TinySpec, seed: int) -> None:
+    import torch
+    import transformers
+
+    tokenizer = _build_tokenizer(spec.vocab_size, seed)
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    config = model_config(spec, ids, len(tokenizer))
     torch.manual_seed(seed)
-    if spec.vision:
-        half = spec.head_dim // 2
-        section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-        config = transformers.Qwen2VLConfig(
-            text_config=dict(
-                **text_kwargs,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
-            ),
-            vision_config=dict(
-                depth=spec.vision_depth,
-                embed_dim=spec.vision_embed_dim,
-                num_heads=spec.vision_heads,
-                hidden_size=spec.hidden_size,
-                mlp_ratio=2,
-                patch_size=14,
-                spatial_merge_size=2,
-                temporal_patch_size=2,
-            ),
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-            tie_word_embeddings=False,
-            dtype="float32",
-        )
-        model = transformers.Qwen2VLForConditionalGeneration(config)
-    else:
-        config = transformers.Qwen2Config(**text_kwargs, tie_word_embeddings=False, dtype="float32")
-        model = transformers.Qwen2ForCausalLM(config)
+    cls = transformers.Qwen2VLForConditionalGeneration if spec.vision else transformers.Qwen2ForCausalLM
+    model = cls(config).to(getattr(torch, spec.save_dtype))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)
