@@ -39,6 +39,15 @@ class Batch:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def totals(self) -> dict:
+        """The whole batch's normalisers, passed to every rank's update so that the ranks' shard
+        losses add up to the whole batch's: completion tokens, sequences, longest completion."""
+        return dict(
+            global_tokens=float(self.completion_mask.sum()),
+            global_seqs=float(len(self)),
+            max_len=int(self.completion_mask.sum(-1).max()),
+        )
+
     def model_inputs(self) -> dict:
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
         if self.pixel_values is not None:

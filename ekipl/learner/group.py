@@ -128,15 +128,7 @@ class LearnerGroup:
             for s, lp in zip(shards, ref, strict=True):
                 s.ref_logp = lp[:, : s.input_ids.shape[1] - 1]
         t1 = time.perf_counter()
-        metrics = self._call(
-            "update",
-            shards,
-            max_rows=max_rows,
-            global_tokens=float(batch.completion_mask.sum()),
-            global_seqs=float(len(batch)),
-            max_len=int(batch.completion_mask.sum(-1).max()),
-            sft=sft,
-        )
+        metrics = self._call("update", shards, max_rows=max_rows, sft=sft, **batch.totals())
         t2 = time.perf_counter()
         out = {
             k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0] if not k.startswith("timing/")
