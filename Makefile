@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: install test demo lint bench clean
+.PHONY: install test demo lint bench gpu-carry clean
 
 install: $(STAMP)
 
@@ -44,5 +44,21 @@ $(BENCH_STAMP): pyproject.toml uv.lock | $(UV)
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
+# bench/gpu.py on a machine with torch and transformers but no DeepSpeed (the lent GPU machines):
+# .gpu/ is what travels beside the code. DeepSpeed is pure Python (its ops build on demand, and the
+# learner uses torch's AdamW), so the copy installed here goes as it is; pydantic's compiled core
+# goes as wheels for that machine's Python ($(GPU_PY)). Versions: the ones uv.lock installed here.
+GPU_PY ?= 3.12
+SITE = $(VENV)/lib/python3.11/site-packages
+gpu-carry: install
+	rm -rf .gpu && mkdir -p .gpu/site .gpu/whl
+	cp -r $(SITE)/deepspeed $(SITE)/deepspeed-*.dist-info $(SITE)/hjson $(SITE)/hjson-*.dist-info .gpu/site/
+	find .gpu/site -name __pycache__ -prune -exec rm -rf {} +
+	$(TOOLS)/bin/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+	  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
+	  $$(cd $(SITE) && ls -d pydantic-*.dist-info pydantic_core-*.dist-info annotated_types-*.dist-info \
+	     typing_inspection-*.dist-info | sed -E 's/-([^-]+)\.dist-info$$/==\1/')
+	du -sh .gpu
+
 clean:
-	rm -rf $(VENV) $(TOOLS)
+	rm -rf $(VENV) $(TOOLS) .gpu

@@ -20,15 +20,18 @@ import time
 import torch
 
 
-def copy_floor(state: dict, repeats: int) -> float:
+def copy_floor(state: dict, repeats: int, device: str | None = None) -> float:
     """Copying every tensor once into memory that is already allocated and touched (a warm-up copy
-    first): the bytes have to move at least this once."""
-    dst = {k: torch.empty_like(v) for k, v in state.items()}
+    first): the bytes have to move at least this once. ``device``: where the copies go (default:
+    where each tensor is; "cpu" for a GPU learner's weights, which a sync must bring to the host)."""
+    dst = {k: torch.empty_like(v, device=device or v.device) for k, v in state.items()}
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
         for k, v in state.items():
             dst[k].copy_(v)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
