@@ -121,7 +121,7 @@ TINY_MODELS: dict[str, TinySpec] = {
     ),
     # Qwen2-VL-2B's shapes (2.21B parameters: its vocabulary rows, tied embeddings, 28 layers, the
     # 32-block vision tower) with random weights, for the GPU benchmark (bench/gpu.py). Images are
-    # 448x448: 256 merged image tokens each.
+    # resized to about 448x448 pixels: ~256 merged image tokens each (266 for the synthetic images).
     "bench-qwen2-vl-2b": TinySpec(
         vocab_rows=151936,
         hidden_size=1536,
