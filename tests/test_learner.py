@@ -86,29 +86,31 @@ def test_batched_logprobs_equal_one_sequence_at_a_time(batch, tiny_vlm):
             assert torch.allclose(full[i, :n][m], one[0][m], atol=1e-5)
 
 
-def reference_step(model_path, b, cfg: LearnerConfig, obj: O.ObjectiveConfig):
-    """The same update in one process with plain torch: the ground truth for ZeRO."""
+def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConfig):
+    """The same updates (one per batch) in one process with plain torch: the ground truth for ZeRO."""
     torch.manual_seed(0)
     model = hf.load_model(model_path)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
-    with torch.no_grad():
-        old, _ = sequence_logprobs(model.eval(), b)
-    model.train()
-    logp, _ = sequence_logprobs(model, b)
-    loss, _ = O.policy_loss(
-        obj,
-        logp,
-        old,
-        b.advantages,
-        b.completion_mask,
-        b.is_aux,
-        max_len=int(b.completion_mask.sum(-1).max()),
-    )
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    opt.step()
+    for b in batches:
+        with torch.no_grad():
+            old, _ = sequence_logprobs(model.eval(), b)
+        model.train()
+        logp, _ = sequence_logprobs(model, b)
+        loss, _ = O.policy_loss(
+            obj,
+            logp,
+            old,
+            b.advantages,
+            b.completion_mask,
+            b.is_aux,
+            max_len=int(b.completion_mask.sum(-1).max()),
+        )
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, model
 
 
@@ -118,7 +120,7 @@ def reference(batch, tiny_vlm):
     cfg = LearnerConfig(
         world_size=2, zero_stage=2, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0
     )
-    return reference_step(tiny_vlm, b, cfg, O.ObjectiveConfig())
+    return reference_step(tiny_vlm, [b], cfg, O.ObjectiveConfig())
 
 
 def train_one_step(tiny_vlm, b, stage):
@@ -260,6 +262,34 @@ def test_one_step_off_rollout_samples_with_the_weights_it_started_with(
     assert m["rollout/one_step_off"] == 0.0
     for c in (coord, resumed):
         c.shutdown()
+
+
+@pytest.mark.slow
+def test_each_step_accumulates_its_own_micro_batches_when_their_number_changes(ray_local, batch, tiny_vlm):
+    """The number of micro-batches per step follows the batch (tied groups are dropped), while
+    DeepSpeed places accumulation boundaries by a micro-step counter that runs across steps: a step
+    of 1 micro-batch then one of 2 would put the boundary after the second step's first
+    micro-batch (a partial update, the rest leaking into the next step, the step reported as
+    skipped). Each step must update once, on all its micro-batches, as plain torch does."""
+    from ekipl.learner.group import LearnerGroup
+
+    b, _, _ = batch
+    steps = [b.select([0]), b.select([1, 2])]
+    cfg = LearnerConfig(
+        world_size=1, zero_stage=2, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=1, grad_clip=1.0
+    )
+    group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
+    try:
+        before = group.state_dict()
+        metrics = [group.train_step(s) for s in steps]
+        after = group.state_dict()
+    finally:
+        group.shutdown()
+    assert [m["actor/skipped_step"] for m in metrics] == [0.0, 0.0]
+    ref_sd, _ = reference_step(tiny_vlm, steps, cfg, O.ObjectiveConfig())
+    moved = max((after[k] - before[k]).abs().max().item() for k in ref_sd)
+    worst = max((after[k] - ref_sd[k]).abs().max().item() for k in ref_sd)
+    assert moved > 1e-4 and worst < 1e-5, f"two steps differ from plain torch's by {worst:.2e}"
 
 
 def test_learner_config_errors_name_the_key():

@@ -173,6 +173,10 @@ class Learner:
         t0 = time.perf_counter()
         for _ in range(self.cfg.epochs):
             for j, rows in enumerate(micro_batches(len(batch), self.cfg.micro_batch_size, n_micro)):
+                # The epoch's last micro-batch is the accumulation boundary. DeepSpeed would place it
+                # by a micro-step counter that runs across steps, which is off by some micro-batches
+                # once their number per step changes (it follows the batch: tied groups are dropped).
+                self.engine.set_gradient_accumulation_boundary(j == n_micro - 1)
                 empty = not rows
                 mb = self._to_device(batch.select(rows or [0]))
                 logp, ent = sequence_logprobs(self.engine, mb, with_entropy=True)
