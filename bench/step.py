@@ -1,15 +1,17 @@
 """Where an EKIPL step's time goes, and what auxiliary sources cost.
 
-    .venv/bin/python -m bench.step [--repeats 3] [--groups 4 8 16]
+    .venv/bin/python -m bench.step [--repeats 5] [--groups 4 8 16]
 
 One set of actors (a policy vLLM engine -- two, in fact: one alone with every core for the rows
 without auxiliary sources, one sharing the cores with the aux engine, as the trainer sets them up
 on CPU --, an auxiliary vLLM engine on the second tiny VLM, the recorded-trace source, 2 ZeRO-2
 learner ranks on gloo) runs the trainer's own step function
 (``ekipl.train._step``: prefetch -> rollout -> rewards/selection -> advantages -> update -> sync)
-for every G in ``--groups`` with 0, 1 and 2 auxiliary sources, 2 prompts per step. Each cell is
-the median of ``--repeats`` steps after one warm-up step. The overlap column is the step time over
-the same G's step time with no auxiliary source (goal <= 1.1x: prefetch hides auxiliary generation).
+for every G in ``--groups`` with 0, 1 and 2 auxiliary sources (the aux VLM samples k = G/4 per
+prompt), 2 prompts per step. Each cell is the median of ``--repeats`` steps after one warm-up step.
+The overlap column is the step time over the same G's step time with no auxiliary source (goal
+<= 1.1x: prefetch hides auxiliary generation). The one learner trains at lr 1e-6 throughout
+(cpu_demo's 1e-4 makes it diverge within the run's ~70 steps, and skipped steps skip the sync).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def compose(overrides):
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=48)
     args = p.parse_args(argv)
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> int:
     from ekipl.train import Hooks, ImageCheck, Sampler, _load_data, _step, resolve_model
 
     out = Path(tempfile.mkdtemp(prefix="ekipl-bench-step-"))
-    base = ["+experiment=cpu_demo", "data.synthetic_size=32", f"trainer.output_dir={out}"]
+    base = ["+experiment=cpu_demo", "data.synthetic_size=32", f"trainer.output_dir={out}", "learner.lr=1e-6"]
     run_cfg, source_cfgs = to_run_config(compose(base))
     data = _load_data(run_cfg, out)
     model = resolve_model(run_cfg.model.path)
@@ -90,6 +92,7 @@ def main(argv: list[str]) -> int:
         source_sets = {0: [], 1: [sources["aux_b"]], 2: [sources["aux_b"], sources["dataset"]]}
         results = []
         for g in args.groups:
+            sources["aux_b"].cfg.k = max(1, g // 4)  # a source samples with its own config's k
             for n_aux, srcs in source_sets.items():
                 cfg, _ = to_run_config(
                     compose(
@@ -110,6 +113,8 @@ def main(argv: list[str]) -> int:
                 steps = []
                 for step in range(1, args.repeats + 2):
                     m = _step(cfg, step, data, sampler, images, coord, learner, router, processor, Hooks())
+                    if m.get("actor/skipped_step") or m.get("trainer/skipped_step"):
+                        raise RuntimeError(f"G={g}, {n_aux} aux: step {step} was skipped (its sync untimed)")
                     if step > 1:  # the first step warms up the prefetch pipeline
                         steps.append(m)
                 coord._pool.shutdown(wait=True)
