@@ -35,6 +35,43 @@ def A(ans, think="ok"):
 )
 def test_format(text, expected):
     assert R.format_reward(text) == expected
+    assert R.format_reward(text, rule="strict") == expected
+
+
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("<think>a</think><answer>3</answer>", 1.0),
+        ("<think>a\nb</think>\n <answer> 3 </answer>", 1.0),
+        ("<think>a</think><think>b</think><answer>3</answer>", 1.0),  # repeated blocks: accepted
+        ("<think>a<answer>3</answer></think><answer>3</answer>", 1.0),  # .*? spans the nested tags
+        ("  <think>a</think><answer>3</answer>", 0.0),  # fullmatch on the raw text: no stripping
+        ("<think>a</think><answer>3</answer>\n", 0.0),
+        ("<think>a</think>x<answer>3</answer>", 0.0),
+        ("<answer>3</answer>", 0.0),
+    ],
+)
+def test_format_reason_rft_is_the_published_regex(text, expected):
+    import re
+
+    published = re.fullmatch(r"<think>.*?</think>\s*<answer>.*?</answer>", text, re.DOTALL)
+    assert R.format_reward(text, rule="reason_rft") == expected == float(published is not None)
+    weights = R.RewardWeights(format_rule="reason_rft")
+    assert R.score(text, Sample(id="x", task="counting", problem="q", answer="3"), weights).format == expected
+
+
+def test_format_rule_errors_and_bounded_time():
+    import time
+
+    with pytest.raises(ValueError, match="reward.format_rule: unknown 'loose'"):
+        R.RewardWeights(format_rule="loose")
+    # the lazy groups backtrack quadratically: a worst case at the length bound stays fast, beyond it
+    # the completion scores 0 without a match
+    worst = "<think>" + "</think>" * (R.MAX_FORMAT_CHARS // 8 - 2)
+    t0 = time.perf_counter()
+    assert R.format_reward(worst, rule="reason_rft") == 0.0
+    assert R.format_reward(worst * 3 + "<answer>1</answer>", rule="reason_rft") == 0.0
+    assert time.perf_counter() - t0 < 5.0
 
 
 @pytest.mark.parametrize(

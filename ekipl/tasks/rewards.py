@@ -11,10 +11,19 @@ only on short, shallow expressions under a sub-second timer. Any internal error 
 
 Decisions (documented here because the paper leaves them open):
 
-* **Format** is 1.0 iff the stripped completion is exactly ``<think>X</think> <answer>Y</answer>``
-  (only whitespace between the blocks, each tag exactly once, nothing after ``</answer>``). This is
-  the fullmatch regex ``<think>.*?</think>\\s*<answer>.*?</answer>`` without its ambiguity about
-  repeated tags, checked in linear time.
+* **Format** has two rules (``reward.format_rule``, ``FORMAT_RULES``):
+
+  - ``strict`` (the default): 1.0 iff the stripped completion is exactly
+    ``<think>X</think> <answer>Y</answer>`` (only whitespace between the blocks, each tag exactly
+    once, nothing after ``</answer>``), checked in linear time. It is the published regex without
+    its ambiguity about repeated tags: ``<think>a</think><think>b</think><answer>c</answer>`` and
+    nested tags score 0, so a policy cannot be paid for stuttering blocks.
+  - ``reason_rft``: the published rule of Reason-RFT (and R1-V, which it builds on), exactly:
+    ``re.fullmatch(r"<think>.*?</think>\\s*<answer>.*?</answer>", completion, re.DOTALL)`` on the
+    completion as it is (no stripping). It accepts repeated ``<think>`` blocks. The paper presets use
+    it, so their format rewards match the published runs'. Its lazy groups backtrack in quadratic
+    time at worst, so completions over ``MAX_FORMAT_CHARS`` score 0 (no 2,048-token answer is that
+    long).
 * **The answer** is the text inside the *last* ``<answer>...</answer>`` pair. Without one, accuracy
   is 0.
 * **Counting**: the answer must be one number (``3``, ``3.0``, ``+3``, ``3.``) or an English number
@@ -59,8 +68,19 @@ def register(task: str):
 # Format and answer extraction
 
 
-def format_reward(completion: str, sample: Sample | None = None) -> float:
-    """1.0 iff the completion is exactly ``<think>..</think>\\s*<answer>..</answer>`` (see module doc)."""
+MAX_FORMAT_CHARS = 16_000
+_REASON_RFT_FORMAT = re.compile(r"<think>.*?</think>\s*<answer>.*?</answer>", re.DOTALL)
+FORMAT_RULES = ("strict", "reason_rft")
+
+
+def format_reward(completion: str, sample: Sample | None = None, rule: str = "strict") -> float:
+    """1.0 iff the completion has the ``<think>..</think>\\s*<answer>..</answer>`` form under ``rule``
+    (see the module docstring); 0.0 otherwise."""
+    if rule == "reason_rft":
+        ok = len(completion) <= MAX_FORMAT_CHARS and _REASON_RFT_FORMAT.fullmatch(completion) is not None
+        return 1.0 if ok else 0.0
+    if rule != "strict":
+        raise ValueError(f"unknown format rule {rule!r}; known: {FORMAT_RULES}")
     try:
         s = completion.strip()
         if not (s.startswith("<think>") and s.endswith("</answer>")):
@@ -307,8 +327,15 @@ EVAL_ACCURACY: dict[str, RewardFn] = {**ACCURACY, "trance": trance_partial_credi
 
 @dataclasses.dataclass(frozen=True)
 class RewardWeights:
+    """How a completion is scored: the weights of accuracy and format, and the format rule."""
+
     accuracy: float = 1.0
     format: float = 1.0
+    format_rule: str = "strict"
+
+    def __post_init__(self):
+        if self.format_rule not in FORMAT_RULES:
+            raise ValueError(f"reward.format_rule: unknown {self.format_rule!r}; known: {FORMAT_RULES}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -331,7 +358,7 @@ def score(
         acc = float(table[sample.task](completion, sample))
     except Exception:
         acc = 0.0
-    fmt = format_reward(completion)
+    fmt = format_reward(completion, rule=weights.format_rule)
     if not math.isfinite(acc):
         acc = 0.0
     return Reward(accuracy=acc, format=fmt, total=weights.accuracy * acc + weights.format * fmt)
