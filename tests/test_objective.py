@@ -218,3 +218,37 @@ def test_sft_loss_is_the_token_mean_nll_with_the_global_denominator():
     assert torch.allclose(logp.grad, -mask / 3)
     loss6, _ = O.sft_loss(logp, mask, global_tokens=6.0)  # this rank's share of a 6-token batch
     assert loss6.item() == pytest.approx(1.0)
+
+
+def test_group_std_population_or_sample():
+    """algorithm.std: population (the default) or sample (torch.std, TRL 0.15 / Reason-RFT)."""
+    r = T([1.0, 0.0, 0.0, 0.0])
+    gi = torch.zeros(4, dtype=torch.long)
+    pol = torch.ones(4, dtype=torch.bool)
+    pop = O.group_advantages(r, gi, pol, "grpo", eps=1e-4)
+    samp = O.group_advantages(r, gi, pol, "grpo", eps=1e-4, std="sample")
+    mu = 0.25
+    pop_sd, samp_sd = math.sqrt(0.1875), math.sqrt(0.25)  # sum of squares 0.75 over 4 and over 3
+    assert torch.allclose(pop, ((r - mu) / (pop_sd + 1e-4)).float())
+    assert torch.allclose(samp, ((r - mu) / (samp_sd + 1e-4)).float())
+    assert float(pop[0] / samp[0]) == pytest.approx(math.sqrt(4 / 3), rel=1e-3)  # ~15% larger at G=4
+    one = O.group_advantages(T([1.0]), torch.zeros(1, dtype=torch.long), pol[:1], "grpo", std="sample")
+    assert one.tolist() == [0.0]  # a lone action: std 0, not NaN
+    with pytest.raises(ValueError, match="algorithm.std: unknown 'biased'"):
+        O.ObjectiveConfig(std="biased")
+
+
+def test_clip_fraction_and_ratio_reported_for_policy_and_aux_tokens_apart():
+    """Policy tokens: one of two clipped, ratio 1.5 and 1.0; aux tokens: both clipped, ratio 2."""
+    old = T([[0.0, 0.0], [0.0, 0.0]])
+    logp = T([[math.log(1.5), 0.0], [math.log(2.0), math.log(2.0)]])
+    _, m = _loss(O.ObjectiveConfig(), logp, old, [1.0, 1.0], [False, True])
+    assert m["clip_frac"].item() == pytest.approx(0.5) and m["aux_clip_frac"].item() == pytest.approx(1.0)
+    assert m["policy_ratio_mean"].item() == pytest.approx(1.25)
+    assert m["aux_ratio_mean"].item() == pytest.approx(2.0)
+    # shaped: aux tokens are never clipped, and their reported ratio is still π_θ/π_old
+    _, m = _loss(O.ObjectiveConfig(offpolicy="shaped"), logp, old, [1.0, 1.0], [False, True])
+    assert m["aux_clip_frac"].item() == 0.0 and m["aux_ratio_mean"].item() == pytest.approx(2.0)
+    # a batch without aux tokens reports no aux metrics (a mean over nothing is not 0)
+    _, m = _loss(O.ObjectiveConfig(), logp, old, [1.0, 1.0], [False, False])
+    assert "aux_clip_frac" not in m and "aux_ratio_mean" not in m

@@ -16,7 +16,10 @@ Notation, per token t of action i in a group of G selected actions for one promp
 * ``split``:     A_i = (r_i − mean(r_pol)) / (std(r_pol) + eps) (statistics from policy actions only,
   as LUFFY's grpo_split; falls back to all actions when fewer than two are from the policy)
 
-std is the population standard deviation (``unbiased=False``).
+std is the population standard deviation (``std=population``, the default) or the sample one
+(``std=sample``, ``torch.std``'s unbiased estimate, as TRL 0.15, which Reason-RFT trained with, and
+verl use); a one-action group has std 0. With Adam the two differ by a constant factor per group size
+(√(G/(G−1))), which the optimizer's normalisation mostly absorbs; they differ where eps or β matters.
 
 **Per-token loss** (``OFFPOLICY`` registry for auxiliary actions):
 
@@ -50,10 +53,11 @@ from collections.abc import Callable
 
 import torch
 
-AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
 OFFPOLICY: dict[str, Callable] = {}
 AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+STDS = ("population", "sample")
 
 
 def _register(table: dict, name: str):
@@ -68,23 +72,27 @@ def _register(table: dict, name: str):
 # Advantages
 
 
+def _std(x: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    return x.std(unbiased=unbiased) if len(x) > 1 else torch.zeros((), dtype=x.dtype)
+
+
 @_register(ADVANTAGES, "grpo")
-def grpo_advantages(rewards: torch.Tensor, is_policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def grpo_advantages(rewards, is_policy, eps: float = 1e-6, unbiased: bool = False) -> torch.Tensor:
     """A = (r − mean) / (std + eps) over one group's selected actions."""
-    return (rewards - rewards.mean()) / (rewards.std(unbiased=False) + eps)
+    return (rewards - rewards.mean()) / (_std(rewards, unbiased) + eps)
 
 
 @_register(ADVANTAGES, "mean_only")
-def mean_only_advantages(rewards: torch.Tensor, is_policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def mean_only_advantages(rewards, is_policy, eps: float = 1e-6, unbiased: bool = False) -> torch.Tensor:
     """A = r − mean (Dr.GRPO)."""
     return rewards - rewards.mean()
 
 
 @_register(ADVANTAGES, "split")
-def split_advantages(rewards: torch.Tensor, is_policy: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def split_advantages(rewards, is_policy, eps: float = 1e-6, unbiased: bool = False) -> torch.Tensor:
     """A = (r − mean(r_policy)) / (std(r_policy) + eps); all actions if < 2 are from the policy."""
     ref = rewards[is_policy] if int(is_policy.sum()) >= 2 else rewards
-    return (rewards - ref.mean()) / (ref.std(unbiased=False) + eps)
+    return (rewards - ref.mean()) / (_std(ref, unbiased) + eps)
 
 
 def group_advantages(
@@ -93,14 +101,17 @@ def group_advantages(
     is_policy: torch.Tensor,
     mode: str = "grpo",
     eps: float = 1e-6,
+    std: str = "population",
 ) -> torch.Tensor:
     """Advantages for a flat batch of actions; ``group_index[i]`` names action i's group."""
     if mode not in ADVANTAGES:
         raise ValueError(f"unknown advantage mode {mode!r}; known: {sorted(ADVANTAGES)}")
+    if std not in STDS:
+        raise ValueError(f"unknown std {std!r}; known: {STDS}")
     out = torch.zeros_like(rewards, dtype=torch.float32)
     for g in torch.unique(group_index):
         sel = group_index == g
-        out[sel] = ADVANTAGES[mode](rewards[sel].float(), is_policy[sel], eps)
+        out[sel] = ADVANTAGES[mode](rewards[sel].float(), is_policy[sel], eps, std == "sample")
     return out
 
 
@@ -182,8 +193,11 @@ class ObjectiveConfig:
     kl_coef: float = 0.0
     aggregation: str = "token_mean"
     eps: float = 1e-6
+    std: str = "population"  # the group std: population, or sample (TRL 0.15 / Reason-RFT, with eps 1e-4)
 
     def __post_init__(self):
+        if self.std not in STDS:
+            raise ValueError(f"algorithm.std: unknown {self.std!r}; known: {STDS}")
         if self.advantage not in ADVANTAGES:
             raise ValueError(f"algorithm.advantage: unknown {self.advantage!r}; known: {sorted(ADVANTAGES)}")
         if self.offpolicy not in OFFPOLICY:
@@ -236,13 +250,20 @@ def policy_loss(
     with torch.no_grad():
         m = mask.float()
         n = m.sum().clamp(min=1.0)
-        on_m = m * (~aux).float()
         metrics = {
-            "clip_frac": (clipped * on_m).sum() / on_m.sum().clamp(min=1.0),
             "kl": (kl * m).sum() / n,
             "ratio_mean": (ratio * m).sum() / n,
             "pg_loss": aggregate(per_token - cfg.kl_coef * kl, mask, "token_mean"),
         }
+        # Per source kind, only where this batch has such tokens (a mean over none is no zero):
+        # clip_frac / policy_ratio_mean on policy tokens, aux_* on auxiliary ones. The importance
+        # ratio here is always π_θ/π_old (1 in the first inner epoch), whatever the off-policy mode.
+        rho = torch.exp(logp.detach() - old_logp)
+        for prefix, kind in (("", ~aux), ("aux_", aux)):
+            km = m * kind.float()
+            if float(km.sum()) > 0:
+                metrics[f"{prefix}clip_frac"] = (clipped * km).sum() / km.sum()
+                metrics[f"{prefix or 'policy_'}ratio_mean"] = (rho * km).sum() / km.sum()
     return loss, metrics
 
 
