@@ -87,12 +87,14 @@ def test_batched_logprobs_equal_one_sequence_at_a_time(batch, tiny_vlm):
 
 
 def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConfig):
-    """The same updates (one per batch) in one process with plain torch: the ground truth for ZeRO."""
+    """The same updates (one per batch) in one process with plain torch: the ground truth for ZeRO.
+    Returns (state dict, model, each step's gradient norm before clipping from clip_grad_norm_)."""
     torch.manual_seed(0)
     model = hf.load_model(model_path)
     opt = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
+    norms = []
     for b in batches:
         with torch.no_grad():
             old, _ = sequence_logprobs(model.eval(), b)
@@ -109,9 +111,9 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
         )
         opt.zero_grad()
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, model
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, model, norms
 
 
 @pytest.fixture(scope="module")
@@ -143,10 +145,18 @@ def zero3(ray_local, batch, tiny_vlm):
     group.shutdown()
 
 
-def check_against_reference(stage, before, metrics, after, reference):
-    ref_sd, _ = reference
+def check_against_reference(stage, before, metrics, after, reference, lr=LR):
+    ref_sd, _, norms = reference
     assert metrics["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # first epoch: π_old = π_θ
     assert metrics["actor/clip_frac"] == 0.0
+    assert metrics["actor/policy_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["actor/aux_ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # the batch has aux rows
+    assert metrics["actor/aux_clip_frac"] == 0.0
+    # the whole batch's gradient norm before clipping, as torch's clip_grad_norm_ computes it; the
+    # reference's last step clipped it (norm > grad_clip), so a norm after clipping would be 1.0
+    assert metrics["actor/grad_norm"] == pytest.approx(norms[-1], rel=1e-4)
+    assert norms[-1] > 1.0
+    assert metrics["actor/lr"] == lr
     worst = max((after[k] - ref_sd[k]).abs().max().item() for k in ref_sd)
     moved = max((after[k] - before[k]).abs().max().item() for k in ref_sd)
     assert moved > 1e-4, "the update did not change the weights"

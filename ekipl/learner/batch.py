@@ -35,6 +35,11 @@ class Batch:
     mm_token_type_ids: torch.Tensor | None = None  # [B, L]
     old_logp: torch.Tensor | None = None  # [B, L - 1]
     ref_logp: torch.Tensor | None = None  # [B, L - 1]
+    # The engine's log-probs of the policy's sampled tokens, where it reported them (0 elsewhere),
+    # aligned like completion_mask; sampled_mask marks them. The learner compares its own π_old with
+    # them (actor/rollout_logprob_diff): weights, tokens and masks must agree between the two.
+    sampled_logp: torch.Tensor | None = None  # [B, L - 1]
+    sampled_mask: torch.Tensor | None = None  # [B, L - 1]
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -90,6 +95,8 @@ class Batch:
             mm_token_type_ids=cut(self.mm_token_type_ids),
             old_logp=cut(self.old_logp, length - 1),
             ref_logp=cut(self.ref_logp, length - 1),
+            sampled_logp=cut(self.sampled_logp, length - 1),
+            sampled_mask=cut(self.sampled_mask, length - 1),
         )
 
 
@@ -104,17 +111,7 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
         for t in (getattr(processor, "image_token_id", None), getattr(processor, "video_token_id", None))
         if isinstance(t, int)
     }
-    seqs, prompt_lens, pvs, thws, patches, images, sources, src_ids, is_aux = (
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-        [],
-    )
+    seqs, prompt_lens, pvs, thws, patches, images, sources, src_ids, is_aux, sampled = ([] for _ in range(10))
     for g in groups:
         imgs = g.sample.load_images()
         if imgs:
@@ -141,16 +138,23 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
                 sources.append(a.source)
             src_ids.append(sources.index(a.source))
             is_aux.append(not a.is_policy)
+            lps = a.sampling_logprobs
+            sampled.append(lps if lps is not None and len(lps) == len(a.token_ids) else None)
     if len(advantages) != len(seqs):
         raise ValueError(f"{len(advantages)} advantages for {len(seqs)} actions")
     length = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     attn = torch.zeros((len(seqs), length), dtype=torch.long)
     cmask = torch.zeros((len(seqs), length - 1), dtype=torch.float32)
+    slogp, smask = torch.zeros_like(cmask), torch.zeros_like(cmask)
     for i, (s, p) in enumerate(zip(seqs, prompt_lens, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         cmask[i, p - 1 : len(s) - 1] = 1.0
+        where = cmask[i].nonzero().squeeze(-1)  # placed by the mask: a mask off by one shows there
+        if sampled[i] is not None and len(where) == len(sampled[i]):
+            slogp[i, where] = torch.tensor(sampled[i])
+            smask[i, where] = 1.0
     batch = Batch(
         input_ids=ids,
         attention_mask=attn,
@@ -159,6 +163,8 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
         is_aux=torch.tensor(is_aux, dtype=torch.bool),
         source_ids=torch.tensor(src_ids),
         sources=sources,
+        sampled_logp=slogp if smask.any() else None,
+        sampled_mask=smask if smask.any() else None,
     )
     if pvs:
         if len(pvs) != len(seqs):

@@ -130,9 +130,10 @@ class LearnerGroup:
         t1 = time.perf_counter()
         metrics = self._call("update", shards, max_rows=max_rows, sft=sft, **batch.totals())
         t2 = time.perf_counter()
-        out = {
-            k: sum(m[k] for m in metrics) / len(metrics) for k in metrics[0] if not k.startswith("timing/")
-        }
+        out = {}  # the mean over the ranks that report a key (aux_* only where a rank has aux tokens)
+        for k in dict.fromkeys(k for m in metrics for k in m if not k.startswith("timing/")):
+            vals = [m[k] for m in metrics if k in m]
+            out[k] = sum(vals) / len(vals)
         out.update({"timing/logprob": t1 - t0, "timing/update": t2 - t1})
         return out
 

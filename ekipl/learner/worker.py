@@ -21,6 +21,39 @@ from ekipl.learner.config import LearnerConfig
 log = logging.getLogger(__name__)
 
 
+def _float(x) -> float:
+    """A DeepSpeed scalar (a tensor, a float, or None before any step) as a float (NaN for None)."""
+    return float("nan") if x is None else float(x)
+
+
+class _Means:
+    """Running means of per-micro-batch metrics, each over the micro-batches that report it."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def result(self) -> dict[str, float]:
+        return {k: v / self.counts[k] for k, v in self.sums.items()}
+
+
+def rollout_logprob_diff(logp: torch.Tensor, mb: Batch) -> dict:
+    """Mean |log π_learner − log π_engine| over the policy's sampled tokens, where the engine reported
+    them (first epoch: the learner's π_old). ~1e-4 when weights, tokens, masks and image features
+    agree between engine and learner; one update stale with one-step-off rollout."""
+    if mb.sampled_mask is None:
+        return {}
+    sm = mb.sampled_mask * mb.completion_mask
+    if float(sm.sum()) == 0:
+        return {}
+    return {"rollout_logprob_diff": ((logp.detach() - mb.sampled_logp).abs() * sm).sum() / sm.sum()}
+
+
 def micro_batches(n_rows: int, size: int, n_micro: int) -> list[list[int]]:
     """``n_micro`` lists of row indices (the last ones may be empty: a rank with fewer rows)."""
     rows = list(range(n_rows))
@@ -123,6 +156,8 @@ class Learner:
             "mm_token_type_ids",
             "old_logp",
             "ref_logp",
+            "sampled_logp",
+            "sampled_mask",
         ):
             t = getattr(b, f)
             if t is not None:
@@ -164,14 +199,15 @@ class Learner:
         # engine.backward divides by the accumulation steps and the ranks' gradients are averaged:
         # scale so that the sum over ranks and micro-batches is the whole batch's loss.
         scale = float(self.world_size * n_micro)
-        sums: dict[str, float] = {}
-        count = nonfinite = skipped = 0
+        means = _Means()
+        grad_norms: list[float] = []
+        nonfinite = skipped = 0
         # π_old: the weights' log-probs before this step's first optimizer step. Every micro-batch of
         # the first epoch runs before that step, so its own detached log-probs are π_old, and no
         # separate forward pass is needed (unless the caller supplied ``old_logp``).
         old_cache: dict[int, torch.Tensor] = {}
         t0 = time.perf_counter()
-        for _ in range(self.cfg.epochs):
+        for epoch in range(self.cfg.epochs):
             for j, rows in enumerate(micro_batches(len(batch), self.cfg.micro_batch_size, n_micro)):
                 # The epoch's last micro-batch is the accumulation boundary. DeepSpeed would place it
                 # by a micro-step counter that runs across steps, which is off by some micro-batches
@@ -209,13 +245,17 @@ class Learner:
                 self.engine.step()
                 if not empty:
                     metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + float(v)
-                    count += 1
+                    if epoch == 0:
+                        metrics.update(rollout_logprob_diff(logp, mb))
+                    means.add(metrics)
+            # The whole batch's gradient norm before clipping (DeepSpeed reduces it over the ranks).
+            grad_norms.append(_float(self.engine.get_global_grad_norm()))
             if not self.engine.was_step_applied():  # the same decision on every rank
                 skipped = 1
                 break  # later epochs would start from the same weights and fail the same way
-        out = {f"actor/{k}": v / max(count, 1) for k, v in sums.items()}
+        out = {f"actor/{k}": v for k, v in means.result().items()}
+        out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["actor/lr"] = float(self.engine.get_lr()[0])
         out["actor/skipped_step"] = float(skipped)
         out["actor/nonfinite_loss"] = float(nonfinite)
         out["timing/update_rank"] = time.perf_counter() - t0
