@@ -14,8 +14,8 @@ class Action:
     """One candidate answer in a group.
 
     ``token_ids`` are in the *policy's* tokenizer (auxiliary text is re-tokenized), ending with the
-    policy's end-of-turn token when the answer is complete. ``sampling_logprobs`` exist only for
-    policy actions.
+    policy's end-of-turn token when the answer is complete (``truncated`` when it is not).
+    ``sampling_logprobs`` exist only for policy actions.
     """
 
     source: str
@@ -25,6 +25,7 @@ class Action:
     accuracy: float = 0.0
     format: float = 0.0
     sampling_logprobs: list[float] | None = None
+    truncated: bool = False  # cut at its length budget before its end token
 
     @property
     def is_policy(self) -> bool:

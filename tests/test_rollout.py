@@ -147,6 +147,28 @@ def test_group_mixes_policy_and_two_aux_sources_with_provenance_retokenization_a
 
 
 @pytest.mark.slow
+def test_length_and_truncation_metrics_per_source(coordinator_factory, counting_data):
+    """A completion cut at its budget counts as truncated; one ending in the end token does not."""
+    trace = DatasetSource(SourceConfig(name="dataset", kind="dataset"))
+    samples = [counting_data[0], counting_data[1]]
+    coord = coordinator_factory(sources=[trace], max_tokens=5, ignore_eos=True)
+    _, m = coord.rollout(samples)
+    eos = coord.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    lengths = [len(coord.tokenizer(s.cot, add_special_tokens=False)["input_ids"]) + 1 for s in samples]
+    assert all(a.truncated for _, acts in coord.last_candidates for a in acts if a.is_policy)
+    assert (m["length/policy/mean"], m["length/policy/max"], m["length/policy/min"]) == (5.0, 5.0, 5.0)
+    assert m["length/policy/truncated_frac"] == 1.0  # every policy completion hit rollout.max_tokens
+    assert m["length/dataset/truncated_frac"] == 0.0  # the whole trace, ending in the end token
+    assert m["length/dataset/mean"] == sum(lengths) / 2 and m["length/dataset/max"] == max(lengths)
+    assert m["length/dataset/min"] == min(lengths)
+    cut = coordinator_factory(sources=[trace], max_tokens=5, ignore_eos=True, aux_max_tokens=10)
+    _, m2 = cut.rollout(samples)
+    traces = [a for _, acts in cut.last_candidates for a in acts if a.source == "dataset"]
+    assert all(len(a.token_ids) == 10 and a.token_ids[-1] != eos and a.truncated for a in traces)
+    assert m2["length/dataset/truncated_frac"] == 1.0 and m2["length/dataset/max"] == 10.0
+
+
+@pytest.mark.slow
 def test_topg_and_drop_tied_through_the_coordinator(coordinator_factory, counting_data):
     coord = coordinator_factory(selection="topg", group_size=2, drop_tied=True)
     groups, m = coord.rollout([counting_data[2]])

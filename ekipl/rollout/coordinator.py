@@ -115,6 +115,7 @@ class RolloutCoordinator:
         self.failures: dict[str, int] = {s.name: 0 for s in sources}
         self._step = 0
         self._early: EarlyRollout | None = None
+        self.last_candidates: list[tuple[Sample, list[Action]]] = []  # the last rollout's, scored
 
     # ------------------------------------------------------------------------------------------
     # Auxiliary sources
@@ -181,7 +182,13 @@ class RolloutCoordinator:
         ids, text = text_token_ids(self.tokenizer, text, self.eos_id, self.cfg.aux_max_tokens)
         r = score(text, sample, self.weights)
         return Action(
-            source=source, token_ids=ids, text=text, reward=r.total, accuracy=r.accuracy, format=r.format
+            source=source,
+            token_ids=ids,
+            text=text,
+            reward=r.total,
+            accuracy=r.accuracy,
+            format=r.format,
+            truncated=ids[-1:] != [self.eos_id],  # cut at rollout.aux_max_tokens
         )
 
     @staticmethod
@@ -267,6 +274,7 @@ class RolloutCoordinator:
                         accuracy=r.accuracy,
                         format=r.format,
                         sampling_logprobs=list(c.logprobs),
+                        truncated=c.finish_reason == "length",  # hit rollout.max_tokens, no end token
                     )
                 )
             candidates.append(acts)
@@ -292,6 +300,7 @@ class RolloutCoordinator:
                 candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
         t_reward += time.perf_counter() - t2
 
+        self.last_candidates = list(zip(samples, candidates, strict=True))
         groups, dropped, aux_wins, pass_rates = [], 0, 0, []
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
             pass_rates.append(selection.pass_rate(acts))
@@ -324,6 +333,11 @@ class RolloutCoordinator:
             m[f"reward/{name}/mean"] = sum(a.reward for a in acts) / len(acts)
             m[f"reward/{name}/accuracy"] = sum(a.accuracy for a in acts) / len(acts)
             m[f"reward/{name}/format"] = sum(a.format for a in acts) / len(acts)
+            lengths = [len(a.token_ids) for a in acts]  # in the policy's tokens, end token included
+            m[f"length/{name}/mean"] = sum(lengths) / len(lengths)
+            m[f"length/{name}/max"] = float(max(lengths))
+            m[f"length/{name}/min"] = float(min(lengths))
+            m[f"length/{name}/truncated_frac"] = sum(a.truncated for a in acts) / len(acts)
         selected = [a for g in groups for a in g.actions]
         for name in [POLICY] + [s.name for s in self.sources]:
             m[f"select/ratio/{name}"] = sum(a.source == name for a in selected) / max(1, len(selected))
