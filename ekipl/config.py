@@ -39,15 +39,28 @@ class DataConfig:
     task: str | None = None
     synthetic_task: str = "counting"
     synthetic_size: int = 64
+    synthetic_seed: int | None = None  # the synthetic set's seed (None: trainer.seed)
     skip_bad_rows: bool = False
     prompts_per_step: int = 2
     shuffle: bool = True
+    # Held-out splits for validation in the loop (trainer.eval_every): name -> RL JSON file (image
+    # paths relative to image_root). Empty with synthetic data: its test_id and test_ood splits.
+    val_files: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
 class RewardConfig:
     accuracy: float = 1.0
     format: float = 1.0
+    # strict (default: each tag once, so repeated <think> blocks are not paid) or reason_rft (the
+    # published regex, exactly; the paper presets use it). See ekipl.tasks.rewards.
+    format_rule: str = "strict"
+
+    def __post_init__(self):
+        from ekipl.tasks.rewards import FORMAT_RULES
+
+        if self.format_rule not in FORMAT_RULES:
+            raise ValueError(f"reward.format_rule: unknown {self.format_rule!r}; known: {FORMAT_RULES}")
 
 
 @dataclasses.dataclass
@@ -64,6 +77,20 @@ class TrainerConfig:
     ray_address: str | None = None  # None: start a local Ray
     ray_num_cpus: int | None = None
     aux_cache: bool = True
+    # Validation in the loop, through the policy engines: every N steps (0: never) and before the
+    # first step, on data.val_files; greedy accuracy and format, plus pass@1/pass@k from eval_k
+    # samples at eval_temperature when eval_k > 0. eval_limit: first N problems per split (0: all);
+    # eval_max_tokens 0: rollout.max_tokens.
+    eval_every: int = 0
+    eval_before_train: bool = False
+    eval_k: int = 0
+    eval_temperature: float = 1.0
+    eval_limit: int = 0
+    eval_max_tokens: int = 0
+    # Every N steps (0: never), the first log_samples_groups prompts' candidates (source, completion,
+    # reward, selected, advantage) go to <output_dir>/samples.jsonl and to W&B as a table.
+    log_samples_every: int = 0
+    log_samples_groups: int = 2
 
 
 @dataclasses.dataclass
@@ -181,6 +208,21 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
     t = run.trainer
     if t.steps < 1:
         raise ConfigError("trainer.steps must be >= 1")
+    for key in (
+        "eval_every",
+        "eval_k",
+        "eval_limit",
+        "eval_max_tokens",
+        "log_samples_every",
+        "log_samples_groups",
+    ):
+        if getattr(t, key) < 0:
+            raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(t, key)}")
+    if (t.eval_every or t.eval_before_train) and run.data.train_file and not run.data.val_files:
+        raise ConfigError(
+            "trainer.eval_every/eval_before_train: validation needs held-out splits; set "
+            "data.val_files={NAME: FILE, ...} (synthetic data brings its own test_id/test_ood)"
+        )
     if t.save_every < 0 or t.keep_checkpoints < 0 or t.max_nonfinite_skips < 1:
         raise ConfigError(
             "trainer.save_every and trainer.keep_checkpoints must be >= 0, trainer.max_nonfinite_skips >= 1"

@@ -4,12 +4,15 @@ Per split and model it reports, with Reason-RFT's evaluation scoring (``score(ev
 exact counts, geometry choices/numbers/math equivalence, TRANCE partial credit per step):
 
 * ``accuracy``  -- mean accuracy of the greedy answer (temperature 0);
-* ``format``    -- share of greedy answers in the ``<think>..</think><answer>..</answer>`` form;
+* ``format``    -- share of greedy answers in the ``<think>..</think><answer>..</answer>`` form
+  (``--format-rule``: ``strict`` or ``reason_rft``, see :mod:`ekipl.tasks.rewards`);
 * ``pass@1`` / ``pass@k`` -- from ``n`` samples at ``temperature`` per problem, with the unbiased
   estimator ``pass@k = E[1 - C(n - c, k) / C(n, k)]`` over problems, where ``c`` counts samples
   with accuracy 1 (full marks).
 
-Writes ``eval.json`` and ``eval.md`` (a Markdown table) to ``--out``. Several models of one
+Writes ``eval.json`` and ``eval.md`` (a Markdown table) to ``--out``, and every problem's greedy
+and sampled completions with their scores to ``--out``/``completions/<model>.<split>.jsonl`` (read
+them when a number surprises you). Several models of one
 architecture share one engine: the next model's weights are loaded into it (no second start).
 
     python -m ekipl.eval --model outputs/run/policy --split id=data/test_id.json \\
@@ -52,33 +55,65 @@ def summarize(greedy: list[tuple[float, float]], sampled: list[list[float]], k: 
     return out
 
 
-def evaluate_split(llm, processor, samples, k: int, n: int, temperature: float, max_tokens: int, seed=0):
-    """Greedy and sampled answers for ``samples`` from one engine; returns the split's metrics."""
+def score_split(samples, greedy, sampled, k: int, format_rule: str = "strict") -> tuple[dict, list[dict]]:
+    """The split's metrics and one record per problem (its completions with their scores), from the
+    greedy completion texts (one per sample) and the sampled ones (a list per sample, or empty)."""
+    from ekipl.tasks.rewards import RewardWeights, score
+
+    weights = RewardWeights(format_rule=format_rule)
+    pairs, accs, records = [], [], []
+    for i, s in enumerate(samples):
+        r = score(greedy[i], s, weights, evaluation=True)
+        pairs.append((r.accuracy, r.format))
+        rec = {
+            "id": s.id,
+            "answer": s.answer,
+            "greedy": {"text": greedy[i], "accuracy": r.accuracy, "format": r.format},
+        }
+        if sampled:
+            scored = [score(t, s, weights, evaluation=True) for t in sampled[i]]
+            accs.append([x.accuracy for x in scored])
+            rec["samples"] = [
+                {"text": t, "accuracy": x.accuracy, "format": x.format}
+                for t, x in zip(sampled[i], scored, strict=True)
+            ]
+        records.append(rec)
+    return summarize(pairs, accs, k), records
+
+
+def split_requests(processor, samples) -> list:
+    """The engine requests of a split: each problem's chat prompt with its images."""
     from ekipl.engines import vllm_backend as vb
     from ekipl.tasks.prompts import build_messages
-    from ekipl.tasks.rewards import score
 
-    requests = []
-    for s in samples:
-        text = processor.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False)
-        requests.append(vb.Request(prompt=text, images=s.load_images()))
+    return [
+        vb.Request(
+            prompt=processor.apply_chat_template(
+                build_messages(s), add_generation_prompt=True, tokenize=False
+            ),
+            images=s.load_images(),
+        )
+        for s in samples
+    ]
+
+
+def evaluate_split(
+    llm, processor, samples, k: int, n: int, temperature: float, max_tokens: int, seed=0, format_rule="strict"
+):
+    """Greedy and sampled answers for ``samples`` from one engine: (metrics, per-problem records)."""
+    from ekipl.engines import vllm_backend as vb
+
+    requests = split_requests(processor, samples)
     banned = vb.placeholder_token_ids(llm)
     greedy_p = vb.sampling_params(n=1, temperature=0.0, max_tokens=max_tokens, banned_token_ids=banned)
-    greedy = []
-    for s, (c,) in zip(samples, vb.generate(llm, requests, greedy_p), strict=True):
-        r = score(c.text, s, evaluation=True)
-        greedy.append((r.accuracy, r.format))
+    greedy = [c.text for (c,) in vb.generate(llm, requests, greedy_p)]
     sampled = []
     if n > 0:
         params = vb.sampling_params(
             n=n, temperature=temperature, max_tokens=max_tokens, banned_token_ids=banned
         )
-        outs = vb.generate(llm, requests, params, seed=seed)
-        sampled = [
-            [score(c.text, s, evaluation=True).accuracy for c in group]
-            for s, group in zip(samples, outs, strict=True)
-        ]
-    return summarize(greedy, sampled, k)
+        sampled = [[c.text for c in group] for group in vb.generate(llm, requests, params, seed=seed)]
+    return score_split(samples, greedy, sampled, k, format_rule)
 
 
 def evaluate(
@@ -91,9 +126,12 @@ def evaluate(
     max_model_len: int = 4096,
     seed: int = 0,
     dtype: str = "auto",
+    records: dict | None = None,
+    format_rule: str = "strict",
 ) -> list[dict]:
     """Rows ``{"model", "split", metrics...}`` for every model x split. Models after the first are
-    loaded into the first one's engine (they must share its architecture)."""
+    loaded into the first one's engine (they must share its architecture). ``records``, when given,
+    receives each (model, split)'s per-problem completions and scores (:func:`write` saves them)."""
     from ekipl.engines import vllm_backend as vb
     from ekipl.models import hf
 
@@ -118,7 +156,11 @@ def evaluate(
                 raise FileNotFoundError(f"{models[name]}: no model.safetensors to load into the engine")
             vb.load_weights_from_file(llm, str(weights))
         for split, samples in splits.items():
-            metrics = evaluate_split(llm, processor, samples, k, n, temperature, max_tokens, seed)
+            metrics, recs = evaluate_split(
+                llm, processor, samples, k, n, temperature, max_tokens, seed, format_rule
+            )
+            if records is not None:
+                records[(name, split)] = recs
             rows.append({"model": name, "split": split, **metrics})
     return rows
 
@@ -135,8 +177,19 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def write(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_records(records: list[dict], path: Path) -> Path:
+    """One JSON line per problem: its greedy and sampled completions with their scores."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def write(rows: list[dict], out: Path, records: dict | None = None) -> tuple[Path, Path]:
+    """``eval.json`` and ``eval.md``, and with ``records`` each model x split's completions as
+    ``completions/<model>.<split>.jsonl`` beside them."""
     out.mkdir(parents=True, exist_ok=True)
+    for (model, split), recs in (records or {}).items():
+        write_records(recs, out / "completions" / f"{model}.{split}.jsonl")
     (out / "eval.json").write_text(json.dumps(rows, indent=1))
     (out / "eval.md").write_text(table(rows) + "\n")
     return out / "eval.json", out / "eval.md"
@@ -144,9 +197,16 @@ def write(rows: list[dict], out: Path) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> int:
     from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.rewards import FORMAT_RULES
 
+    records: dict = {}
     p = argparse.ArgumentParser(prog="python -m ekipl.eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", action="append", required=True, help="NAME=PATH or PATH; repeatable")
+    p.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        help="NAME=PATH or PATH (or a tiny/warm-start name); repeatable",
+    )
     p.add_argument("--split", action="append", required=True, help="NAME=FILE (RL JSON/ShareGPT); repeatable")
     p.add_argument("--image-root", default=None)
     p.add_argument("--task", default=None, help="the task when the rows do not say it")
@@ -156,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: the model's config)")
     p.add_argument("--limit", type=int, default=0, help="first N problems of each split (0: all)")
+    p.add_argument("--format-rule", default="strict", help="strict or reason_rft (see ekipl.tasks.rewards)")
     p.add_argument("--out", default="outputs/eval")
     args = p.parse_args(argv)
 
@@ -169,11 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         return out
 
     try:
-        models = pairs(args.model, "model")
+        from ekipl.runtime import resolve_model
+
+        models = {name: resolve_model(path) for name, path in pairs(args.model, "model").items()}
         splits = {}
         for name, path in pairs(args.split, "split").items():
             ds = load_task_file(path, image_root=args.image_root, task=args.task)
             splits[name] = list(ds)[: args.limit or None]
+        if args.format_rule not in FORMAT_RULES:
+            raise DataError(f"--format-rule: unknown {args.format_rule!r}; known: {FORMAT_RULES}")
         if args.n is not None and args.n < args.k:
             raise DataError(f"--n {args.n} is smaller than --k {args.k}: pass@k needs n >= k samples")
         rows = evaluate(
@@ -184,13 +249,15 @@ def main(argv: list[str] | None = None) -> int:
             temperature=args.temperature,
             max_tokens=args.max_tokens,
             dtype=args.dtype,
+            records=records,
+            format_rule=args.format_rule,
         )
     except (DataError, FileNotFoundError) as e:
         print(f"ekipl eval: error: {e}", file=sys.stderr)
         return 2
-    js, md = write(rows, Path(args.out))
+    js, md = write(rows, Path(args.out), records)
     print(table(rows))
-    print(f"\nwritten: {js}, {md}")
+    print(f"\nwritten: {js}, {md}, and each problem's completions under {Path(args.out) / 'completions'}")
     return 0
 
 

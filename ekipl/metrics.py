@@ -55,6 +55,10 @@ class MetricsLog:
                 r for r in read_metrics(self.path, skip_bad_lines=True) if r.get("step", 0) <= resume_step
             ]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        samples = self.path.with_name("samples.jsonl")
+        if samples.is_file():  # the same for the logged samples (a fresh run starts a new file)
+            old = read_metrics(samples, skip_bad_lines=True) if resume_step else []
+            samples.write_text("".join(json.dumps(r) + "\n" for r in old if r.get("step", 0) <= resume_step))
         self.wandb = None
         if logger.wandb and logger.mode != "disabled":
             import wandb
@@ -84,6 +88,20 @@ class MetricsLog:
             f.write(json.dumps(row) + "\n")
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in row.items() if k != "step" and math.isfinite(v)}, step=step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        """A few groups' candidates (see ``ekipl.train.sample_rows``): appended to ``samples.jsonl``
+        and logged to W&B as a table named ``samples``."""
+        if not rows:
+            return
+        with open(self.path.with_name("samples.jsonl"), "a") as f:
+            f.write("".join(json.dumps({"step": step, **r}) + "\n" for r in rows))
+        if self.wandb is not None:
+            import wandb
+
+            cols = ["step", *rows[0]]
+            table = wandb.Table(columns=cols, data=[[step, *r.values()] for r in rows])
+            self.wandb.log({"samples": table}, step=step)
 
     def close(self):
         if self.wandb is not None:

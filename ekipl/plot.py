@@ -6,12 +6,20 @@ from pathlib import Path
 
 from ekipl.metrics import read_metrics
 
+# What to read first (README, "Reading a run"): reward and held-out accuracy, where the group's
+# actions come from, lengths and truncation, and the update's health.
 DEFAULT_KEYS = (
     "reward/policy/mean",
-    "rollout/policy_pass_rate",
+    "val/id/accuracy",
+    "val/ood/accuracy",
+    "select/ratio/policy",
     "select/aux_win_rate",
-    "actor/pg_loss",
+    "length/policy/mean",
+    "length/policy/truncated_frac",
     "actor/entropy",
+    "actor/grad_norm",
+    "actor/clip_frac",
+    "actor/aux_clip_frac",
     "timing/step",
 )
 
@@ -34,6 +42,8 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, keys: tuple[str, ...]
     rows_n = -(-len(keys) // cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
     for ax, key in zip(axes.flat, keys, strict=False):
+        if not any(key in r for rows in runs.values() for r in rows):
+            ax.text(0.5, 0.5, "not logged in these runs", ha="center", va="center", fontsize=8, alpha=0.6)
         for name, rows in runs.items():
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:

@@ -48,13 +48,13 @@ def run(cfg) -> dict:
     from ekipl.learner.batch import collate
     from ekipl.learner.group import LearnerGroup
     from ekipl.models import hf
-    from ekipl.train import (
+    from ekipl.runtime import (
         ImageCheck,
         Sampler,
-        _load_data,
         config_tree,
         export_policy,
         init_ray,
+        load_data,
         resolve_model,
     )
 
@@ -66,7 +66,7 @@ def run(cfg) -> dict:
     (out / "config.json").write_text(json.dumps(redact(tree), indent=1, default=str))
     torch.manual_seed(run_cfg.trainer.seed)
 
-    data = _load_data(run_cfg, out)
+    data = load_data(run_cfg, out)
     usable = [i for i in range(len(data)) if data[i].cot]
     if not usable:
         raise DataError(
@@ -122,7 +122,7 @@ def run(cfg) -> dict:
 
 
 def main() -> None:
-    from ekipl.train import hydra_main
+    from ekipl.runtime import hydra_main
 
     hydra_main(run)
 

@@ -21,8 +21,6 @@ import dataclasses
 import json
 import logging
 import random
-import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -31,98 +29,23 @@ import torch
 from ekipl import checkpoint as ckpt
 from ekipl.config import ConfigError, RunConfig, to_run_config
 from ekipl.metrics import MetricsLog, redact
-from ekipl.tasks.sample import DataError
+from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and ekipl.sft import them from here
+    ImageCheck,
+    Sampler,
+    TrainingError,
+    check_resources,
+    config_tree,
+    export_policy,
+    hydra_main,
+    init_ray,
+    load_data,
+    resolve_model,
+    write_placement,
+)
+
+_load_data = load_data  # the benches' name for it
 
 log = logging.getLogger("ekipl.train")
-
-
-def resolve_model(path: str, seed: int = 0) -> str:
-    """A local directory as is; a tiny model name is built locally; anything else is a HF id."""
-    from ekipl.models.tiny import TINY_MODELS, build_tiny
-
-    if path in TINY_MODELS:
-        return str(build_tiny(path, seed=seed))
-    return path
-
-
-def _load_data(run: RunConfig, out: Path):
-    from ekipl.tasks.loader import load_task_file
-    from ekipl.tasks.synth import make_dataset
-
-    d = run.data
-    if d.train_file:
-        return load_task_file(
-            d.train_file, image_root=d.image_root, task=d.task, skip_bad_rows=d.skip_bad_rows
-        )
-    paths = make_dataset(
-        d.synthetic_task,
-        out / "data",
-        n_train=d.synthetic_size,
-        n_test=max(4, d.synthetic_size // 4),
-        seed=run.trainer.seed,
-    )
-    return load_task_file(paths["train"], skip_bad_rows=d.skip_bad_rows)
-
-
-class Sampler:
-    """Deterministic epochs of shuffled indices; its position is part of the run's state."""
-
-    def __init__(self, n: int, seed: int, shuffle: bool):
-        self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.position = 0
-        self._cached: tuple[int, list[int]] | None = None
-
-    def _order(self, epoch: int) -> list[int]:
-        """The epoch's permutation, shuffled once per epoch (not once per index taken)."""
-        if self._cached is None or self._cached[0] != epoch:
-            idx = list(range(self.n))
-            if self.shuffle:
-                random.Random(self.seed * 7919 + epoch).shuffle(idx)
-            self._cached = (epoch, idx)
-        return self._cached[1]
-
-    def take(self, k: int, advance: bool = True) -> list[int]:
-        out, pos = [], self.position
-        while len(out) < k:
-            epoch, i = divmod(pos, self.n)
-            out.append(self._order(epoch)[i])
-            pos += 1
-        if advance:
-            self.position = pos
-        return out
-
-
-class ImageCheck:
-    """Decodes each sample's images once, before any engine sees them. A missing or corrupt image
-    raises :class:`DataError` (naming file, row and field), or with ``skip_bad_rows`` drops the
-    sample and counts it."""
-
-    def __init__(self, skip_bad_rows: bool):
-        self.skip = skip_bad_rows
-        self.good: set[str] = set()
-        self.bad: set[str] = set()
-
-    def filter(self, samples: list) -> list:
-        out = []
-        for s in samples:
-            if s.id in self.bad:
-                continue
-            if s.id not in self.good:
-                try:
-                    s.load_images()
-                except DataError as e:
-                    if not self.skip:
-                        raise
-                    self.bad.add(s.id)
-                    log.warning("skipping bad row: %s", e)
-                    continue
-                self.good.add(s.id)
-            out.append(s)
-        return out
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (e.g. K consecutive non-finite steps); the last checkpoint is intact."""
 
 
 @dataclasses.dataclass
@@ -159,177 +82,311 @@ def find_resume(run: RunConfig, root: Path):
         raise ConfigError(f"trainer.resume: {e}") from None
 
 
-def run(cfg, hooks: Hooks | None = None) -> dict:
-    """Run training from a Hydra DictConfig (or a plain dict). Returns a summary."""
-    import ray
+class Trainer:
+    """One run: :meth:`setup` (data, models, Ray actors, resume), :meth:`step` per step (the EKIPL
+    step, validation, logging, checkpoint), :meth:`export`, and :meth:`close`, which always runs, so
+    no actor outlives the run even when start-up fails half way."""
 
-    from ekipl.engines import vllm_backend as vb
-    from ekipl.learner.group import LearnerError, LearnerGroup
-    from ekipl.models import hf
-    from ekipl.rollout.cache import ActionCache
-    from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.rollout.policy import PolicyEngineError, PolicyRouter
-    from ekipl.rollout.sources import make_source
-    from ekipl.tasks.rewards import RewardWeights
+    def __init__(self, cfg, hooks: Hooks | None = None):
+        self.hooks = hooks or Hooks()
+        self.tree = config_tree(cfg)
+        self.cfg, self.source_cfgs = to_run_config(self.tree)
+        self.out = Path(self.cfg.trainer.output_dir)
+        self.ckpt_root = self.out / "checkpoints"
+        self.router = self.learner = self.coord = self.metrics_log = self.validator = None
+        self.sources: list = []
+        self.started_ray = False
+        self.summary = {"steps": 0, "skipped_steps": 0, "start_step": 0}
+        self.state = {"consecutive_skips": 0, "wandb_id": None}
 
-    hooks = hooks or Hooks()
-    tree = config_tree(cfg)
-    run_cfg, source_cfgs = to_run_config(tree)
-    out = Path(run_cfg.trainer.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_root = out / "checkpoints"
-    resume = find_resume(run_cfg, ckpt_root)
-    if resume is not None:
-        _check_compatible(run_cfg, resume[1])
-    (out / "config.json").write_text(json.dumps(redact(tree), indent=1, default=str))
-    torch.manual_seed(run_cfg.trainer.seed)
-    random.seed(run_cfg.trainer.seed)
+    def run(self) -> dict:
+        try:
+            self.setup()
+            self.loop()
+            self.export()
+        finally:
+            self.close()
+        return self.summary
 
-    data = _load_data(run_cfg, out)
-    model_path = resolve_model(run_cfg.model.path, run_cfg.model.seed)
-    for s in source_cfgs:
-        if s.kind in ("vllm", "hf"):
-            s.model = resolve_model(s.model, run_cfg.model.seed)
-    processor = hf.load_processor(model_path)
+    # ------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from ekipl.validation import Validator
 
-    started_ray = init_ray(run_cfg)
-    router = learner = coord = metrics_log = None
-    sources: list = []
-    summary = {"steps": 0, "skipped_steps": 0, "start_step": 0}
-    try:
-        check_resources(run_cfg, source_cfgs, ray.cluster_resources())
+        run_cfg, out = self.cfg, self.out
+        out.mkdir(parents=True, exist_ok=True)
+        resume = find_resume(run_cfg, self.ckpt_root)
+        if resume is not None:
+            _check_compatible(run_cfg, resume[1])
+        (out / "config.json").write_text(json.dumps(redact(self.tree), indent=1, default=str))
+        torch.manual_seed(run_cfg.trainer.seed)
+        random.seed(run_cfg.trainer.seed)
+        self.data = load_data(run_cfg, out)
+        self.model_path = resolve_model(run_cfg.model.path, run_cfg.model.seed)
+        for s in self.source_cfgs:
+            if s.kind in ("vllm", "hf"):
+                s.model = resolve_model(s.model, run_cfg.model.seed)
+        from ekipl.models import hf
+
+        self.processor = hf.load_processor(self.model_path)
+        self.validator = Validator.from_config(run_cfg, out, self.processor)  # bad val files fail here
+        self.started_ray = init_ray(run_cfg)
+        self._start_actors()
+        self.sampler = Sampler(len(self.data), run_cfg.trainer.seed, run_cfg.data.shuffle)
+        self.images = ImageCheck(run_cfg.data.skip_bad_rows)
+        if resume is not None:
+            self._resume(*resume)
+        self.metrics_log = MetricsLog(
+            run_cfg.logger,
+            out,
+            redact(self.tree),
+            resume_step=self.summary["start_step"],
+            wandb_id=self.state["wandb_id"],
+        )
+        self.ctx = {
+            "router": self.router,
+            "sources": self.sources,
+            "learner": self.learner,
+            "coordinator": self.coord,
+        }
+
+    def _start_actors(self) -> None:
+        import ray
+
+        from ekipl.engines import vllm_backend as vb
+        from ekipl.learner.group import LearnerGroup
+        from ekipl.rollout.cache import ActionCache
+        from ekipl.rollout.coordinator import RolloutCoordinator
+        from ekipl.rollout.policy import PolicyRouter
+        from ekipl.rollout.sources import make_source
+        from ekipl.tasks.rewards import RewardWeights
+
+        run_cfg, m = self.cfg, self.cfg.model
+        check_resources(run_cfg, self.source_cfgs, ray.cluster_resources())
         t0 = time.perf_counter()
         spec = vb.EngineSpec(
-            model=model_path,
-            dtype=run_cfg.model.dtype,
-            seed=run_cfg.model.seed,
-            max_model_len=run_cfg.model.max_model_len,
-            tensor_parallel_size=run_cfg.model.tensor_parallel_size,
+            model=self.model_path,
+            dtype=m.dtype,
+            seed=m.seed,
+            max_model_len=m.max_model_len,
+            tensor_parallel_size=m.tensor_parallel_size,
         )
         # On CPU, the policy and aux engines generate at the same time (prefetch): they split the
         # cores; with one-step-off rollout the learner's update runs beside them too and takes a share.
-        engines = run_cfg.model.engine_replicas + sum(s.replicas for s in source_cfgs if s.kind == "vllm")
+        engines = m.engine_replicas + sum(s.replicas for s in self.source_cfgs if s.kind == "vllm")
         engines += int(run_cfg.rollout.one_step_off)
-        router = PolicyRouter(
+        self.router = PolicyRouter(
             spec,
-            replicas=run_cfg.model.engine_replicas,
-            num_cpus=run_cfg.model.engine_num_cpus,
-            num_gpus=run_cfg.model.engine_num_gpus,
-            resources=run_cfg.model.engine_resources,
+            replicas=m.engine_replicas,
+            num_cpus=m.engine_num_cpus,
+            num_gpus=m.engine_num_gpus,
+            resources=m.engine_resources,
             engine_share=engines,
         )
-        sources = [make_source(s, seed=run_cfg.trainer.seed, engine_share=engines) for s in source_cfgs]
-        learner = LearnerGroup(
-            model_path,
+        seed = run_cfg.trainer.seed
+        self.sources = [make_source(s, seed=seed, engine_share=engines) for s in self.source_cfgs]
+        self.learner = LearnerGroup(
+            self.model_path,
             run_cfg.learner,
             run_cfg.algorithm,
-            seed=run_cfg.trainer.seed,
+            seed=seed,
             resources=run_cfg.learner.resources,
         )
-        router.ready()
-        for s in sources:
+        self.router.ready()
+        for s in self.sources:
             if hasattr(s, "ready"):
                 s.ready()
-        learner.ready()
+        self.learner.ready()
         log.info("engines and learners up in %.1fs", time.perf_counter() - t0)
-        write_placement(out / "placement.json", router, sources, learner)
-        cache = ActionCache(out / "aux_cache") if run_cfg.trainer.aux_cache else None
-        coord = RolloutCoordinator(
+        write_placement(self.out / "placement.json", self.router, self.sources, self.learner)
+        self.cache = ActionCache(self.out / "aux_cache") if run_cfg.trainer.aux_cache else None
+        r = run_cfg.reward
+        self.coord = RolloutCoordinator(
             run_cfg.rollout,
-            router,
-            sources,
-            processor,
-            RewardWeights(run_cfg.reward.accuracy, run_cfg.reward.format),
-            cache,
+            self.router,
+            self.sources,
+            self.processor,
+            RewardWeights(r.accuracy, r.format, r.format_rule),
+            self.cache,
         )
-        sampler = Sampler(len(data), run_cfg.trainer.seed, run_cfg.data.shuffle)
-        images = ImageCheck(run_cfg.data.skip_bad_rows)
-        state = {"consecutive_skips": 0, "wandb_id": None}
-        if resume is not None:
-            path, saved = resume
-            t1 = time.perf_counter()
-            learner.load_checkpoint(str(path / "learner"))
-            sampler.position = saved["sampler_position"]
-            ckpt.set_rng_state(saved["rng"])
-            summary.update(steps=saved["steps_done"], skipped_steps=saved["skipped_steps"])
-            state.update(consecutive_skips=saved["consecutive_skips"], wandb_id=saved.get("wandb_id"))
-            if run_cfg.rollout.one_step_off:
-                coord.restore_early(saved.get("early_rollout"))
-            summary["start_step"] = saved["step"]
-            if cache is not None:
-                missing = [k for k in saved.get("aux_cache_keys", []) if cache.get(k) is None]
-                if missing:
-                    log.warning(
-                        "resume: %d aux cache entries of the checkpoint are gone (regenerated)", len(missing)
-                    )
-            learner.sync_weights(router.actors)  # the engines started from the base weights
-            log.info("resumed from %s (step %d) in %.1fs", path, saved["step"], time.perf_counter() - t1)
-        metrics_log = MetricsLog(
-            run_cfg.logger, out, redact(tree), resume_step=summary["start_step"], wandb_id=state["wandb_id"]
-        )
-        ctx = {"router": router, "sources": sources, "learner": learner, "coordinator": coord}
+
+    def _resume(self, path: Path, saved: dict) -> None:
+        t1 = time.perf_counter()
+        self.learner.load_checkpoint(str(path / "learner"))
+        self.sampler.position = saved["sampler_position"]
+        ckpt.set_rng_state(saved["rng"])
+        self.summary.update(steps=saved["steps_done"], skipped_steps=saved["skipped_steps"])
+        self.state.update(consecutive_skips=saved["consecutive_skips"], wandb_id=saved.get("wandb_id"))
+        if self.cfg.rollout.one_step_off:
+            self.coord.restore_early(saved.get("early_rollout"))
+        self.summary["start_step"] = saved["step"]
+        if self.cache is not None:
+            missing = [k for k in saved.get("aux_cache_keys", []) if self.cache.get(k) is None]
+            if missing:
+                log.warning(
+                    "resume: %d aux cache entries of the checkpoint are gone (regenerated)", len(missing)
+                )
+        self.learner.sync_weights(self.router.actors)  # the engines started from the base weights
+        log.info("resumed from %s (step %d) in %.1fs", path, saved["step"], time.perf_counter() - t1)
+
+    # ------------------------------------------------------------------------------------------
+    def loop(self) -> None:
         from tqdm import tqdm
 
-        first, last = summary["start_step"] + 1, run_cfg.trainer.steps
+        from ekipl.learner.group import LearnerError
+        from ekipl.rollout.policy import PolicyEngineError
+
+        first, last = self.summary["start_step"] + 1, self.cfg.trainer.steps
         try:
+            if first == 1 and self.cfg.trainer.eval_before_train:
+                self.metrics_log.log(0, self.validate(0))
             for step in tqdm(
                 range(first, last + 1), desc="ekipl", initial=first - 1, total=last, disable=None
             ):
-                m = _step(run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks)
-                skipped = m.get("trainer/skipped_step", 0.0) > 0
-                summary["skipped_steps" if skipped else "steps"] += 1
-                state["consecutive_skips"] = (
-                    state["consecutive_skips"] + 1 if m.get("actor/skipped_step") else 0
-                )
-                m["trainer/consecutive_nonfinite_skips"] = float(state["consecutive_skips"])
-                metrics_log.log(step, m)
-                summary["last"] = m
-                every = run_cfg.trainer.save_every
-                if every and (step % every == 0 or step == last):
-                    _save(
-                        run_cfg, ckpt_root, step, learner, coord, cache, sampler, summary, state, metrics_log
-                    )
-                if hooks.after_step is not None:
-                    hooks.after_step(step, ctx)
-                if state["consecutive_skips"] >= run_cfg.trainer.max_nonfinite_skips:
-                    raise TrainingError(
-                        f"{state['consecutive_skips']} consecutive steps had a non-finite loss or gradient "
-                        f"and were skipped (trainer.max_nonfinite_skips="
-                        f"{run_cfg.trainer.max_nonfinite_skips}); the weights are those of the last good "
-                        "step. Lower learner.lr or check the rewards and data."
-                    )
+                self.step(step)
         except (LearnerError, PolicyEngineError) as e:
-            found = ckpt.latest(ckpt_root)
+            found = ckpt.latest(self.ckpt_root)
             where = (
                 f"the last checkpoint is {found[0]} (step {found[1]['step']}); continue with "
                 "trainer.resume=auto"
                 if found
                 else "there is no checkpoint to resume from yet"
-                + ("" if run_cfg.trainer.save_every else " (trainer.save_every=0 writes none)")
+                + ("" if self.cfg.trainer.save_every else " (trainer.save_every=0 writes none)")
             )
             raise TrainingError(f"{e}; {where}") from e
-        export = out / "policy"
-        export_policy(learner, model_path, export)
-        summary["export"] = str(export)
-    finally:  # also when start-up fails half way: no actor outlives the run
-        if metrics_log is not None:
-            metrics_log.close()
-        if coord is not None:
-            coord.shutdown()
+
+    def step(self, step: int) -> dict:
+        """One step: the EKIPL step, then validation and samples when due, log, checkpoint, hooks."""
+        t, summary, state = self.cfg.trainer, self.summary, self.state
+        record: dict = {}
+        m = _step(
+            self.cfg,
+            step,
+            self.data,
+            self.sampler,
+            self.images,
+            self.coord,
+            self.learner,
+            self.router,
+            self.processor,
+            self.hooks,
+            record,
+        )
+        skipped = m.get("trainer/skipped_step", 0.0) > 0
+        summary["skipped_steps" if skipped else "steps"] += 1
+        state["consecutive_skips"] = state["consecutive_skips"] + 1 if m.get("actor/skipped_step") else 0
+        m["trainer/consecutive_nonfinite_skips"] = float(state["consecutive_skips"])
+        if t.eval_every and step % t.eval_every == 0:
+            m.update(self.validate(step))
+        if t.log_samples_every and step % t.log_samples_every == 0 and record:
+            self.metrics_log.log_samples(
+                step, sample_rows(record, self.coord.last_candidates, t.log_samples_groups)
+            )
+        self.metrics_log.log(step, m)
+        summary["last"] = m
+        if t.save_every and (step % t.save_every == 0 or step == t.steps):
+            self.save(step)
+        if self.hooks.after_step is not None:
+            self.hooks.after_step(step, self.ctx)
+        if state["consecutive_skips"] >= t.max_nonfinite_skips:
+            raise TrainingError(
+                f"{state['consecutive_skips']} consecutive steps had a non-finite loss or gradient "
+                f"and were skipped (trainer.max_nonfinite_skips={t.max_nonfinite_skips}); the weights "
+                "are those of the last good step. Lower learner.lr or check the rewards and data."
+            )
+        return m
+
+    def validate(self, step: int) -> dict:
+        """Held-out splits through the policy engines (``val/<split>/...``). A failure is logged and
+        counted (``val/failed``), never raised: validation must not stop a run."""
+        try:
+            return self.validator.run(self.router, step)
+        except Exception as e:  # noqa: BLE001 -- whatever broke, training goes on
+            log.warning("step %d: validation failed (%s: %s); training goes on", step, type(e).__name__, e)
+            return {"val/failed": 1.0}
+
+    def save(self, step: int) -> None:
+        t0 = time.perf_counter()
+        coord, cache, sampler, run_cfg = self.coord, self.cache, self.sampler, self.cfg
+        coord.drain()  # prefetched aux actions land in the cache first, so the index below is complete
+        driver_state = {
+            "sampler_position": sampler.position,
+            "rng": ckpt.rng_state(),
+            "steps_done": self.summary["steps"],
+            "skipped_steps": self.summary["skipped_steps"],
+            "consecutive_skips": self.state["consecutive_skips"],
+            "wandb_id": self.metrics_log.run_id,
+            "aux_cache_keys": cache.keys() if cache is not None else [],
+            "early_rollout": coord.early_state(),  # one-step-off: the next step's actions, already sampled
+            "world_size": run_cfg.learner.world_size,
+            "zero_stage": run_cfg.learner.zero_stage,
+            "dataset_size": sampler.n,
+        }
+        path = ckpt.save(
+            self.ckpt_root,
+            step,
+            lambda d: self.learner.save_checkpoint(str(d)),
+            driver_state,
+            keep=run_cfg.trainer.keep_checkpoints,
+        )
+        log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
+
+    def export(self) -> None:
+        export = self.out / "policy"
+        export_policy(self.learner, self.model_path, export)
+        self.summary["export"] = str(export)
+
+    def close(self) -> None:
+        import ray
+
+        if self.metrics_log is not None:
+            self.metrics_log.close()
+        if self.coord is not None:
+            self.coord.shutdown()
         else:
-            for src in sources:
+            for src in self.sources:
                 src.shutdown()
-        if learner is not None:
-            learner.shutdown()
-        for actor in router.actors if router is not None else []:
+        if self.learner is not None:
+            self.learner.shutdown()
+        for actor in self.router.actors if self.router is not None else []:
             ray.kill(actor)
-        if started_ray:
+        if self.started_ray:
             ray.shutdown()
-    return summary
 
 
-def _step(run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks) -> dict:
-    """One EKIPL step: rollout (aux prefetched ahead) -> advantages -> update -> weight sync."""
+def run(cfg, hooks: Hooks | None = None) -> dict:
+    """Run training from a Hydra DictConfig (or a plain dict). Returns a summary."""
+    return Trainer(cfg, hooks).run()
+
+
+def sample_rows(record: dict, candidates, n_groups: int) -> list[dict]:
+    """Rows of the first ``n_groups`` prompts' candidates for reading what the model says: source,
+    completion, reward, whether it was selected, and its advantage when it was."""
+    adv = {id(a): float(v) for a, v in zip(record["actions"], record["advantages"], strict=True)}
+    rows = []
+    for sample, acts in (candidates or [])[:n_groups]:
+        for a in acts:
+            rows.append(
+                {
+                    "sample": sample.id,
+                    "answer": sample.answer,
+                    "source": a.source,
+                    "completion": a.text,
+                    "tokens": len(a.token_ids),
+                    "reward": a.reward,
+                    "accuracy": a.accuracy,
+                    "format": a.format,
+                    "selected": id(a) in adv,
+                    "advantage": adv.get(id(a)),
+                }
+            )
+    return rows
+
+
+def _step(
+    run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks, record=None
+) -> dict:
+    """One EKIPL step: rollout (aux prefetched ahead) -> advantages -> update -> weight sync.
+    ``record``, a dict, receives the selected actions and their advantages."""
     from ekipl.algo.objective import group_advantages
     from ekipl.learner.batch import collate
 
@@ -352,7 +409,10 @@ def _step(run_cfg, step, data, sampler, images, coord, learner, router, processo
     rewards = torch.tensor([a.reward for g in groups for a in g.actions])
     gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])
     is_pol = torch.tensor([a.is_policy for g in groups for a in g.actions])
-    adv = group_advantages(rewards, gidx, is_pol, run_cfg.algorithm.advantage, run_cfg.algorithm.eps)
+    alg = run_cfg.algorithm
+    adv = group_advantages(rewards, gidx, is_pol, alg.advantage, alg.eps, alg.std)
+    if record is not None:
+        record.update(actions=[a for g in groups for a in g.actions], advantages=adv.tolist())
     batch = collate(groups, processor, adv)
     if hooks.before_update is not None:
         hooks.before_update(step, batch)
@@ -369,32 +429,6 @@ def _step(run_cfg, step, data, sampler, images, coord, learner, router, processo
     return m
 
 
-def _save(run_cfg, root, step, learner, coord, cache, sampler, summary, state, metrics_log) -> None:
-    t0 = time.perf_counter()
-    coord.drain()  # prefetched aux actions land in the cache first, so the index below is complete
-    driver_state = {
-        "sampler_position": sampler.position,
-        "rng": ckpt.rng_state(),
-        "steps_done": summary["steps"],
-        "skipped_steps": summary["skipped_steps"],
-        "consecutive_skips": state["consecutive_skips"],
-        "wandb_id": metrics_log.run_id,
-        "aux_cache_keys": cache.keys() if cache is not None else [],
-        "early_rollout": coord.early_state(),  # one-step-off: the next step's actions, already sampled
-        "world_size": run_cfg.learner.world_size,
-        "zero_stage": run_cfg.learner.zero_stage,
-        "dataset_size": sampler.n,
-    }
-    path = ckpt.save(
-        root,
-        step,
-        lambda d: learner.save_checkpoint(str(d)),
-        driver_state,
-        keep=run_cfg.trainer.keep_checkpoints,
-    )
-    log.info("checkpoint %s written in %.1fs", path, time.perf_counter() - t0)
-
-
 def _check_compatible(run: RunConfig, saved: dict) -> None:
     """A checkpoint's ZeRO partitions only load into the same layout; the sampler into the same data."""
     for key, now in (("world_size", run.learner.world_size), ("zero_stage", run.learner.zero_stage)):
@@ -408,118 +442,6 @@ def _check_compatible(run: RunConfig, saved: dict) -> None:
             f"trainer.steps: the checkpoint is at step {saved['step']}, so steps={run.trainer.steps} leaves "
             "nothing to do; raise trainer.steps to train further"
         )
-
-
-def write_placement(path: Path, router, sources, learner) -> dict:
-    """Which Ray node each actor landed on (logged, and written to ``placement.json``)."""
-    import ray
-
-    nodes = {
-        "policy": ray.get([a.node_id.remote() for a in router.actors]),
-        "learner": ray.get([w.node_id.remote() for w in learner.workers]),
-        "aux": {
-            s.name: ray.get([a.node_id.remote() for a in s.actors]) for s in sources if hasattr(s, "actors")
-        },
-    }
-    path.write_text(json.dumps(nodes, indent=1))
-    log.info("placement (Ray node ids): %s", json.dumps(nodes))
-    return nodes
-
-
-def check_resources(run: RunConfig, sources, cluster: dict) -> None:
-    """Fail at start-up, naming the keys, when the actors cannot all be placed at once."""
-    need: dict[str, float] = {}
-
-    def add(n: float, cpus: float, gpus: float, custom: dict):
-        for name, amount in (("CPU", cpus), ("GPU", gpus), *custom.items()):
-            need[name] = need.get(name, 0.0) + n * float(amount)
-
-    m, lc = run.model, run.learner
-    add(m.engine_replicas, m.engine_num_cpus, m.engine_num_gpus, m.engine_resources)
-    add(lc.world_size, lc.num_cpus_per_worker, lc.num_gpus_per_worker, lc.resources)
-    for s in sources:
-        if s.kind == "vllm":
-            add(s.replicas, s.num_cpus, s.num_gpus, s.resources)
-    custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > cluster.get(k, 0.0)}
-    if custom:
-        raise ConfigError(
-            "the actors need custom Ray resources the cluster lacks: "
-            + ", ".join(f"{k}={v:g} (cluster has {cluster.get(k, 0.0):g})" for k, v in custom.items())
-            + "; start nodes with --resources, or change model.engine_resources, aux.*.resources or "
-            "learner.resources"
-        )
-    need_cpu, need_gpu = need.get("CPU", 0.0), need.get("GPU", 0.0)
-    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise ConfigError(
-            f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} "
-            f"and {have_gpu:g}: lower model.engine_num_cpus, aux.*.num_cpus, learner.num_cpus_per_worker or "
-            f"learner.world_size, or give Ray more (trainer.ray_num_cpus sets logical CPUs of a local Ray)"
-        )
-
-
-def export_policy(learner, model_path: str, out: Path) -> None:
-    """Write the trained policy in ``save_pretrained``'s layout (weights + config + processor)."""
-    out.mkdir(parents=True, exist_ok=True)
-    learner.export_weights(str(out / "model.safetensors"))
-    src = Path(model_path)
-    for f in src.iterdir():
-        if (
-            f.is_file()
-            and not f.name.endswith((".safetensors", ".bin"))
-            and f.name != "model.safetensors.index.json"
-        ):
-            shutil.copy2(f, out / f.name)
-
-
-def config_tree(cfg) -> dict:
-    """A Hydra DictConfig (or a plain dict) as a resolved plain dict."""
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-
-
-def init_ray(run: RunConfig) -> bool:
-    """Join ``trainer.ray_address`` or start a local Ray, unless Ray is already up (tests, jobs).
-    Returns whether this call started it (the caller then shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    ray.init(
-        address=run.trainer.ray_address,
-        num_cpus=run.trainer.ray_num_cpus,
-        include_dashboard=False,
-        log_to_driver=False,
-        configure_logging=False,
-    )
-    return True
-
-
-def hydra_main(run_fn) -> None:
-    """The command-line entry of ``ekipl.train`` and ``ekipl.sft``: Hydra composes ``conf/``, then
-    ``run_fn(cfg)``. Bad config or data exits 2 with the message; a run that had to stop exits 1."""
-    import hydra
-
-    from ekipl.config import register
-
-    register()
-    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
-
-    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
-    def _main(cfg) -> None:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        try:
-            summary = run_fn(cfg)
-        except (ConfigError, DataError) as e:
-            print(f"ekipl: error: {e}", file=sys.stderr)
-            sys.exit(2)
-        except TrainingError as e:
-            print(f"ekipl: run stopped: {e}", file=sys.stderr)
-            sys.exit(1)
-        print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
-
-    _main()
 
 
 def main() -> None:

@@ -17,20 +17,34 @@ from ekipl.config import ConfigError, to_run_config
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
+CPU_PRESETS = ("cpu_demo", "learn_counting")  # synthetic data, tiny models: no files to give
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_validates(preset, tmp_path):
     data = (
         []
-        if preset == "cpu_demo"
+        if preset in CPU_PRESETS
         else [f"data.train_file={tmp_path}/train.json", f"data.image_root={tmp_path}"]
     )
     run, sources = to_run_config(compose([f"+experiment={preset}", *data]))
     assert run.rollout.group_size >= 1 and run.trainer.steps >= 1
-    if preset != "cpu_demo":  # the paper's setting
+    if preset not in CPU_PRESETS:  # the paper's setting, with Reason-RFT's rules
         task = preset.split("_")[0]
         assert run.data.task == task and run.rollout.group_size == 8 and run.rollout.max_tokens == 512
         assert (run.learner.lr, run.algorithm.kl_coef, run.rollout.temperature) == (1e-6, 0.04, 0.9)
         assert run.learner.zero_stage == 3 and run.learner.bf16 and sources
+        assert (run.algorithm.std, run.algorithm.eps, run.reward.format_rule) == (
+            "sample",
+            1e-4,
+            "reason_rft",
+        )
+        grpo, _ = to_run_config(compose([f"+experiment={preset}", *data, "algorithm=grpo", "aux=none"]))
+        assert (grpo.algorithm.std, grpo.algorithm.eps, grpo.reward.format_rule) == (
+            "sample",
+            1e-4,
+            "reason_rft",
+        )
     for s in sources:
         assert s.name in run.aux
 
@@ -50,6 +64,13 @@ def test_default_config_composes():
         (["+aux.big.kind=vllm", "+aux.big.model=/no/such/model"], "aux.big.model: no such model directory"),
         (["logger.mode=loud"], "logger.mode: unknown 'loud'"),
         (["trainer.ray_address=auto", "trainer.ray_num_cpus=4"], "trainer.ray_num_cpus sets up a local Ray"),
+        (["algorithm.std=biased"], "algorithm.std: unknown 'biased'"),
+        (["reward.format_rule=loose"], "reward.format_rule: unknown 'loose'"),
+        (["trainer.eval_every=-1"], "trainer.eval_every must be >= 0"),
+        (
+            ["data.train_file=/d/train.json", "trainer.eval_every=5"],
+            "trainer.eval_every/eval_before_train: validation needs held-out splits",
+        ),
     ],
 )
 def test_impossible_configs_fail_naming_the_key(overrides, message):

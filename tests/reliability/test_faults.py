@@ -82,6 +82,18 @@ def test_killed_aux_actor_and_flaky_api_are_survived_and_the_key_is_never_writte
     assert not leaked, leaked
 
 
+def _broken_val_file(tmp_path):
+    """A held-out split whose second row's image is corrupt (found only when validation reads it)."""
+    import json
+
+    from ekipl.tasks.synth import make_dataset
+
+    paths = make_dataset("counting", tmp_path / "val", n_train=1, n_test=2, seed=1)
+    rows_ = json.loads(paths["test_id"].read_text())
+    (paths["test_id"].parent / rows_[1]["image"]).write_bytes(b"not a png")
+    return paths["test_id"]
+
+
 def _bad_rows_file(tmp_path):
     """The synthetic counting set, plus a malformed row and a row with a corrupt image."""
     import json
@@ -105,7 +117,9 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(ray_local, tmp_
     """From step 2 on the advantages are made NaN: each such step is skipped and counted, the
     learner's weights and the engine's log-probs stay those of step 1, and after
     ``max_nonfinite_skips`` in a row the run stops with a message. The data file also holds a
-    malformed row (skipped at load) and a corrupt image (skipped when its batch comes)."""
+    malformed row (skipped at load) and a corrupt image (skipped when its batch comes). Validation
+    runs every step on a split whose image is corrupt: it fails, is logged and counted, and the run
+    goes on."""
     import ray
 
     from ekipl.train import Hooks, TrainingError, run
@@ -132,6 +146,8 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(ray_local, tmp_
             "trainer.steps=5",
             "trainer.max_nonfinite_skips=2",
             f"trainer.output_dir={out}",
+            f"data.val_files={{broken:{_broken_val_file(tmp_path)}}}",
+            "trainer.eval_every=1",
         ]
     )
     with caplog.at_level(logging.WARNING), pytest.raises(TrainingError, match="2 consecutive steps"):
@@ -149,3 +165,5 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(ray_local, tmp_
     # bad input: the malformed row at load time, the corrupt image when its batch came
     assert "skipped 1 of 10 rows" in caplog.text and "field 'answer'" in caplog.text
     assert "corrupt image" in caplog.text and got[0]["data/bad_rows_skipped"] == 1
+    # a failed validation: logged and counted at every step, never a stop
+    assert caplog.text.count("validation failed") == 3 and all(r["val/failed"] == 1.0 for r in got)

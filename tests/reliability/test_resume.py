@@ -117,18 +117,41 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
 @pytest.mark.slow
 def test_one_step_off_resume_uses_the_saved_early_rollout(ray_local, tmp_path):
     """rollout.one_step_off: each step from the second on uses actions sampled during the previous
-    step, and a checkpoint carries them, so resuming from step 2 redoes step 3 as the run did."""
+    step, and a checkpoint carries them, so resuming from step 2 redoes step 3 as the run did.
+    Validation in the loop (before training and every 3 steps) keeps its schedule across the resume,
+    and the sampled groups are logged every step."""
+    import json
     import shutil
 
     from ekipl.train import run
 
     ref = tmp_path / "ref"
-    overrides = [*SMALL, "rollout.one_step_off=true", "trainer.steps=3", "trainer.save_every=1"]
+    overrides = [
+        *SMALL,
+        "rollout.one_step_off=true",
+        "trainer.steps=3",
+        "trainer.save_every=1",
+        "trainer.eval_before_train=true",
+        "trainer.eval_every=3",
+        "trainer.eval_limit=2",
+        "trainer.eval_k=2",
+        "trainer.log_samples_every=1",
+    ]
     run(compose([*overrides, f"trainer.output_dir={ref}"]))
     got = rows(ref)
-    assert [r["rollout/one_step_off"] for r in got] == [0.0, 1.0, 1.0]
+    assert [r["step"] for r in got] == [0, 1, 2, 3]
+    assert [r["rollout/one_step_off"] for r in got[1:]] == [0.0, 1.0, 1.0]
     state = ckpt.verify(ref / "checkpoints" / "step_000002")
     assert state["early_rollout"]["step"] == 3 and state["early_rollout"]["completions"]
+    validated = [r["step"] for r in got if "val/id/accuracy" in r]
+    assert validated == [0, 3] and all("val/ood/pass@2" in got[i] for i in (0, 3))
+    assert got[0]["val/id/problems"] == 2 and 0.0 <= got[3]["val/ood/accuracy"] <= 1.0
+    assert (ref / "val" / "step_000003.id.jsonl").is_file()
+    samples = [json.loads(x) for x in (ref / "samples.jsonl").read_text().splitlines()]
+    assert sorted({x["step"] for x in samples}) == [1, 2, 3]
+    assert {x["source"] for x in samples} == {"policy", "dataset"}
+    for x in samples:  # advantages exactly where the action was selected
+        assert (x["advantage"] is not None) == x["selected"]
 
     # The same run, as if it had died right after step 2's checkpoint.
     again = tmp_path / "again"
@@ -137,6 +160,9 @@ def test_one_step_off_resume_uses_the_saved_early_rollout(ray_local, tmp_path):
     summary = run(compose([*overrides, f"trainer.output_dir={again}", "trainer.resume=auto"]))
     assert summary["start_step"] == 2
     resumed = rows(again)
-    assert [r["step"] for r in resumed] == [1, 2, 3]
-    assert resumed[2]["rollout/one_step_off"] == 1.0  # the saved actions, not a fresh rollout
-    _same(resumed[2], got[2], 3)
+    assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # no second validation before training
+    assert resumed[3]["rollout/one_step_off"] == 1.0  # the saved actions, not a fresh rollout
+    _same(resumed[3], got[3], 3)
+    assert "val/id/accuracy" in resumed[3]  # the schedule goes on after the resume
+    again_samples = [json.loads(x) for x in (again / "samples.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in again_samples] == [x["step"] for x in samples]  # step 3's once

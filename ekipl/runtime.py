@@ -1,0 +1,222 @@
+"""What the driver commands (``ekipl.train``, ``ekipl.sft``) share around their loops: models and
+data resolved from config, the deterministic sampler, the image check, Ray start-up and resource
+checks, the policy export, and the Hydra entry point. Nothing here runs a step."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import sys
+from pathlib import Path
+
+from ekipl.config import ConfigError, RunConfig
+from ekipl.tasks.sample import DataError
+
+log = logging.getLogger("ekipl.train")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. K consecutive non-finite steps); the last checkpoint is intact."""
+
+
+def resolve_model(path: str, seed: int = 0) -> str:
+    """A local directory as is; a tiny model or warm-start name is built locally (cached); anything
+    else is a HF id."""
+    from ekipl.models.tiny import TINY_MODELS, build_tiny
+    from ekipl.warm import WARM_STARTS, build_warm
+
+    if path in TINY_MODELS:
+        return str(build_tiny(path, seed=seed))
+    if path in WARM_STARTS:
+        return str(build_warm(path, seed=seed))
+    return path
+
+
+def load_data(run: RunConfig, out: Path):
+    from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.synth import make_dataset
+
+    d = run.data
+    if d.train_file:
+        return load_task_file(
+            d.train_file, image_root=d.image_root, task=d.task, skip_bad_rows=d.skip_bad_rows
+        )
+    paths = make_dataset(
+        d.synthetic_task,
+        out / "data",
+        n_train=d.synthetic_size,
+        n_test=max(4, d.synthetic_size // 4),
+        seed=run.trainer.seed if d.synthetic_seed is None else d.synthetic_seed,
+    )
+    return load_task_file(paths["train"], skip_bad_rows=d.skip_bad_rows)
+
+
+class Sampler:
+    """Deterministic epochs of shuffled indices; its position is part of the run's state."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.position = 0
+        self._cached: tuple[int, list[int]] | None = None
+
+    def _order(self, epoch: int) -> list[int]:
+        """The epoch's permutation, shuffled once per epoch (not once per index taken)."""
+        if self._cached is None or self._cached[0] != epoch:
+            idx = list(range(self.n))
+            if self.shuffle:
+                random.Random(self.seed * 7919 + epoch).shuffle(idx)
+            self._cached = (epoch, idx)
+        return self._cached[1]
+
+    def take(self, k: int, advance: bool = True) -> list[int]:
+        out, pos = [], self.position
+        while len(out) < k:
+            epoch, i = divmod(pos, self.n)
+            out.append(self._order(epoch)[i])
+            pos += 1
+        if advance:
+            self.position = pos
+        return out
+
+
+class ImageCheck:
+    """Decodes each sample's images once, before any engine sees them. A missing or corrupt image
+    raises :class:`DataError` (naming file, row and field), or with ``skip_bad_rows`` drops the
+    sample and counts it."""
+
+    def __init__(self, skip_bad_rows: bool):
+        self.skip = skip_bad_rows
+        self.good: set[str] = set()
+        self.bad: set[str] = set()
+
+    def filter(self, samples: list) -> list:
+        out = []
+        for s in samples:
+            if s.id in self.bad:
+                continue
+            if s.id not in self.good:
+                try:
+                    s.load_images()
+                except DataError as e:
+                    if not self.skip:
+                        raise
+                    self.bad.add(s.id)
+                    log.warning("skipping bad row: %s", e)
+                    continue
+                self.good.add(s.id)
+            out.append(s)
+        return out
+
+
+def write_placement(path: Path, router, sources, learner) -> dict:
+    """Which Ray node each actor landed on (logged, and written to ``placement.json``)."""
+    import ray
+
+    nodes = {
+        "policy": ray.get([a.node_id.remote() for a in router.actors]),
+        "learner": ray.get([w.node_id.remote() for w in learner.workers]),
+        "aux": {
+            s.name: ray.get([a.node_id.remote() for a in s.actors]) for s in sources if hasattr(s, "actors")
+        },
+    }
+    path.write_text(json.dumps(nodes, indent=1))
+    log.info("placement (Ray node ids): %s", json.dumps(nodes))
+    return nodes
+
+
+def check_resources(run: RunConfig, sources, cluster: dict) -> None:
+    """Fail at start-up, naming the keys, when the actors cannot all be placed at once."""
+    need: dict[str, float] = {}
+
+    def add(n: float, cpus: float, gpus: float, custom: dict):
+        for name, amount in (("CPU", cpus), ("GPU", gpus), *custom.items()):
+            need[name] = need.get(name, 0.0) + n * float(amount)
+
+    m, lc = run.model, run.learner
+    add(m.engine_replicas, m.engine_num_cpus, m.engine_num_gpus, m.engine_resources)
+    add(lc.world_size, lc.num_cpus_per_worker, lc.num_gpus_per_worker, lc.resources)
+    for s in sources:
+        if s.kind == "vllm":
+            add(s.replicas, s.num_cpus, s.num_gpus, s.resources)
+    custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > cluster.get(k, 0.0)}
+    if custom:
+        raise ConfigError(
+            "the actors need custom Ray resources the cluster lacks: "
+            + ", ".join(f"{k}={v:g} (cluster has {cluster.get(k, 0.0):g})" for k, v in custom.items())
+            + "; start nodes with --resources, or change model.engine_resources, aux.*.resources or "
+            "learner.resources"
+        )
+    need_cpu, need_gpu = need.get("CPU", 0.0), need.get("GPU", 0.0)
+    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
+    if need_cpu > have_cpu or need_gpu > have_gpu:
+        raise ConfigError(
+            f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} "
+            f"and {have_gpu:g}: lower model.engine_num_cpus, aux.*.num_cpus, learner.num_cpus_per_worker or "
+            f"learner.world_size, or give Ray more (trainer.ray_num_cpus sets logical CPUs of a local Ray)"
+        )
+
+
+def export_policy(learner, model_path: str, out: Path) -> None:
+    """Write the trained policy in ``save_pretrained``'s layout (weights + config + processor)."""
+    out.mkdir(parents=True, exist_ok=True)
+    learner.export_weights(str(out / "model.safetensors"))
+    src = Path(model_path)
+    for f in src.iterdir():
+        if (
+            f.is_file()
+            and not f.name.endswith((".safetensors", ".bin"))
+            and f.name != "model.safetensors.index.json"
+        ):
+            shutil.copy2(f, out / f.name)
+
+
+def config_tree(cfg) -> dict:
+    """A Hydra DictConfig (or a plain dict) as a resolved plain dict."""
+    from omegaconf import DictConfig, OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+
+
+def init_ray(run: RunConfig) -> bool:
+    """Join ``trainer.ray_address`` or start a local Ray, unless Ray is already up (tests, jobs).
+    Returns whether this call started it (the caller then shuts it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=run.trainer.ray_address,
+        num_cpus=run.trainer.ray_num_cpus,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    return True
+
+
+def hydra_main(run_fn) -> None:
+    """The command-line entry of ``ekipl.train`` and ``ekipl.sft``: Hydra composes ``conf/``, then
+    ``run_fn(cfg)``. Bad config or data exits 2 with the message; a run that had to stop exits 1."""
+    import hydra
+
+    from ekipl.config import register
+
+    register()
+    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+
+    @hydra.main(version_base="1.3", config_path=conf_dir, config_name="config")
+    def _main(cfg) -> None:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        try:
+            summary = run_fn(cfg)
+        except (ConfigError, DataError) as e:
+            print(f"ekipl: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except TrainingError as e:
+            print(f"ekipl: run stopped: {e}", file=sys.stderr)
+            sys.exit(1)
+        print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+
+    _main()
