@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ekipl.algo import objective as O
-from ekipl.learner.batch import collate, sequence_logprobs
+from ekipl.learner.batch import collate
 from ekipl.learner.config import LearnerConfig
+from ekipl.learner.logprobs import full_logprobs, sequence_logprobs
 from ekipl.models import hf
 from ekipl.tasks.prompts import build_messages
 from ekipl.types import Action, Group
@@ -78,12 +79,48 @@ def test_batched_logprobs_equal_one_sequence_at_a_time(batch, tiny_vlm):
     b, _, _ = batch
     model = hf.load_model(tiny_vlm).eval()
     with torch.no_grad():
-        full, _ = sequence_logprobs(model, b)
+        full, _ = sequence_logprobs(model, b, chunk_tokens=4)
         for i in (0, 5):
-            one, _ = sequence_logprobs(model, b.select([i]))
+            one, _ = sequence_logprobs(model, b.select([i]), chunk_tokens=4)
             n = one.shape[1]
             m = b.completion_mask[i, :n].bool()
             assert torch.allclose(full[i, :n][m], one[0][m], atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk", [0, 1, 5])
+def test_completion_only_chunked_logprobs_equal_the_full_computation(batch, tiny_vlm, chunk):
+    """The LM head on completion positions only, in chunks (checkpointed under autograd): the same
+    log-probs, entropy and gradients as an fp32 log-softmax over every position."""
+    b, _, _ = batch
+    m = b.completion_mask.bool()
+    model = hf.load_model(tiny_vlm).eval()
+    full, full_ent = full_logprobs(model, b, with_entropy=True)
+    (full[m].sum()).backward()
+    want = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    got, got_ent = sequence_logprobs(model, b, with_entropy=True, chunk_tokens=chunk)
+    (got[m].sum()).backward()
+    assert torch.allclose(got[m], full[m], atol=1e-5) and bool((got[~m] == 0).all())
+    assert torch.allclose(got_ent[m], full_ent[m], atol=1e-4)
+    for n, g in want.items():
+        assert torch.allclose(dict(model.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4), n
+
+
+def test_token_budget_packing():
+    from ekipl.learner.worker import pack_by_tokens, plan_rows
+
+    lengths = [50, 12, 48, 30, 11, 29, 70]
+    plan = pack_by_tokens(lengths, budget=100)
+    assert sorted(i for mb in plan for i in mb) == list(range(len(lengths)))
+    for mb in plan:
+        longest = max(lengths[i] for i in mb)
+        assert lengths[mb[0]] == longest and (len(mb) * longest <= 100 or len(mb) == 1)
+    assert plan[0] == [6]  # 70: alone (two rows would be 140)
+    padded = sum(len(mb) * max(lengths[i] for i in mb) - sum(lengths[i] for i in mb) for mb in plan)
+    assert padded / sum(lengths) <= 0.10
+    assert pack_by_tokens([200], budget=100) == [[0]]  # longer than the budget: on its own
+    assert plan_rows(lengths, LearnerConfig(micro_batch_size=3)) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert plan_rows(lengths, LearnerConfig(max_tokens_per_micro_batch=100)) == plan
 
 
 def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConfig):
@@ -97,9 +134,9 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
     norms = []
     for b in batches:
         with torch.no_grad():
-            old, _ = sequence_logprobs(model.eval(), b)
+            old, _ = full_logprobs(model.eval(), b)
         model.train()
-        logp, _ = sequence_logprobs(model, b)
+        logp, _ = full_logprobs(model, b)
         loss, _ = O.policy_loss(
             obj,
             logp,
@@ -168,6 +205,38 @@ def test_zero2_on_two_gloo_ranks_matches_one_process(ray_local, batch, reference
     group, before, metrics, after = train_one_step(tiny_vlm, batch[0], stage=2)
     group.shutdown()
     check_against_reference(2, before, metrics, after, reference)
+
+
+@pytest.mark.slow
+def test_token_budget_micro_batches_on_two_ranks_match_one_process(ray_local, batch, reference, tiny_vlm):
+    """learner.max_tokens_per_micro_batch: the ranks pack their rows by length into different
+    numbers of micro-batches (the shorter plan padded with empty ones); the update is unchanged."""
+    from ekipl.learner.group import LearnerGroup
+
+    from ekipl.learner.worker import pack_by_tokens
+
+    b, _, _ = batch
+    lengths = b.attention_mask.sum(-1).tolist()
+    # a budget under which rank 0 (rows 0-2) and rank 1 (rows 3-5) need different numbers
+    budget = next(
+        t
+        for t in range(max(lengths), 3 * max(lengths) + 1)
+        if len(pack_by_tokens(lengths[:3], t)) != len(pack_by_tokens(lengths[3:], t))
+    )
+    cfg = LearnerConfig(
+        world_size=2, zero_stage=2, lr=LR, adam_eps=ADAM_EPS, grad_clip=1.0, max_tokens_per_micro_batch=budget
+    )
+    group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
+    try:
+        _, plans = group._shards(b)
+        assert len(plans[0]) == len(plans[1]) >= 2 and any(not mb for p in plans for mb in p), plans
+        before = group.state_dict()
+        metrics = group.train_step(b)
+        after = group.state_dict()
+    finally:
+        group.shutdown()
+    check_against_reference(2, before, metrics, after, reference)
+    assert metrics["actor/padding_frac"] < 0.5
 
 
 @pytest.mark.slow

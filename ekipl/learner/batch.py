@@ -6,7 +6,7 @@ and masked; M-RoPE positions are left to the model (it derives them from ``image
 ``mm_token_type_ids`` and ``attention_mask``).
 
 Log-probs are aligned with ``input_ids[:, 1:]``: ``completion_mask[:, t]`` is 1 where
-``input_ids[:, t + 1]`` is a completion token.
+``input_ids[:, t + 1]`` is a completion token (:mod:`ekipl.learner.logprobs` computes them).
 """
 
 from __future__ import annotations
@@ -52,6 +52,11 @@ class Batch:
             global_seqs=float(len(self)),
             max_len=int(self.completion_mask.sum(-1).max()),
         )
+
+    def padding(self) -> tuple[int, int]:
+        """(padded positions, real tokens) of this batch as it is laid out: rows x longest row."""
+        real = int(self.attention_mask.sum())
+        return int(self.attention_mask.numel()) - real, real
 
     def model_inputs(self) -> dict:
         out = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
@@ -177,15 +182,3 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
         )
         batch.mm_token_type_ids = mm_token_type_ids(token_ids, ids)
     return batch
-
-
-def sequence_logprobs(model, batch: Batch, with_entropy: bool = False):
-    """log π(input_ids[:, t+1] | ...) for every position, shape [B, L-1]; optionally entropy too."""
-    logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1].float()
-    logp_all = torch.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():
-        ent = -(logp_all.exp() * logp_all).sum(-1)
-    return logp, ent

@@ -15,6 +15,12 @@ class LearnerConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     micro_batch_size: int = 4
+    # Token-budget micro-batches (verl's dynamic batch size): each rank's rows, sorted by length, are
+    # packed greedily so that rows x longest row <= this budget (0: micro_batch_size rows each).
+    max_tokens_per_micro_batch: int = 0
+    # The LM head and log-softmax run on completion positions only, this many rows at a time (each
+    # chunk's logits recomputed in the backward pass); 0: all completion positions at once.
+    logits_chunk_tokens: int = 1024
     epochs: int = 1  # μ inner epochs over each batch
     gradient_checkpointing: bool = False
     freeze_vision: bool = False
@@ -34,6 +40,10 @@ class LearnerConfig:
             raise ValueError(f"learner.zero_stage must be 1, 2 or 3, got {self.zero_stage}")
         if self.micro_batch_size < 1 or self.epochs < 1:
             raise ValueError("learner.micro_batch_size and learner.epochs must be >= 1")
+        if self.max_tokens_per_micro_batch < 0 or self.logits_chunk_tokens < 0:
+            raise ValueError(
+                "learner.max_tokens_per_micro_batch and learner.logits_chunk_tokens must be >= 0"
+            )
         if self.lr <= 0:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
 

@@ -14,7 +14,7 @@ import torch
 from ekipl.algo.objective import ObjectiveConfig
 from ekipl.learner.batch import Batch
 from ekipl.learner.config import LearnerConfig
-from ekipl.learner.worker import Learner
+from ekipl.learner.worker import Learner, plan_rows
 
 log = logging.getLogger(__name__)
 
@@ -106,13 +106,18 @@ class LearnerGroup:
                 raise LearnerError(f"learner rank {rank} failed in {method}: {_brief(e)}") from e
         return ray.get(refs)
 
-    def _shards(self, batch: Batch) -> tuple[list[Batch], int]:
+    def _shards(self, batch: Batch) -> tuple[list[Batch], list[list[list[int]]]]:
+        """Each rank's rows, and each rank's micro-batches: as many on every rank (the ZeRO
+        collectives run per micro-batch), the shorter plans padded with empty micro-batches."""
         rows = shard_rows(len(batch), self.cfg.world_size)
         if any(not r for r in rows):
             raise ValueError(
                 f"a batch of {len(batch)} actions cannot feed {self.cfg.world_size} learner ranks"
             )
-        return [batch.select(r) for r in rows], max(len(r) for r in rows)
+        shards = [batch.select(r) for r in rows]
+        plans = [plan_rows(s.attention_mask.sum(-1).tolist(), self.cfg) for s in shards]
+        n = max(len(p) for p in plans)
+        return shards, [p + [[] for _ in range(n - len(p))] for p in plans]
 
     def train_step(self, batch: Batch, sft: bool = False) -> dict:
         """Reference log-probs (when β > 0), then μ epochs of ZeRO updates; π_old is taken in the
@@ -121,14 +126,14 @@ class LearnerGroup:
         ``sft``: CoT-SFT on the completions instead (no old or reference log-probs are needed).
         """
         t0 = time.perf_counter()
-        shards, max_rows = self._shards(batch)
+        shards, plans = self._shards(batch)
         # π_old comes from each rank's first epoch (Learner.update): no separate pass.
         if self.objective.kl_coef > 0 and not sft:
-            ref = self._call("logprobs", shards, max_rows=max_rows, reference=True)
+            ref = self._call("logprobs", shards, plans, reference=True)
             for s, lp in zip(shards, ref, strict=True):
                 s.ref_logp = lp[:, : s.input_ids.shape[1] - 1]
         t1 = time.perf_counter()
-        metrics = self._call("update", shards, max_rows=max_rows, sft=sft, **batch.totals())
+        metrics = self._call("update", shards, plans, sft=sft, **batch.totals())
         t2 = time.perf_counter()
         out = {}  # the mean over the ranks that report a key (aux_* only where a rank has aux tokens)
         for k in dict.fromkeys(k for m in metrics for k in m if not k.startswith("timing/")):

@@ -15,8 +15,9 @@ import time
 import torch
 
 from ekipl.algo import objective as O
-from ekipl.learner.batch import Batch, sequence_logprobs
+from ekipl.learner.batch import Batch
 from ekipl.learner.config import LearnerConfig
+from ekipl.learner.logprobs import sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,27 @@ def micro_batches(n_rows: int, size: int, n_micro: int) -> list[list[int]]:
     rows = list(range(n_rows))
     out = [rows[i * size : (i + 1) * size] for i in range(n_micro)]
     return out
+
+
+def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
+    """Token-budget micro-batches (verl's dynamic batch size): rows sorted by length, longest first,
+    packed greedily so that each micro-batch's rows x longest row stays within ``budget`` (a row
+    longer than the budget gets a micro-batch of its own). Sorting keeps the padding small."""
+    out: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
+            out[-1].append(i)  # the micro-batch's first row is its longest
+        else:
+            out.append([i])
+    return out
+
+
+def plan_rows(lengths: list[int], cfg: LearnerConfig) -> list[list[int]]:
+    """One rank's micro-batches (lists of row indices) for rows of these lengths."""
+    if cfg.max_tokens_per_micro_batch:
+        return pack_by_tokens(lengths, cfg.max_tokens_per_micro_batch)
+    n = max(1, math.ceil(len(lengths) / cfg.micro_batch_size))
+    return [r for r in micro_batches(len(lengths), cfg.micro_batch_size, n) if r]
 
 
 class Learner:
@@ -164,35 +186,47 @@ class Learner:
                 setattr(b, f, t.to(self.device))
         return b
 
+    def _plan(self, batch: Batch, max_rows: int | None, plan: list[list[int]] | None) -> list[list[int]]:
+        """The micro-batches: ``plan`` as the group laid it out (the same count on every rank), or
+        ``micro_batch_size`` rows each, as many as the largest rank (``max_rows``) needs."""
+        if plan is not None:
+            return plan
+        n = self._n_micro_for(max_rows if max_rows is not None else len(batch))
+        return micro_batches(len(batch), self.cfg.micro_batch_size, n)
+
     @torch.no_grad()
-    def logprobs(self, batch: Batch, max_rows: int, reference: bool = False) -> torch.Tensor:
-        """Log-probs [B, L-1] of this rank's rows, under the policy (or the frozen reference)."""
+    def logprobs(
+        self, batch: Batch, plan: list[list[int]] | None = None, reference: bool = False, max_rows=None
+    ) -> torch.Tensor:
+        """Log-probs [B, L-1] of this rank's rows (in row order), under the policy (or the frozen
+        reference)."""
         model = self.ref if reference else self.engine.module
-        n_micro = self._n_micro_for(max_rows)
-        outs = []
-        for rows in micro_batches(len(batch), self.cfg.micro_batch_size, n_micro):
-            if not rows:
-                continue
-            mb = self._to_device(batch.select(rows))
-            lp, _ = sequence_logprobs(model, mb)
-            outs.append(torch.nn.functional.pad(lp, (0, batch.input_ids.shape[1] - 1 - lp.shape[1])).cpu())
-        return torch.cat(outs) if outs else torch.zeros(0, batch.input_ids.shape[1] - 1)
+        out = torch.zeros(len(batch), batch.input_ids.shape[1] - 1)
+        for rows in self._plan(batch, max_rows, plan):
+            if rows:
+                mb = self._to_device(batch.select(rows))
+                lp, _ = sequence_logprobs(model, mb, chunk_tokens=self.cfg.logits_chunk_tokens)
+                out[rows, : lp.shape[1]] = lp.cpu()
+        return out
 
     def update(
         self,
         batch: Batch,
-        max_rows: int,
-        global_tokens: float,
-        global_seqs: float,
-        max_len: int,
+        plan: list[list[int]] | None = None,
+        global_tokens: float = 0.0,
+        global_seqs: float = 0.0,
+        max_len: int = 0,
         sft: bool = False,
+        max_rows: int | None = None,
     ) -> dict:
         """μ epochs over this rank's rows, one optimizer step per epoch. Returns averaged metrics.
 
+        ``plan``: the micro-batches (see :meth:`_plan`); every rank must run as many.
         ``sft``: the CoT-SFT loss (negative log-likelihood of the completions) instead of the RL one.
         """
         self.engine.train()
-        n_micro = self._n_micro_for(max_rows)
+        plan = self._plan(batch, max_rows, plan)
+        n_micro = len(plan)
         if n_micro != self._n_micro:
             self.engine.set_train_batch_size(self.cfg.micro_batch_size * n_micro * self.world_size)
             self._n_micro = n_micro
@@ -206,16 +240,22 @@ class Learner:
         # the first epoch runs before that step, so its own detached log-probs are π_old, and no
         # separate forward pass is needed (unless the caller supplied ``old_logp``).
         old_cache: dict[int, torch.Tensor] = {}
+        padded = real = 0
         t0 = time.perf_counter()
         for epoch in range(self.cfg.epochs):
-            for j, rows in enumerate(micro_batches(len(batch), self.cfg.micro_batch_size, n_micro)):
+            for j, rows in enumerate(plan):
                 # The epoch's last micro-batch is the accumulation boundary. DeepSpeed would place it
                 # by a micro-step counter that runs across steps, which is off by some micro-batches
                 # once their number per step changes (it follows the batch: tied groups are dropped).
                 self.engine.set_gradient_accumulation_boundary(j == n_micro - 1)
                 empty = not rows
                 mb = self._to_device(batch.select(rows or [0]))
-                logp, ent = sequence_logprobs(self.engine, mb, with_entropy=True)
+                if epoch == 0 and not empty:
+                    pad, tokens = mb.padding()
+                    padded, real = padded + pad, real + tokens
+                logp, ent = sequence_logprobs(
+                    self.engine, mb, with_entropy=True, chunk_tokens=self.cfg.logits_chunk_tokens
+                )
                 if mb.old_logp is None:
                     mb.old_logp = old_cache.setdefault(j, logp.detach())
                 mask = mb.completion_mask * (0.0 if empty else 1.0)
@@ -255,6 +295,8 @@ class Learner:
                 break  # later epochs would start from the same weights and fail the same way
         out = {f"actor/{k}": v for k, v in means.result().items()}
         out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
+        out["actor/padding_frac"] = padded / max(real, 1)  # padded positions per real token
+        out["actor/micro_batches"] = float(n_micro)
         out["actor/lr"] = float(self.engine.get_lr()[0])
         out["actor/skipped_step"] = float(skipped)
         out["actor/nonfinite_loss"] = float(nonfinite)
