@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: install test demo lint bench gpu-carry clean
+.PHONY: install test demo learn lint bench gpu-carry clean
 
 install: $(STAMP)
 
@@ -29,6 +29,10 @@ test: install
 
 demo: install
 	$(PY) -m ekipl.demo
+
+# EKIPL against GRPO in miniature, 3 seeds per arm (about an hour on 2 cores): bench/LEARNING.md.
+learn: install
+	$(PY) -m bench.learning
 
 lint: install
 	$(VENV)/bin/ruff check ekipl tests bench launch

@@ -109,12 +109,39 @@ TINY_MODELS: dict[str, TinySpec] = {
         vision_heads=3,
     ),
     "tiny-qwen2": TinySpec(vision=False),
+    # The learning experiments' policy (bench/learning.py, make demo): big enough to resolve the
+    # synthetic scenes after a CoT-SFT warm start (24 image tokens for a 160x120 image), small enough
+    # to train on 2 cores.
+    "learn-qwen2-vl": TinySpec(
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        vision_depth=2,
+        vision_embed_dim=128,
+        vision_heads=4,
+        min_pixels=28 * 28 * 4,
+        max_pixels=28 * 28 * 24,
+    ),
     # Larger random-weight text models for benchmarks (weight sync, compute-bound steps).
     "bench-qwen2-25m": TinySpec(
         vision=False, hidden_size=384, intermediate_size=1536, num_layers=8, num_heads=6, num_kv_heads=2
     ),
     "bench-qwen2-75m": TinySpec(  # the TRL comparison's compute-bound size
         vision=False, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4
+    ),
+    # Qwen2's real vocabulary rows on a body small enough for 2 cores (bench/learner.py): the LM head
+    # dominates, as the learner's logits do at real proportions.
+    "bench-qwen2-151k": TinySpec(
+        vision=False,
+        vocab_rows=151936,
+        hidden_size=256,
+        intermediate_size=704,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        tie_embeddings=True,
     ),
     "bench-qwen2-100m": TinySpec(
         vision=False, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4

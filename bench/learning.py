@@ -1,0 +1,295 @@
+"""`make learn`: the paper's comparison in miniature -- does the policy learn, and does EKIPL beat
+GRPO? -- on 2 CPU cores, from the same CoT-SFT warm start, over several seeds.
+
+Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.train`` run):
+
+* ``grpo``:         ``algorithm=grpo aux=none`` (Reason-RFT's RL stage: the policy's own samples);
+* ``ekipl``:        the paper: top-G from the policy's samples plus the stronger auxiliary model's and
+  the recorded trace, plain PPO-clip;
+* ``ekipl_shaped``: the same groups with LUFFY's policy shaping on auxiliary tokens.
+
+Every arm gets the same steps, prompts per step and policy samples per prompt; the seed changes the
+sampling order and the samples, never the data (one synthetic set, data seed 0, the warm start's).
+Held-out greedy accuracy (ID and OOD splits, ``ekipl.eval``'s scoring) is validated in the loop
+every few steps. Nothing is tuned on the test splits: the settings were fixed before the runs.
+
+Writes each run under ``--out`` (``<arm>/seed<k>/``: metrics.jsonl, val/ completions, samples.jsonl,
+and the final policy in ``policy/``), the tables into ``bench/LEARNING.md`` (between its markers;
+the analysis around them is written by hand) and the curves to ``bench/learning.png``.
+
+    .venv/bin/python -m bench.learning [--seeds 0 1 2] [--arms grpo ekipl ekipl_shaped] [--steps 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ARMS = {
+    "grpo": ["algorithm=grpo", "aux=none"],
+    "ekipl": [],
+    "ekipl_shaped": ["algorithm=ekipl_shaped"],
+}
+HERE = Path(__file__).resolve().parent
+BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
+
+
+def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str]) -> float:
+    """One training run as a user runs it; returns its wall time in seconds."""
+    run_dir = out / arm / f"seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    cmd = [
+        sys.executable,
+        "-m",
+        "ekipl.train",
+        "+experiment=learn_counting",
+        *ARMS[arm],
+        f"trainer.seed={seed}",
+        f"trainer.steps={steps}",
+        f"trainer.output_dir={run_dir}",
+        "trainer.log_samples_every=5",
+        "logger.mode=offline",
+        *extra,
+    ]
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    took = time.perf_counter() - t0
+    (run_dir / "console.log").write_text(r.stdout + r.stderr) if run_dir.is_dir() else None
+    if r.returncode != 0:
+        raise RuntimeError(f"{arm} seed {seed} failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
+    return took
+
+
+def load_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def curve(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{statistics.mean(xs):.3f} ± {sd:.3f}"
+
+
+def steps_to_reach(points: list[tuple[int, float]], target: float) -> int | None:
+    """The first validated step whose accuracy reaches ``target`` (None: never)."""
+    return next((s for s, v in points if s > 0 and v >= target - 1e-9), None)
+
+
+def summarize(runs: dict[str, dict[int, list[dict]]], times: dict[str, list[float]]) -> list[dict]:
+    """One row per arm: final accuracies, steps to GRPO's final ID accuracy, format, sources."""
+    grpo_final = statistics.mean(curve(rows, "val/id/accuracy")[-1][1] for rows in runs["grpo"].values())
+    out = []
+    for arm, seeds in runs.items():
+        rows_by_seed = list(seeds.values())
+
+        def final(key, rows_by_seed=rows_by_seed):
+            return [curve(rows, key)[-1][1] for rows in rows_by_seed if curve(rows, key)]
+
+        def step_mean(key, rows_by_seed=rows_by_seed, part=slice(None)):
+            vals = [
+                statistics.mean(v for _, v in curve(rows, key)[part])
+                for rows in rows_by_seed
+                if curve(rows, key)
+            ]
+            return vals
+
+        reach = [steps_to_reach(curve(rows, "val/id/accuracy"), grpo_final) for rows in rows_by_seed]
+        sources = sorted(
+            {
+                k.split("/")[-1]
+                for rows in rows_by_seed
+                for r in rows
+                for k in r
+                if k.startswith("select/ratio/")
+            }
+        )
+        out.append(
+            {
+                "arm": arm,
+                "seeds": len(rows_by_seed),
+                "start_id": final_first(rows_by_seed, "val/id/accuracy"),
+                "final_id": final("val/id/accuracy"),
+                "final_ood": final("val/ood/accuracy"),
+                "final_format": final("val/id/format"),
+                "train_reward_first5": step_mean("reward/policy/mean", part=slice(0, 5)),
+                "train_reward_last5": step_mean("reward/policy/mean", part=slice(-5, None)),
+                "reach": reach,
+                "grpo_final": grpo_final,
+                "aux_win_rate": step_mean("select/aux_win_rate"),
+                "ratio_first5": {s: step_mean(f"select/ratio/{s}", part=slice(0, 5)) for s in sources},
+                "ratio_last5": {s: step_mean(f"select/ratio/{s}", part=slice(-5, None)) for s in sources},
+                "aux_accuracy": {s: step_mean(f"reward/{s}/accuracy") for s in sources if s != "policy"},
+                "minutes": [t / 60 for t in times[arm]],
+            }
+        )
+    return out
+
+
+def final_first(rows_by_seed, key):
+    return [curve(rows, key)[0][1] for rows in rows_by_seed if curve(rows, key)]
+
+
+def tables(summary: list[dict], steps: int, eval_every: int, problems: int) -> str:
+    reach_txt = []
+    for s in summary:
+        got = [r for r in s["reach"] if r is not None]
+        reach_txt.append(
+            f"{statistics.mean(got):.1f} ({len(got)}/{s['seeds']} seeds)"
+            if got
+            else f"never (0/{s['seeds']})"
+        )
+    lines = [
+        f"{steps} steps per run, validation every {eval_every} steps on {problems} held-out problems per "
+        "split (greedy, `ekipl.eval`'s scoring); mean ± std over seeds.",
+        "",
+        "| arm | seeds | ID acc. at step 0 | final ID acc. | final OOD acc. | steps to GRPO's final ID "
+        f"({summary[0]['grpo_final']:.3f}) | final format (ID) | train reward, first 5 → last 5 steps | "
+        "minutes per run |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for s, reach in zip(summary, reach_txt, strict=True):
+        lines.append(
+            f"| {s['arm']} | {s['seeds']} | {mean_std(s['start_id'])} | {mean_std(s['final_id'])} | "
+            f"{mean_std(s['final_ood'])} | {reach} | {mean_std(s['final_format'])} | "
+            f"{mean_std(s['train_reward_first5'])} → {mean_std(s['train_reward_last5'])} | "
+            f"{mean_std(s['minutes'])} |"
+        )
+    lines += [
+        "",
+        "Where the selected actions came from (`select/ratio/<source>`, first 5 → last 5 steps), how "
+        "often an auxiliary action was the group's best (`select/aux_win_rate`), and each auxiliary source's "
+        "training accuracy (`reward/<source>/accuracy`):",
+        "",
+        "| arm | aux win rate | action-source ratio, first 5 → last 5 steps | aux accuracy |",
+        "|---|---|---|---|",
+    ]
+    for s in summary:
+        ratio = "; ".join(
+            f"{src} {mean_std(s['ratio_first5'][src])} → {mean_std(s['ratio_last5'][src])}"
+            for src in s["ratio_first5"]
+        )
+        acc = "; ".join(f"{src} {mean_std(v)}" for src, v in s["aux_accuracy"].items()) or "-"
+        lines.append(f"| {s['arm']} | {mean_std(s['aux_win_rate'])} | {ratio} | {acc} |")
+    return "\n".join(lines)
+
+
+def write_markdown(text: str, path: Path) -> None:
+    """Replace the part between the markers; the hand-written analysis around it stays."""
+    old = path.read_text() if path.is_file() else f"# Learning\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in old:
+        old += f"\n{BEGIN}\n{END}\n"
+    head, rest = old.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1] if END in rest else ""
+    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+
+
+def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [
+        ("val/id/accuracy", "held-out ID accuracy (greedy)"),
+        ("val/ood/accuracy", "held-out OOD accuracy (greedy)"),
+        ("reward/policy/mean", "policy reward (train, accuracy + format)"),
+        ("select/ratio/policy", "share of policy actions in the groups"),
+    ]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
+    for ax, (key, title) in zip(axes, keys, strict=True):
+        for arm, seeds in runs.items():
+            curves = [curve(rows, key) for rows in seeds.values()]
+            curves = [c for c in curves if c]
+            if not curves:
+                continue
+            n = min(len(c) for c in curves)
+            xs = [p[0] for p in curves[0][:n]]
+            ys = [[c[i][1] for c in curves] for i in range(n)]
+            mu = [statistics.mean(y) for y in ys]
+            sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+            (line,) = ax.plot(xs, mu, marker="o" if key.startswith("val/") else None, ms=3, label=arm)
+            ax.fill_between(
+                xs,
+                [m - s for m, s in zip(mu, sd, strict=True)],
+                [m + s for m, s in zip(mu, sd, strict=True)],
+                color=line.get_color(),
+                alpha=0.15,
+            )
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"mean ± std over {len(next(iter(runs.values())))} seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--out", default="outputs/learning")
+    ap.add_argument("--md", default=str(HERE / "LEARNING.md"))
+    ap.add_argument("--png", default=str(HERE / "learning.png"))
+    ap.add_argument("--report-only", action="store_true", help="tables and curves from existing runs")
+    ap.add_argument("extra", nargs="*", help="Hydra overrides for every run")
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    if "grpo" not in args.arms:
+        ap.error("the tables compare with GRPO: keep the grpo arm")
+    extra = [f"trainer.eval_every={args.eval_every}", *args.extra]
+
+    t_all = time.perf_counter()
+    times: dict[str, list[float]] = {arm: [] for arm in args.arms}
+    if not args.report_only:
+        from ekipl.runtime import resolve_model
+
+        t0 = time.perf_counter()  # the warm starts: built once, cached by recipe and seed
+        for name in ("learn-qwen2-vl-sft", "learn-qwen2-vl-aux"):
+            print(f"[learn] warm start {name}: {resolve_model(name)}", flush=True)
+        print(f"[learn] warm starts ready in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+        for seed in args.seeds:  # seed-major: a partial run still compares every arm
+            for arm in args.arms:
+                took = run_arm(arm, seed, out, args.steps, extra)
+                times[arm].append(took)
+                rows = load_rows(out / arm / f"seed{seed}")
+                acc = curve(rows, "val/id/accuracy")
+                print(
+                    f"[learn] {arm} seed {seed}: {took / 60:.1f} min, val ID accuracy "
+                    + " ".join(f"{s}:{v:.2f}" for s, v in acc)
+                    + f" (elapsed {(time.perf_counter() - t_all) / 60:.1f} min)",
+                    flush=True,
+                )
+        (out / "times.json").write_text(json.dumps(times))
+    else:
+        times = json.loads((out / "times.json").read_text())
+    runs = {arm: {seed: load_rows(out / arm / f"seed{seed}") for seed in args.seeds} for arm in args.arms}
+    summary = summarize(runs, times)
+    problems = int(curve(runs["grpo"][args.seeds[0]], "val/id/problems")[0][1])
+    text = tables(summary, args.steps, args.eval_every, problems)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_markdown(text, Path(args.md))
+    plot(runs, Path(args.png))
+    print(text)
+    print(f"\n[learn] {args.md}, {args.png}; runs under {out} (final policies in <arm>/seed<k>/policy)")
+    print(f"[learn] done in {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

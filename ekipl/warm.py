@@ -1,0 +1,113 @@
+"""Warm starts: a tiny model after Reason-RFT's stage 1 (CoT-SFT on the synthetic traces), built
+once with ``ekipl.sft`` and cached by recipe and seed, like the tiny models themselves.
+
+Reason-RFT trains CoT-SFT first, then RL; a random-weight policy never produces the answer format,
+so RL from scratch has no signal to work with. A warm-start name is accepted wherever a model path
+is (``model.path=learn-qwen2-vl-sft``, ``aux.NAME.model=...``, ``ekipl.eval --model``): the first use
+builds it (a subprocess runs ``python -m ekipl.sft``: its own local Ray, one learner rank), later
+uses take it from ``$EKIPL_CACHE/models/<name>-s<seed>-<hash>`` (the hash covers the recipe and the
+base model's spec, so a changed recipe never reuses a stale build). Builds are atomic.
+
+The SFT data is the synthetic set of ``data_seed``: ``ekipl data make --seed 0 --n-train 512``
+writes the same train rows, and its test splits are never trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """A CoT-SFT recipe on top of a tiny model."""
+
+    base: str  # a tiny model name (ekipl.models.tiny), or another warm start's, to train on from it
+    task: str = "counting"
+    steps: int = 300
+    lr: float = 1e-3
+    prompts_per_step: int = 8
+    data_size: int = 512  # synthetic train rows
+    data_seed: int = 0
+
+
+WARM_STARTS: dict[str, WarmStart] = {
+    # The learning experiments' policy (bench/learning.py, make demo): right about a third of the
+    # time on held-out counting, with the format learned, so RL has room to improve.
+    "learn-qwen2-vl-sft": WarmStart(base="learn-qwen2-vl", steps=300),
+    # Its stronger auxiliary model, standing in for GPT-4o: the same recipe trained three times as
+    # long (600 more steps from the policy's warm start). Right more often than the policy, but not
+    # always.
+    "learn-qwen2-vl-aux": WarmStart(base="learn-qwen2-vl-sft", steps=600),
+}
+
+
+def _digest(name: str, recipe: WarmStart, seed: int) -> str:
+    from ekipl.models.tiny import spec_for
+
+    base = WARM_STARTS.get(recipe.base)
+    blob = {
+        "name": name,
+        "seed": seed,
+        "recipe": dataclasses.asdict(recipe),
+        "base": _digest(recipe.base, base, seed) if base else dataclasses.asdict(spec_for(recipe.base)),
+        "v": 1,
+    }
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def sft_overrides(recipe: WarmStart, seed: int, out: Path, base_path: str) -> list[str]:
+    """The ``python -m ekipl.sft`` overrides of a recipe, training on from ``base_path``."""
+    return [
+        f"model.path={base_path}",
+        f"model.seed={seed}",
+        f"data.synthetic_task={recipe.task}",
+        f"data.synthetic_size={recipe.data_size}",
+        f"data.prompts_per_step={recipe.prompts_per_step}",
+        f"trainer.steps={recipe.steps}",
+        f"trainer.seed={recipe.data_seed}",
+        f"trainer.output_dir={out}",
+        f"learner.lr={recipe.lr}",
+        "learner.world_size=1",
+        "logger.mode=disabled",
+    ]
+
+
+def build_warm(name: str, seed: int = 0, root: str | os.PathLike | None = None) -> Path:
+    """The directory of warm start ``name`` (built on first use; minutes on 2 cores)."""
+    from ekipl.models.tiny import cache_root
+
+    if name not in WARM_STARTS:
+        raise ValueError(f"unknown warm start {name!r}; known: {', '.join(sorted(WARM_STARTS))}")
+    recipe = WARM_STARTS[name]
+    root = Path(root) if root is not None else cache_root() / "models"
+    out = root / f"{name}-s{seed}-{_digest(name, recipe, seed)}"
+    if (out / "ekipl_warm.json").is_file():
+        return out
+    base = str(build_warm(recipe.base, seed, root)) if recipe.base in WARM_STARTS else recipe.base
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        cmd = [sys.executable, "-m", "ekipl.sft", *sft_overrides(recipe, seed, tmp / "run", base)]
+        print(f"[ekipl] building warm start {name} (CoT-SFT, {recipe.steps} steps) -> {out}", flush=True)
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"building warm start {name} failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
+        shutil.copy2(tmp / "run" / "metrics.jsonl", tmp / "run" / "policy" / "sft_metrics.jsonl")
+        meta = {"name": name, "seed": seed, "recipe": dataclasses.asdict(recipe)}
+        (tmp / "run" / "policy" / "ekipl_warm.json").write_text(json.dumps(meta, indent=1))
+        try:
+            os.replace(tmp / "run" / "policy", out)
+        except OSError:  # another process finished the same build first; its output is equivalent
+            if not (out / "ekipl_warm.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
