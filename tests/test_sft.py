@@ -45,3 +45,29 @@ def test_sft_without_traces_is_a_data_error(tmp_path, red_image):
     cfg = compose([f"data.train_file={data}", "data.task=counting", f"trainer.output_dir={tmp_path}/o"])
     with pytest.raises(DataError, match="no row has a 'cot' trace"):
         run(cfg)
+
+
+@pytest.mark.slow
+def test_warm_start_is_built_once_by_sft_and_cached_by_recipe(tmp_path, monkeypatch):
+    """A warm start runs ``python -m ekipl.sft`` once; the next use is the cached directory; a
+    changed recipe or a warm start built on another is a new build."""
+    import json
+
+    from ekipl import warm
+    from ekipl.models import hf
+
+    tiny = warm.WarmStart(base="tiny-qwen2-vl", steps=2, prompts_per_step=2, data_size=4)
+    monkeypatch.setitem(warm.WARM_STARTS, "test-warm", tiny)
+    monkeypatch.setitem(warm.WARM_STARTS, "test-warm-on", warm.WarmStart(base="test-warm", steps=1))
+    monkeypatch.setenv("EKIPL_CACHE", str(tmp_path / "cache"))  # the SFT subprocess builds its base here
+    path = warm.build_warm("test-warm", root=tmp_path)
+    meta = json.loads((path / "ekipl_warm.json").read_text())
+    assert meta["recipe"]["steps"] == 2 and len((path / "sft_metrics.jsonl").read_text().splitlines()) == 2
+    assert hf.load_model(path) is not None and (path / "preprocessor_config.json").is_file()
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert warm.build_warm("test-warm", root=tmp_path) == path  # cached: no second build
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp
+    monkeypatch.setitem(warm.WARM_STARTS, "test-warm", warm.WarmStart(base="tiny-qwen2-vl", steps=3))
+    assert warm._digest("test-warm", warm.WARM_STARTS["test-warm"], 0) not in path.name  # a new recipe
+    with pytest.raises(ValueError, match="unknown warm start 'nope'"):
+        warm.build_warm("nope", root=tmp_path)
