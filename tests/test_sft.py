@@ -1,36 +1,10 @@
-"""Stage-1 CoT-SFT through the same learner: the traces' NLL falls, the export loads."""
+"""Stage-1 CoT-SFT through the same learner (as a warm start, ``python -m ekipl.sft`` in a
+subprocess): the traces' NLL falls, the export loads, the build is cached."""
 
 from __future__ import annotations
 
 import pytest
-from runs import compose, rows
-
-
-@pytest.mark.slow
-def test_sft_lowers_the_trace_nll_and_exports_a_loadable_policy(ray_local, tmp_path):
-    from ekipl.sft import run
-
-    out = tmp_path / "sft"
-    cfg = compose(
-        [
-            "+experiment=cpu_demo",
-            "data.synthetic_size=4",
-            "data.prompts_per_step=4",  # the whole set every step: the NLL must fall
-            "trainer.steps=4",
-            "learner.lr=1e-3",
-            "logger.mode=disabled",
-            f"trainer.output_dir={out}",
-        ]
-    )
-    summary = run(cfg)
-    assert summary["steps"] == 4
-    nll = [r["actor/nll"] for r in rows(out)]
-    assert len(nll) == 4 and nll[-1] < 0.9 * nll[0], nll
-    assert all(later < earlier for earlier, later in zip(nll, nll[1:], strict=False)), nll
-    from ekipl.models import hf
-
-    model = hf.load_model(out / "policy")
-    assert sum(p.numel() for p in model.parameters()) > 0
+from runs import compose
 
 
 def test_sft_without_traces_is_a_data_error(tmp_path, red_image):
@@ -48,26 +22,29 @@ def test_sft_without_traces_is_a_data_error(tmp_path, red_image):
 
 
 @pytest.mark.slow
-def test_warm_start_is_built_once_by_sft_and_cached_by_recipe(tmp_path, monkeypatch):
-    """A warm start runs ``python -m ekipl.sft`` once; the next use is the cached directory; a
-    changed recipe or a warm start built on another is a new build."""
+def test_sft_warm_start_lowers_the_trace_nll_exports_a_policy_and_is_cached(tmp_path, monkeypatch):
+    """A warm start runs ``python -m ekipl.sft`` once (the traces' NLL falls, the export loads); the
+    next use is the cached directory; a changed recipe is a new build."""
     import json
 
     from ekipl import warm
     from ekipl.models import hf
 
-    tiny = warm.WarmStart(base="tiny-qwen2-vl", steps=2, prompts_per_step=2, data_size=4)
-    monkeypatch.setitem(warm.WARM_STARTS, "test-warm", tiny)
-    monkeypatch.setitem(warm.WARM_STARTS, "test-warm-on", warm.WarmStart(base="test-warm", steps=1))
+    # the whole 4-row set every step, so the NLL must fall
+    recipe = warm.WarmStart(base="tiny-qwen2-vl", steps=4, prompts_per_step=4, data_size=4, lr=1e-3)
+    monkeypatch.setitem(warm.WARM_STARTS, "test-warm", recipe)
     monkeypatch.setenv("EKIPL_CACHE", str(tmp_path / "cache"))  # the SFT subprocess builds its base here
     path = warm.build_warm("test-warm", root=tmp_path)
-    meta = json.loads((path / "ekipl_warm.json").read_text())
-    assert meta["recipe"]["steps"] == 2 and len((path / "sft_metrics.jsonl").read_text().splitlines()) == 2
-    assert hf.load_model(path) is not None and (path / "preprocessor_config.json").is_file()
+    assert json.loads((path / "ekipl_warm.json").read_text())["recipe"]["steps"] == 4
+    nll = [json.loads(x)["actor/nll"] for x in (path / "sft_metrics.jsonl").read_text().splitlines()]
+    assert len(nll) == 4 and nll[-1] < 0.9 * nll[0], nll
+    assert all(later < earlier for earlier, later in zip(nll, nll[1:], strict=False)), nll
+    model = hf.load_model(path)
+    assert sum(p.numel() for p in model.parameters()) > 0 and (path / "preprocessor_config.json").is_file()
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     assert warm.build_warm("test-warm", root=tmp_path) == path  # cached: no second build
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
-    monkeypatch.setitem(warm.WARM_STARTS, "test-warm", warm.WarmStart(base="tiny-qwen2-vl", steps=3))
-    assert warm._digest("test-warm", warm.WARM_STARTS["test-warm"], 0) not in path.name  # a new recipe
+    changed = warm.WarmStart(base="tiny-qwen2-vl", steps=5)
+    assert warm._digest("test-warm", changed, 0) not in path.name  # a new recipe is a new build
     with pytest.raises(ValueError, match="unknown warm start 'nope'"):
         warm.build_warm("nope", root=tmp_path)
