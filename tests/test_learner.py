@@ -212,7 +212,6 @@ def test_token_budget_micro_batches_on_two_ranks_match_one_process(ray_local, ba
     """learner.max_tokens_per_micro_batch: the ranks pack their rows by length into different
     numbers of micro-batches (the shorter plan padded with empty ones); the update is unchanged."""
     from ekipl.learner.group import LearnerGroup
-
     from ekipl.learner.worker import pack_by_tokens
 
     b, _, _ = batch
