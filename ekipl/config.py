@@ -220,8 +220,8 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
             raise ConfigError(f"trainer.{key} must be >= 0, got {getattr(t, key)}")
     if (t.eval_every or t.eval_before_train) and run.data.train_file and not run.data.val_files:
         raise ConfigError(
-            "trainer.eval_every/eval_before_train: validation needs held-out splits; set "
-            "data.val_files={NAME: FILE, ...} (synthetic data brings its own test_id/test_ood)"
+            "trainer.eval_every/eval_before_train: validation needs held-out splits; give them as "
+            "+data.val_files.NAME=FILE (synthetic data brings its own test_id/test_ood)"
         )
     if t.save_every < 0 or t.keep_checkpoints < 0 or t.max_nonfinite_skips < 1:
         raise ConfigError(

@@ -146,7 +146,7 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(ray_local, tmp_
             "trainer.steps=5",
             "trainer.max_nonfinite_skips=2",
             f"trainer.output_dir={out}",
-            f"data.val_files={{broken:{_broken_val_file(tmp_path)}}}",
+            f"+data.val_files.broken={_broken_val_file(tmp_path)}",
             "trainer.eval_every=1",
         ]
     )
