@@ -29,11 +29,11 @@ DEMO = [
     "aux.aux_model=null",  # the recorded traces only: no second warm start to build
     "learner.world_size=2",  # ZeRO-2 over 2 gloo ranks, as on a cluster
     "learner.micro_batch_size=4",
-    "trainer.steps=24",
-    "trainer.eval_every=6",
+    "trainer.steps=48",
+    "trainer.eval_every=8",
     "trainer.eval_limit=32",
-    "trainer.save_every=12",
-    "trainer.log_samples_every=6",
+    "trainer.save_every=24",
+    "trainer.log_samples_every=8",
     "trainer.output_dir=outputs/demo",
 ]
 
