@@ -142,11 +142,11 @@ def learner_part(a: argparse.Namespace) -> dict:
         _sync()
         t0 = time.perf_counter()
         if a.beta > 0:
-            ref = learner.logprobs(batch, max_rows=len(batch), reference=True)
+            ref = learner.logprobs(batch, reference=True)
             batch.ref_logp = ref[:, : batch.input_ids.shape[1] - 1]
         _sync()
         t1 = time.perf_counter()
-        metrics = learner.update(batch, max_rows=len(batch), **batch.totals())
+        metrics = learner.update(batch, **batch.totals())
         _sync()
         t2 = time.perf_counter()
         if metrics["actor/skipped_step"]:

@@ -41,6 +41,15 @@ def read_metrics(path: Path, skip_bad_lines: bool = False) -> list[dict]:
     return rows
 
 
+def _keep_until(path: Path, resume_step: int) -> None:
+    """Rewrite a per-step JSONL file with only its rows up to ``resume_step`` (those steps are not
+    run again); empty for a fresh run (``resume_step`` 0)."""
+    kept = []
+    if resume_step and path.is_file():
+        kept = [r for r in read_metrics(path, skip_bad_lines=True) if r.get("step", 0) <= resume_step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+
 class MetricsLog:
     """Appends one JSON row per step; on resume, rows after the checkpoint's step are dropped
     (those steps are run again). ``logger`` is a :class:`~ekipl.config.LoggerConfig`."""
@@ -49,16 +58,9 @@ class MetricsLog:
         self, logger, out: Path, config_tree: dict, resume_step: int = 0, wandb_id: str | None = None
     ):
         self.path = Path(out) / "metrics.jsonl"
-        kept = []
-        if resume_step and self.path.is_file():
-            kept = [
-                r for r in read_metrics(self.path, skip_bad_lines=True) if r.get("step", 0) <= resume_step
-            ]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        samples = self.path.with_name("samples.jsonl")
-        if samples.is_file():  # the same for the logged samples (a fresh run starts a new file)
-            old = read_metrics(samples, skip_bad_lines=True) if resume_step else []
-            samples.write_text("".join(json.dumps(r) + "\n" for r in old if r.get("step", 0) <= resume_step))
+        _keep_until(self.path, resume_step)
+        if self.path.with_name("samples.jsonl").is_file():  # the logged samples likewise
+            _keep_until(self.path.with_name("samples.jsonl"), resume_step)
         self.wandb = None
         if logger.wandb and logger.mode != "disabled":
             import wandb

@@ -49,7 +49,7 @@ def rollout_logprob_diff(logp: torch.Tensor, mb: Batch) -> dict:
     agree between engine and learner; one update stale with one-step-off rollout."""
     if mb.sampled_mask is None:
         return {}
-    sm = mb.sampled_mask * mb.completion_mask
+    sm = mb.sampled_mask  # placed by the completion mask (collate): a subset of it
     if float(sm.sum()) == 0:
         return {}
     return {"rollout_logprob_diff": ((logp.detach() - mb.sampled_logp).abs() * sm).sum() / sm.sum()}
@@ -163,9 +163,6 @@ class Learner:
             self.ref = hf.load_model(model_path, dtype=dtype).to(self.device).eval().requires_grad_(False)
 
     # -------------------------------------------------------------------------------------------
-    def _n_micro_for(self, rows_per_rank: int) -> int:
-        return max(1, math.ceil(rows_per_rank / self.cfg.micro_batch_size))
-
     def _to_device(self, b: Batch) -> Batch:
         for f in (
             "input_ids",
@@ -186,23 +183,20 @@ class Learner:
                 setattr(b, f, t.to(self.device))
         return b
 
-    def _plan(self, batch: Batch, max_rows: int | None, plan: list[list[int]] | None) -> list[list[int]]:
-        """The micro-batches: ``plan`` as the group laid it out (the same count on every rank), or
-        ``micro_batch_size`` rows each, as many as the largest rank (``max_rows``) needs."""
-        if plan is not None:
-            return plan
-        n = self._n_micro_for(max_rows if max_rows is not None else len(batch))
-        return micro_batches(len(batch), self.cfg.micro_batch_size, n)
+    def _plan(self, batch: Batch, plan: list[list[int]] | None) -> list[list[int]]:
+        """The micro-batches: ``plan`` as the group laid it out (the same count on every rank), or,
+        for a lone rank driven directly (bench/gpu.py), this batch's own :func:`plan_rows`."""
+        return plan if plan is not None else plan_rows(batch.attention_mask.sum(-1).tolist(), self.cfg)
 
     @torch.no_grad()
     def logprobs(
-        self, batch: Batch, plan: list[list[int]] | None = None, reference: bool = False, max_rows=None
+        self, batch: Batch, plan: list[list[int]] | None = None, reference: bool = False
     ) -> torch.Tensor:
         """Log-probs [B, L-1] of this rank's rows (in row order), under the policy (or the frozen
         reference)."""
         model = self.ref if reference else self.engine.module
         out = torch.zeros(len(batch), batch.input_ids.shape[1] - 1)
-        for rows in self._plan(batch, max_rows, plan):
+        for rows in self._plan(batch, plan):
             if rows:
                 mb = self._to_device(batch.select(rows))
                 lp, _ = sequence_logprobs(model, mb, chunk_tokens=self.cfg.logits_chunk_tokens)
@@ -217,7 +211,6 @@ class Learner:
         global_seqs: float = 0.0,
         max_len: int = 0,
         sft: bool = False,
-        max_rows: int | None = None,
     ) -> dict:
         """μ epochs over this rank's rows, one optimizer step per epoch. Returns averaged metrics.
 
@@ -225,7 +218,7 @@ class Learner:
         ``sft``: the CoT-SFT loss (negative log-likelihood of the completions) instead of the RL one.
         """
         self.engine.train()
-        plan = self._plan(batch, max_rows, plan)
+        plan = self._plan(batch, plan)
         n_micro = len(plan)
         if n_micro != self._n_micro:
             self.engine.set_train_batch_size(self.cfg.micro_batch_size * n_micro * self.world_size)
