@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -106,6 +107,45 @@ def test_completion_only_chunked_logprobs_equal_the_full_computation(batch, tiny
         assert torch.allclose(dict(model.named_parameters())[n].grad, g, atol=1e-5, rtol=1e-4), n
 
 
+@pytest.mark.parametrize("images", [True, False])
+def test_padding_free_packed_logprobs_equal_the_padded_ones(batch, tiny_vlm, tiny_lm, images):
+    """learner.pack_sequences: the rows packed into one (position ids restarting, no attention mask)
+    give every row's own log-probs, entropy and gradients: attention stays within each sequence and
+    M-RoPE's image positions carry over. Qwen2-VL with images, and a text-only Qwen2."""
+    b, _, _ = batch
+    if not images:  # the same token rows on a text-only model (images' placeholders are just tokens)
+        b = dataclasses.replace(b, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None)
+    b = b.select([4, 0, 2, 5])  # rows of different lengths, an aux row first
+    m = b.completion_mask.bool()
+    model = hf.load_model(tiny_vlm if images else tiny_lm).eval()
+    runs = []
+    for pack in (False, True):
+        model.zero_grad()
+        logp, ent = sequence_logprobs(model, b, with_entropy=True, chunk_tokens=7, pack=pack)
+        (logp[m] * torch.linspace(-1, 1, int(m.sum()))).sum().backward()  # a row mixed into another shows
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        runs.append((logp, ent, grads))
+    (want, want_ent, want_g), (got, got_ent, got_g) = runs
+    assert torch.allclose(got[m], want[m], atol=1e-5) and bool((got[~m] == 0).all())
+    assert torch.allclose(got_ent[m], want_ent[m], atol=1e-4)
+    assert want_g.keys() == got_g.keys()
+    for n, g in want_g.items():
+        assert torch.allclose(got_g[n], g, atol=1e-5, rtol=1e-4), n
+
+
+def test_packing_is_refused_for_a_model_it_is_not_known_to_be_exact_for(tiny_lm):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ekipl.learner.logprobs import require_packable
+
+    require_packable(hf.load_model(tiny_lm))  # qwen2: checked above
+    cfg = LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    )
+    with pytest.raises(ValueError, match="learner.pack_sequences.*'llama'"):
+        require_packable(LlamaForCausalLM(cfg))
+
+
 def test_token_budget_packing():
     from ekipl.learner.worker import pack_by_tokens, plan_rows
 
@@ -121,6 +161,13 @@ def test_token_budget_packing():
     assert pack_by_tokens([200], budget=100) == [[0]]  # longer than the budget: on its own
     assert plan_rows(lengths, LearnerConfig(micro_batch_size=3)) == [[0, 1, 2], [3, 4, 5], [6]]
     assert plan_rows(lengths, LearnerConfig(max_tokens_per_micro_batch=100)) == plan
+    # padding-free: a micro-batch's total tokens within the budget, first fit, longest first
+    packed = pack_by_tokens(lengths, budget=100, packed=True)
+    assert sorted(i for mb in packed for i in mb) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in mb) <= 100 for mb in packed)
+    assert packed == [[6, 3], [0, 2], [5, 1, 4]]
+    cfg = LearnerConfig(max_tokens_per_micro_batch=100, pack_sequences=True)
+    assert plan_rows(lengths, cfg) == packed
 
 
 def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConfig):
@@ -208,9 +255,13 @@ def test_zero2_on_two_gloo_ranks_matches_one_process(ray_local, batch, reference
 
 
 @pytest.mark.slow
-def test_token_budget_micro_batches_on_two_ranks_match_one_process(ray_local, batch, reference, tiny_vlm):
+@pytest.mark.parametrize("pack", [False, True])
+def test_token_budget_micro_batches_on_two_ranks_match_one_process(
+    ray_local, batch, reference, tiny_vlm, pack
+):
     """learner.max_tokens_per_micro_batch: the ranks pack their rows by length into different
-    numbers of micro-batches (the shorter plan padded with empty ones); the update is unchanged."""
+    numbers of micro-batches (the shorter plan padded with empty ones); the update is unchanged.
+    With learner.pack_sequences each micro-batch runs as one padding-free row."""
     from ekipl.learner.group import LearnerGroup
     from ekipl.learner.worker import pack_by_tokens
 
@@ -220,10 +271,16 @@ def test_token_budget_micro_batches_on_two_ranks_match_one_process(ray_local, ba
     budget = next(
         t
         for t in range(max(lengths), 3 * max(lengths) + 1)
-        if len(pack_by_tokens(lengths[:3], t)) != len(pack_by_tokens(lengths[3:], t))
+        if len(pack_by_tokens(lengths[:3], t, pack)) != len(pack_by_tokens(lengths[3:], t, pack))
     )
     cfg = LearnerConfig(
-        world_size=2, zero_stage=2, lr=LR, adam_eps=ADAM_EPS, grad_clip=1.0, max_tokens_per_micro_batch=budget
+        world_size=2,
+        zero_stage=2,
+        lr=LR,
+        adam_eps=ADAM_EPS,
+        grad_clip=1.0,
+        max_tokens_per_micro_batch=budget,
+        pack_sequences=pack,
     )
     group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
     try:
@@ -235,7 +292,7 @@ def test_token_budget_micro_batches_on_two_ranks_match_one_process(ray_local, ba
     finally:
         group.shutdown()
     check_against_reference(2, before, metrics, after, reference)
-    assert metrics["actor/padding_frac"] < 0.5
+    assert metrics["actor/padding_frac"] == 0.0 if pack else metrics["actor/padding_frac"] < 0.5
 
 
 @pytest.mark.slow

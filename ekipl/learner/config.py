@@ -18,9 +18,14 @@ class LearnerConfig:
     # Token-budget micro-batches (verl's dynamic batch size): each rank's rows, sorted by length, are
     # packed greedily so that rows x longest row <= this budget (0: micro_batch_size rows each).
     max_tokens_per_micro_batch: int = 0
+    # Padding-free: each micro-batch's rows run as one row, position ids restarting at each sequence
+    # and attention kept within it (transformers' packed sequences; Qwen2 and Qwen2-VL models).
+    # With max_tokens_per_micro_batch, the budget bounds a micro-batch's total tokens.
+    pack_sequences: bool = False
     # The LM head and log-softmax run on completion positions only, this many rows at a time (each
-    # chunk's logits recomputed in the backward pass); 0: all completion positions at once.
-    logits_chunk_tokens: int = 1024
+    # chunk's logits recomputed in the backward pass; two or three [rows, V] fp32 buffers at the
+    # peak, ~0.5 GB at 256 rows of Qwen2's 151,936); 0: all completion positions at once.
+    logits_chunk_tokens: int = 256
     epochs: int = 1  # μ inner epochs over each batch
     gradient_checkpointing: bool = False
     freeze_vision: bool = False

@@ -6,8 +6,12 @@ double or triple it. :func:`sequence_logprobs` runs the model's body once, gathe
 at completion positions (``completion_mask``), and runs the LM head, log-softmax and entropy over
 them in chunks of ``chunk_tokens`` rows. Under autograd each chunk is checkpointed (its logits are
 recomputed in the backward pass), so at most one chunk of logits is alive at a time in the forward
-and in the backward. The values equal the full computation (:func:`full_logprobs`, kept as the
-reference) to float rounding.
+and in the backward, and the log-softmax's backward builds the logits' gradient in place
+(:class:`_TargetLogProb`). The values equal the full computation (:func:`full_logprobs`, kept as
+the reference) to float rounding.
+
+With ``pack`` the body runs on the micro-batch's rows packed into one row without padding
+(:func:`packed_inputs`); the hidden states are then read back at each row's completion positions.
 
 Log-probs are aligned with ``input_ids[:, 1:]`` as ``completion_mask`` is; positions outside the
 mask are 0.
@@ -26,33 +30,109 @@ def _last_hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-def _hidden_states(model, batch) -> torch.Tensor:
-    """The body's last hidden states [B, L, H], through the model's own forward (so a DeepSpeed
-    engine's hooks, ZeRO-3's parameter gathering among them, run as for any forward) with the LM
-    head on no position at all (``logits_to_keep``: an empty index)."""
+# Model types whose forward attends within each packed sequence when given restarting position ids
+# and no attention mask (transformers' packed-sequence masks; tests/test_learner.py checks each).
+PACKABLE = ("qwen2", "qwen2_vl")
+
+
+def require_packable(model) -> None:
+    """``learner.pack_sequences`` on a model not known to keep attention within packed sequences
+    would let sequences attend to each other silently: refuse it at start-up instead."""
+    kind = model.config.model_type
+    if kind not in PACKABLE:
+        raise ValueError(
+            f"learner.pack_sequences: {kind!r} models are not known to keep attention within packed "
+            f"sequences (supported: {', '.join(PACKABLE)}); set learner.pack_sequences=false"
+        )
+
+
+def packed_inputs(module, batch) -> dict:
+    """The rows' real tokens as one row [1, S] with no padding: position ids restart at each row and
+    there is no attention mask, from which transformers builds a mask that keeps each row to itself.
+    M-RoPE models (Qwen2-VL) take their 3-D positions from the padded rows, with the text positions
+    prepended (transformers finds the rows from those); images stay in row order."""
+    keep = batch.attention_mask.bool()
+    text = (batch.attention_mask.long().cumsum(-1) - 1)[keep][None]  # [1, S]
+    out = {"input_ids": batch.input_ids[keep][None], "attention_mask": None, "position_ids": text}
+    body = module.model
+    if hasattr(body, "get_rope_index"):
+        if batch.pixel_values is not None:
+            rope, _ = body.get_rope_index(
+                batch.input_ids,
+                mm_token_type_ids=batch.mm_token_type_ids,
+                image_grid_thw=batch.image_grid_thw,
+                attention_mask=batch.attention_mask,
+            )
+            rope = rope[:, keep][:, None]  # [3, 1, S]
+        else:
+            rope = text[None].expand(3, 1, -1)
+        out["position_ids"] = torch.cat([text[None], rope.to(text)], 0)  # [4, 1, S]
+    if batch.pixel_values is not None:
+        out.update(
+            pixel_values=batch.pixel_values,
+            image_grid_thw=batch.image_grid_thw,
+            mm_token_type_ids=batch.mm_token_type_ids[keep][None],
+        )
+    return out
+
+
+def _hidden_states(model, batch, pack: bool = False) -> torch.Tensor:
+    """The body's last hidden states [B, L, H] (packed: [1, S, H]), through the model's own forward
+    (so a DeepSpeed engine's hooks, ZeRO-3's parameter gathering among them, run as for any forward)
+    with the LM head on no position at all (``logits_to_keep``: an empty index)."""
     module = getattr(model, "module", model)
     seen = {}
 
     def keep_hidden(mod, args, out):  # returns None: the body's output goes on unchanged
         seen["h"] = _last_hidden(out)
 
+    inputs = packed_inputs(module, batch) if pack else batch.model_inputs()
     handle = module.model.register_forward_hook(keep_hidden)
     try:
         keep = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
-        model(**batch.model_inputs(), use_cache=False, logits_to_keep=keep)
+        model(**inputs, use_cache=False, logits_to_keep=keep)
     finally:
         handle.remove()
     return seen["h"]
 
 
+def _completion_hidden(model, batch, pack: bool) -> torch.Tensor:
+    """Hidden states at completion positions ([N, H], in the row-major order of ``completion_mask``)."""
+    mask = batch.completion_mask.bool()
+    if not pack:
+        return _hidden_states(model, batch)[:, :-1][mask.to(batch.input_ids.device)]
+    hidden = _hidden_states(model, batch, pack=True)[0]
+    at = batch.attention_mask.flatten().cumsum(0).view(batch.attention_mask.shape) - 1  # packed index
+    return hidden[at[:, :-1][mask].to(hidden.device)]
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """(log softmax(logits)[target], log Z) for logits [n, V]. The backward builds the logits'
+    gradient, g * (onehot(target) - softmax), in one [n, V] buffer, where autograd's logsumexp and
+    gather backward would hold three or four."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        logz = torch.logsumexp(logits, dim=-1)
+        ctx.save_for_backward(logits, targets, logz)
+        ctx.mark_non_differentiable(logz)
+        return logits.gather(-1, targets[:, None]).squeeze(-1) - logz, logz
+
+    @staticmethod
+    def backward(ctx, grad, _grad_logz):
+        logits, targets, logz = ctx.saved_tensors
+        out = (logits - logz[:, None]).exp_().mul_(-grad[:, None])
+        return out.scatter_add_(-1, targets[:, None], grad[:, None]), None
+
+
 def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
     logits = head(hidden).float()
-    logz = torch.logsumexp(logits, dim=-1)
-    logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+    logp, logz = _TargetLogProb.apply(logits, targets)
     if not with_entropy:
         return logp, None
-    with torch.no_grad():
-        ent = logz - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+    with torch.no_grad():  # H = log Z - sum_v p_v z_v, with one more [n, V] buffer
+        probs = (logits - logz[:, None]).exp_()
+        ent = logz - probs.mul_(logits).sum(-1)
     return logp, ent
 
 
@@ -79,14 +159,15 @@ def chunked_logprobs(
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
-def sequence_logprobs(model, batch, with_entropy: bool = False, chunk_tokens: int = 1024):
+def sequence_logprobs(model, batch, with_entropy: bool = False, chunk_tokens: int = 256, pack: bool = False):
     """log π(input_ids[:, t+1] | ...) at completion positions, shape [B, L-1] (0 elsewhere);
-    optionally the policy's entropy there too. The LM head runs on completion positions only."""
+    optionally the policy's entropy there too. The LM head runs on completion positions only.
+    ``pack``: the body runs on the rows packed into one, padding-free (:func:`packed_inputs`)."""
     head = getattr(model, "module", model).lm_head
-    hidden = _hidden_states(model, batch)[:, :-1]
+    hidden = _completion_hidden(model, batch, pack)
     mask = batch.completion_mask.to(hidden.device).bool()
-    targets = batch.input_ids[:, 1:][mask]
-    lp, ent = chunked_logprobs(head, hidden[mask], targets, chunk_tokens, with_entropy)
+    targets = batch.input_ids[:, 1:].to(hidden.device)[mask]
+    lp, ent = chunked_logprobs(head, hidden, targets, chunk_tokens, with_entropy)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     logp[mask] = lp
     if not with_entropy:

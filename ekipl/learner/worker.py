@@ -17,7 +17,7 @@ import torch
 from ekipl.algo import objective as O
 from ekipl.learner.batch import Batch
 from ekipl.learner.config import LearnerConfig
-from ekipl.learner.logprobs import sequence_logprobs
+from ekipl.learner.logprobs import require_packable, sequence_logprobs
 
 log = logging.getLogger(__name__)
 
@@ -62,23 +62,32 @@ def micro_batches(n_rows: int, size: int, n_micro: int) -> list[list[int]]:
     return out
 
 
-def pack_by_tokens(lengths: list[int], budget: int) -> list[list[int]]:
-    """Token-budget micro-batches (verl's dynamic batch size): rows sorted by length, longest first,
-    packed greedily so that each micro-batch's rows x longest row stays within ``budget`` (a row
-    longer than the budget gets a micro-batch of its own). Sorting keeps the padding small."""
+def pack_by_tokens(lengths: list[int], budget: int, packed: bool = False) -> list[list[int]]:
+    """Token-budget micro-batches (verl's dynamic batch size): rows sorted by length, longest first.
+    Padded (``packed`` False): packed greedily so that each micro-batch's rows x longest row stays
+    within ``budget``; sorting keeps the padding small. Packed into one padding-free row: first fit,
+    each micro-batch's total length within ``budget``. A row longer than the budget gets a
+    micro-batch of its own."""
     out: list[list[int]] = []
+    load: list[int] = []
     for i in sorted(range(len(lengths)), key=lambda r: (-lengths[r], r)):
-        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget:
-            out[-1].append(i)  # the micro-batch's first row is its longest
-        else:
+        if packed:
+            fit = next((k for k, used in enumerate(load) if used + lengths[i] <= budget), None)
+        else:  # the last micro-batch's first row is its longest
+            fit = len(out) - 1 if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= budget else None
+        if fit is None:
             out.append([i])
+            load.append(lengths[i])
+        else:
+            out[fit].append(i)
+            load[fit] += lengths[i]
     return out
 
 
 def plan_rows(lengths: list[int], cfg: LearnerConfig) -> list[list[int]]:
     """One rank's micro-batches (lists of row indices) for rows of these lengths."""
     if cfg.max_tokens_per_micro_batch:
-        return pack_by_tokens(lengths, cfg.max_tokens_per_micro_batch)
+        return pack_by_tokens(lengths, cfg.max_tokens_per_micro_batch, cfg.pack_sequences)
     n = max(1, math.ceil(len(lengths) / cfg.micro_batch_size))
     return [r for r in micro_batches(len(lengths), cfg.micro_batch_size, n) if r]
 
@@ -147,6 +156,8 @@ class Learner:
         torch.manual_seed(seed)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
         model = hf.load_model(model_path, dtype=dtype)
+        if cfg.pack_sequences:
+            require_packable(model)
         if cfg.freeze_vision and hasattr(model, "model") and hasattr(model.model, "visual"):
             for p in model.model.visual.parameters():
                 p.requires_grad_(False)
@@ -199,7 +210,9 @@ class Learner:
         for rows in self._plan(batch, plan):
             if rows:
                 mb = self._to_device(batch.select(rows))
-                lp, _ = sequence_logprobs(model, mb, chunk_tokens=self.cfg.logits_chunk_tokens)
+                lp, _ = sequence_logprobs(
+                    model, mb, chunk_tokens=self.cfg.logits_chunk_tokens, pack=self.cfg.pack_sequences
+                )
                 out[rows, : lp.shape[1]] = lp.cpu()
         return out
 
@@ -245,9 +258,13 @@ class Learner:
                 mb = self._to_device(batch.select(rows or [0]))
                 if epoch == 0 and not empty:
                     pad, tokens = mb.padding()
-                    padded, real = padded + pad, real + tokens
+                    padded, real = padded + pad * (not self.cfg.pack_sequences), real + tokens
                 logp, ent = sequence_logprobs(
-                    self.engine, mb, with_entropy=True, chunk_tokens=self.cfg.logits_chunk_tokens
+                    self.engine,
+                    mb,
+                    with_entropy=True,
+                    chunk_tokens=self.cfg.logits_chunk_tokens,
+                    pack=self.cfg.pack_sequences,
                 )
                 if mb.old_logp is None:
                     mb.old_logp = old_cache.setdefault(j, logp.detach())
