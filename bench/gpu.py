@@ -1,7 +1,7 @@
 """The GPU section: what runs where there is torch, transformers and DeepSpeed but no vLLM and no
 Ray (the lent GPU machines' image), measured through ekipl's own code.
 
-    python -m bench.gpu [--model bench-qwen2-vl-2b] [--stages 2 3] [--repeats 3]
+    python -m bench.gpu [--model bench-qwen2-vl-2b] [--stages 2 3] [--repeats 3] [--variants ...]
 
 With CUDA the default policy is Qwen2-VL-2B's shapes with random weights (``bench-qwen2-vl-2b``,
 built locally, bf16); without, the tiny VLM in fp32, so that the same code runs on a CPU machine
@@ -21,6 +21,11 @@ built locally, bf16); without, the tiny VLM in fp32, so that the same code runs 
    the time of one forward+backward.
 4. **HF generation**: transformers ``generate`` on the device (the ``hf`` auxiliary source's
    library) for the batch's prompts, ``--tokens`` forced new tokens, sampled.
+5. **Learner at real proportions** (``--variants``; all four with CUDA, none by default without):
+   bench/learner.py's variants on this model and device, each in its own process: the update
+   (β 0) on the batch's prompts with completion lengths drawn skewed (log-normal, 20 to
+   ``--longest``, 512 with CUDA) for the learner before completion-only logits, completion-only
+   logits, a token budget, and padding-free packing: seconds, peak memory, padding.
 
 DeepSpeed runs on one rank: NCCL refuses two ranks on one GPU, and the lent machines have one.
 
@@ -67,10 +72,19 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int = 0):
+def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
+    """Completion lengths like an RL batch's: log-normal around 90 tokens, clipped to [20, cap]
+    (bench/learner.py draws the same way)."""
+    import math
+
+    return [min(cap, max(20, int(math.exp(rng.gauss(math.log(90), 0.9))))) for _ in range(n)]
+
+
+def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int = 0, skewed: bool = False):
     """A collated batch like a rollout's: synthetic counting prompts with their images, ``group``
-    actions each of ``tokens`` random ordinary tokens (the last quarter from an auxiliary source),
-    random 0/1/2 rewards and GRPO advantages."""
+    actions each of ``tokens`` random ordinary tokens (``skewed``: of :func:`skewed_lengths`, at
+    most ``tokens``; the last quarter from an auxiliary source), random 0/1/2 rewards and GRPO
+    advantages."""
     import random
 
     from ekipl.algo import objective as O
@@ -90,13 +104,14 @@ def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int
     rng = random.Random(seed)
     ordinary = range(tok.convert_tokens_to_ids("<|endoftext|>"))  # BPE tokens, no special ones
     n_aux = group // 4
+    lengths = skewed_lengths(prompts * group, random.Random(seed + 1), tokens) if skewed else None
     groups = []
     for s in samples:
         prompt = processor.apply_chat_template(build_messages(s), add_generation_prompt=True, tokenize=False)
         actions = [
             Action(
                 source="policy" if j < group - n_aux else "aux",
-                token_ids=[rng.choice(ordinary) for _ in range(tokens)],
+                token_ids=[rng.choice(ordinary) for _ in range(lengths.pop() if lengths else tokens)],
                 text="",
                 reward=float(rng.randint(0, 2)),
             )
@@ -200,10 +215,87 @@ def run_learner_parts(a: argparse.Namespace) -> list[dict]:
     return results
 
 
+# The learner at real proportions (bench/learner.py's variants, on this device): completion lengths
+# of skewed_lengths, at most --longest; the token budget is --micro-batch x the mean row length, so
+# about as many micro-batches as --micro-batch rows each.
+LEARNER_VARIANTS = {
+    "before": "full logits, --micro-batch rows",
+    "completion": "completion-only logits, --micro-batch rows",
+    "budget": "completion-only logits, token budget",
+    "pack": "padding-free packing, token budget",
+}
+
+
+def variant_part(a: argparse.Namespace) -> dict:
+    """One learner variant's update (beta = 0) on one rank, at ZeRO stage ``a.stage``."""
+    import ekipl.learner.worker as worker
+    from ekipl.algo.objective import ObjectiveConfig
+    from ekipl.learner.config import LearnerConfig
+    from ekipl.learner.logprobs import full_logprobs
+
+    cuda = torch.cuda.is_available()
+    if a.variant == "before":  # the LM head and an fp32 log-softmax at every position
+        worker.sequence_logprobs = lambda model, mb, with_entropy=False, **_: full_logprobs(
+            model, mb, with_entropy
+        )
+    batch, _, _ = make_batch(a.model, a.prompts, a.group, a.longest, skewed=True)
+    rows = batch.attention_mask.sum(-1)
+    budget = a.micro_batch * int(rows.float().mean()) if a.variant in ("budget", "pack") else 0
+    cfg = LearnerConfig(
+        world_size=1,
+        zero_stage=a.stage,
+        lr=1e-6,
+        micro_batch_size=a.micro_batch,
+        max_tokens_per_micro_batch=budget,
+        pack_sequences=a.variant == "pack",
+        gradient_checkpointing=cuda and not a.no_checkpointing,
+        bf16=cuda,
+    )
+    learner = worker.Learner(0, 1, a.model, cfg, ObjectiveConfig(kl_coef=0.0), seed=0)
+    learner.setup(*learner.rendezvous())
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    times, metrics = [], {}
+    for i in range(a.repeats + 1):  # the first is a warm-up
+        _sync()
+        t0 = time.perf_counter()
+        metrics = learner.update(batch, **batch.totals())
+        _sync()
+        if i:
+            times.append(time.perf_counter() - t0)
+    learner.cleanup()
+    return {
+        "variant": a.variant,
+        "stage": a.stage,
+        "budget": budget,
+        "rows": len(batch),
+        "completion_tokens": int(batch.completion_mask.sum()),
+        "completions": [int(rows.min()), int(rows.max())],
+        "micro_batches": int(metrics["actor/micro_batches"]),
+        "update_s": statistics.median(times),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "padding_frac": metrics["actor/padding_frac"],
+        "loss": metrics["actor/pg_loss"],
+    }
+
+
+def run_variant_parts(a: argparse.Namespace) -> list[dict]:
+    """Each of ``a.variants`` in a fresh process, at the first of ``a.stages``."""
+    results = []
+    for name in a.variants:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, "-m", "bench.gpu", "--part", "variant", "--variant", name]
+            cmd += ["--stage", str(a.stages[0]), "--out", f.name, *_shared_args(a)]
+            subprocess.run(cmd, check=True, cwd=ROOT)
+            results.append(json.loads(Path(f.name).read_text()))
+    return results
+
+
 def _shared_args(a: argparse.Namespace) -> list[str]:
     args = ["--model", a.model, "--prompts", str(a.prompts), "--group", str(a.group)]
     args += ["--tokens", str(a.tokens), "--micro-batch", str(a.micro_batch), "--beta", str(a.beta)]
-    args += ["--repeats", str(a.repeats)] + (["--no-checkpointing"] if a.no_checkpointing else [])
+    args += ["--repeats", str(a.repeats), "--longest", str(a.longest)]
+    args += ["--no-checkpointing"] if a.no_checkpointing else []
     return args
 
 
@@ -358,6 +450,30 @@ def tables(env: dict, learner: list[dict], objective: list[dict], gen: dict) -> 
     return "\n".join(lines)
 
 
+def variant_table(env: dict, variants: list[dict]) -> str:
+    if not variants:
+        return ""
+    r0 = variants[0]
+    lines = [
+        "",
+        "",
+        f"Learner at real proportions: {r0['rows']} rows, completions {r0['completions'][0]}-"
+        f"{r0['completions'][1]} tokens long (skewed), one rank, ZeRO-{r0['stage']}, update only (β 0):",
+        "",
+        "| learner | budget | micro-batches | update s | vs before | peak GiB | padding |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    before = next((r for r in variants if r["variant"] == "before"), None)
+    for r in variants:
+        vs = f"{r['update_s'] / before['update_s']:.2f}x" if before else "-"
+        peak = f"{r['peak_gib']:.1f}" if r["peak_gib"] is not None else "-"
+        lines.append(
+            f"| {LEARNER_VARIANTS[r['variant']]} | {r['budget'] or '-'} | {r['micro_batches']} | "
+            f"{r['update_s']:.3f} | {vs} | {peak} | {r['padding_frac']:.1%} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -371,12 +487,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-checkpointing", action="store_true", help="no gradient checkpointing on CUDA")
     p.add_argument("--json", help="also write every figure to this JSON file")
-    p.add_argument("--part", choices=["learner"], help=argparse.SUPPRESS)
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        choices=list(LEARNER_VARIANTS),
+        default=list(LEARNER_VARIANTS) if cuda else [],
+        help="learner variants at real proportions (skewed completion lengths, at most --longest)",
+    )
+    p.add_argument("--longest", type=int, default=512 if cuda else 16, help="variants: longest completion")
+    p.add_argument("--part", choices=["learner", "variant"], help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=list(LEARNER_VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=2, help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.part:  # a child process: one part, its result as JSON in --out
-        Path(a.out).write_text(json.dumps(learner_part(a)))
+        Path(a.out).write_text(json.dumps(learner_part(a) if a.part == "learner" else variant_part(a)))
         return 0
 
     name = a.model
@@ -395,11 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         "tokens": a.tokens,
     }
     learner = run_learner_parts(a)
+    variants = run_variant_parts(a)
     objective = objective_rows("cuda" if cuda else "cpu", a.prompts * a.group, a.tokens, a.repeats)
     gen = generation_part(a)
-    print(tables(env, learner, objective, gen), flush=True)
+    print(tables(env, learner, objective, gen) + variant_table(env, variants), flush=True)
     if a.json:
-        results = {"env": env, "learner": learner, "objective": objective, "generate": gen}
+        results = {"env": env, "learner": learner, "variants": variants, "objective": objective}
+        results["generate"] = gen
         Path(a.json).write_text(json.dumps(results, indent=1))
     return 0
 

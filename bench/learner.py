@@ -1,25 +1,36 @@
 """The learner at real-model proportions (issue: completion-only logits, chunked log-softmax,
-token-budget micro-batches): one DeepSpeed learner rank's update on a workload shaped like a VLM RL
-batch, for today's learner and the new one, each variant in a fresh process.
+token-budget micro-batches), against TRL's GRPOTrainer: one learner step on a workload shaped like a
+VLM RL batch, each variant in a fresh process.
 
 Workload (the same draws for every variant): ``bench-qwen2-151k``, Qwen2's 151,936 vocabulary rows
 (tied embeddings, as Qwen2-VL-2B) on a 4-layer, 256-wide body small enough for 2 cores; 16
 sequences (2 prompts x G=8) with a 320-token prompt standing in for image and text tokens, and
-completion lengths drawn from a skewed (log-normal) distribution clipped to [20, 512].
+completion lengths drawn from a skewed (log-normal) distribution clipped to [20, 512]; random
+advantages; beta = 0; AdamW at lr 1e-6; one optimizer step over all 16 sequences.
 
 Variants:
 
-* ``full logits, 4-row micro-batches`` -- the learner before this change: the LM head and an fp32
+* ``ekipl before`` -- the learner before completion-only logits: the LM head and an fp32
   log-softmax at every position, prompt included, micro-batches of 4 rows in batch order;
-* ``completion-only, 4-row micro-batches`` -- the LM head on completion positions only, 1,024 rows
-  at a time, each chunk's logits recomputed in the backward pass;
-* ``completion-only, token budget`` -- the same, with rows packed by length under
-  ``learner.max_tokens_per_micro_batch``.
+* ``completion-only logits`` -- the LM head on completion positions only, ``logits_chunk_tokens``
+  (256) rows at a time, each chunk's logits recomputed in the backward pass;
+* ``token budget`` -- the same, rows packed by length under ``learner.max_tokens_per_micro_batch``
+  (and with gradient checkpointing);
+* ``padding-free packing`` -- ``learner.pack_sequences``: each micro-batch's rows as one row;
+* ``TRL GRPOTrainer`` (from the ``bench`` dependency group) -- its own training loop, accumulation
+  (4 micro-batches of 4 rows), loss (``dapo``) and optimizer on the same batch, which replaces its
+  generation (``_generate_and_score_completions`` returns it). TRL 1.16 runs its LM head fused and
+  tiled over the vocabulary; on a device without Triton (this CPU) it scores every position of the
+  padded rows, prompt included, where with Triton it scores completion positions only. Both are
+  measured: ``as on this CPU``, and ``completion positions only`` (its Triton-device path, the
+  tiles folded in torch), the one the ratios compare with.
 
-Reported: the update's time (median of repeats after a warm-up), the peak resident memory *during*
-the updates above what the process held before them (Linux VmHWM, reset through
-``/proc/self/clear_refs`` right before; it includes the optimizer's state, created at the first
-update), and the padding (padded positions / real tokens).
+Reported: the learner step's time (median of repeats after a warm-up; generation is not in it: the
+two trainers generate with different engines, and bench/trl_compare.py times whole steps at a
+forced length), the peak resident memory *during* the steps above what the process held before
+them (Linux VmHWM, reset through ``/proc/self/clear_refs`` right before; it includes the optimizer's
+state, created at the first step), and the padding (padded positions / real tokens, as each
+trainer lays the rows out).
 
     .venv/bin/python -m bench.learner [--repeats 3]
 """
@@ -39,14 +50,27 @@ import time
 import torch
 
 MODEL = "bench-qwen2-151k"
+PROMPT_LEN = 320
+BUDGET = 2560  # tokens (rows x longest row) per micro-batch: 4 micro-batches here, as 4 rows each
 VARIANTS = {
-    "full logits, 4-row micro-batches": dict(full=True, budget=0),
-    "completion-only, 4-row micro-batches": dict(full=False, budget=0),
-    "completion-only, token budget 3,328": dict(full=False, budget=3328),
+    "ekipl before: full logits, 4-row micro-batches": dict(kind="ekipl", full=True, budget=0),
+    "ekipl: completion-only logits, 4-row micro-batches": dict(kind="ekipl", full=False, budget=0),
+    f"ekipl: completion-only logits, token budget {BUDGET:,}": dict(kind="ekipl", full=False, budget=BUDGET),
+    "ekipl: the same + gradient checkpointing": dict(kind="ekipl", full=False, budget=BUDGET, ckpt=True),
+    f"ekipl: padding-free packing, {BUDGET:,} tokens per micro-batch": dict(
+        kind="ekipl", full=False, budget=BUDGET, pack=True
+    ),
+    "TRL GRPOTrainer, 4-row micro-batches, as on this CPU, gradient checkpointing (its default)": dict(
+        kind="trl", ckpt=True, compact=False
+    ),
+    "TRL GRPOTrainer, 4-row micro-batches, completion positions only (as with Triton)": dict(
+        kind="trl", ckpt=False, compact=True
+    ),
+    "TRL GRPOTrainer, the same + gradient checkpointing": dict(kind="trl", ckpt=True, compact=True),
 }
 
 
-def make_batch(seed: int = 0, prompts: int = 2, group: int = 8, prompt_len: int = 320, vocab: int = 1000):
+def make_batch(seed=0, prompts=2, group=8, prompt_len=PROMPT_LEN, vocab=1000):
     """A text-only batch with the proportions of a VLM RL step (see the module docstring)."""
     from ekipl.learner.batch import Batch
 
@@ -85,8 +109,104 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
+def _reset_peak() -> int:
+    """The resident set now, in KiB, after resetting VmHWM (the peak resident set) to it."""
+    before = _rss_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return before
+
+
 def run_variant(name: str, repeats: int) -> dict:
     """One variant in this process (called in a fresh one by :func:`main`)."""
+    if VARIANTS[name]["kind"] == "trl":
+        return run_trl(name, repeats)
+    return run_ekipl(name, repeats)
+
+
+def run_trl(name: str, repeats: int) -> dict:
+    """TRL's GRPOTrainer on the same batch: its own training loop, accumulation, loss and optimizer
+    (AdamW, torch), with generation replaced by the batch above (``_generate_and_score_completions``
+    returns it, laid out as TRL lays out generated completions: prompts left-padded, completions
+    right-padded to the longest one in the generation batch)."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+
+    from ekipl.models.tiny import build_tiny
+
+    if VARIANTS[name]["compact"]:  # TRL's fused head on completion positions only, as with Triton
+        import trl.trainer.utils
+
+        trl.trainer.utils._use_triton = lambda device: True  # the tiles still run in torch
+    path = str(build_tiny(MODEL))
+    batch, lengths = make_batch()
+    width = PROMPT_LEN + max(lengths)
+    done = {
+        "prompt_ids": batch.input_ids[:, :PROMPT_LEN],
+        "prompt_mask": batch.attention_mask[:, :PROMPT_LEN],
+        "completion_ids": batch.input_ids[:, PROMPT_LEN:width],
+        "completion_mask": batch.attention_mask[:, PROMPT_LEN:width],
+        "advantages": batch.advantages,
+        "num_items_in_batch": batch.attention_mask[:, PROMPT_LEN:].sum(),
+    }
+
+    class Prepared(GRPOTrainer):
+        def _generate_and_score_completions(self, inputs):
+            return {k: v.clone() for k, v in done.items()}
+
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+    rows = len(lengths)
+    args = GRPOConfig(
+        output_dir=tempfile.mkdtemp(prefix="ekipl-bench-trl-"),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=rows // 4,  # one optimizer step per batch, as ekipl's
+        num_generations=8,
+        max_completion_length=512,
+        learning_rate=1e-6,
+        lr_scheduler_type="constant",
+        beta=0.0,
+        num_iterations=1,
+        gradient_checkpointing=VARIANTS[name]["ckpt"],
+        max_steps=repeats + 1,
+        logging_steps=10**6,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        bf16=False,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = Prepared(
+        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(8 * (repeats + 1))]),
+        processing_class=AutoTokenizer.from_pretrained(path),
+        callbacks=[Clock()],
+    )
+    before = _reset_peak()
+    trainer.train()
+    times = [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)][1:]
+    return {
+        "variant": name,
+        "update_s": statistics.median(times),
+        "peak_extra_mib": (_rss_kib("VmHWM") - before) / 1024,
+        "padding_frac": rows * width / (sum(lengths) + rows * PROMPT_LEN) - 1,
+        "micro_batches": rows // 4,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_ekipl(name: str, repeats: int) -> dict:
     import ekipl.learner.worker as worker
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
@@ -95,20 +215,24 @@ def run_variant(name: str, repeats: int) -> dict:
 
     v = VARIANTS[name]
     if v["full"]:  # today's learner: logits and log-softmax at every position
-        worker.sequence_logprobs = lambda model, mb, with_entropy=False, chunk_tokens=0: full_logprobs(
+        worker.sequence_logprobs = lambda model, mb, with_entropy=False, **_: full_logprobs(
             model, mb, with_entropy
         )
     path = str(build_tiny(MODEL))
     batch, _ = make_batch()
     cfg = LearnerConfig(
-        world_size=1, zero_stage=2, lr=1e-6, micro_batch_size=4, max_tokens_per_micro_batch=v["budget"]
+        world_size=1,
+        zero_stage=2,
+        lr=1e-6,
+        micro_batch_size=4,
+        max_tokens_per_micro_batch=v["budget"],
+        gradient_checkpointing=v.get("ckpt", False),
+        pack_sequences=v.get("pack", False),
     )
     learner = worker.Learner(0, 1, path, cfg, ObjectiveConfig(), seed=0)
     learner.setup(*learner.rendezvous())
     plan = worker.plan_rows(batch.attention_mask.sum(-1).tolist(), cfg)
-    before = _rss_kib("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM, the peak resident set, to the current one
+    before = _reset_peak()
     times, metrics = [], {}
     for i in range(repeats + 1):
         t0 = time.perf_counter()
@@ -168,20 +292,32 @@ def main(argv=None) -> int:
         if r.returncode:
             raise RuntimeError(f"{name}: {r.stderr[-3000:]}")
         rows.append(json.load(open(out)))
-    base = rows[0]
+    before = rows[0]
+    cpu = next(r for r in rows if VARIANTS[r["variant"]].get("compact") is False)
+    compact = {VARIANTS[r["variant"]]["ckpt"]: r for r in rows if VARIANTS[r["variant"]].get("compact")}
     print(
         f"{MODEL}: 151,936 vocabulary rows; LM head = {head_share():.0%} of a forward's matmul FLOPs per "
         "position when it runs everywhere (Qwen2-VL-2B: ~15%, so carry the time ratios over with care); "
-        f"16 sequences, 320 prompt tokens, completions {min(lengths)}-{max(lengths)} tokens "
-        f"(mean {statistics.mean(lengths):.0f}); one rank, ZeRO-2, fp32, {rows[0]['threads']} threads.\n"
+        f"16 sequences, {PROMPT_LEN} prompt tokens, completions {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {statistics.mean(lengths):.0f}); one rank, fp32, {rows[0]['threads']} threads; ekipl on "
+        'DeepSpeed ZeRO-2. Against TRL: "CPU", TRL as it runs here (every position scored, gradient '
+        'checkpointing); "compl.", TRL scoring completion positions only, with the same gradient '
+        "checkpointing as the row.\n"
     )
-    print("| learner | micro-batches | update s | vs today | peak extra RSS MiB | vs today | padding |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| learner | micro-batches | step s | vs before | vs TRL CPU | vs TRL compl. | peak extra RSS MiB "
+        "| vs before | vs TRL CPU | vs TRL compl. | padding |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        ref = compact[VARIANTS[r["variant"]].get("ckpt", False)]
+
+        def ratios(key, r=r, ref=ref):
+            return " | ".join(f"{r[key] / b[key]:.2f}x" for b in (before, cpu, ref))
+
         print(
-            f"| {r['variant']} | {r['micro_batches']} | {r['update_s']:.2f} | "
-            f"{r['update_s'] / base['update_s']:.2f}x | {r['peak_extra_mib']:.0f} | "
-            f"{r['peak_extra_mib'] / base['peak_extra_mib']:.2f}x | {r['padding_frac']:.1%} |"
+            f"| {r['variant']} | {r['micro_batches']} | {r['update_s']:.2f} | {ratios('update_s')} | "
+            f"{r['peak_extra_mib']:.0f} | {ratios('peak_extra_mib')} | {r['padding_frac']:.1%} |"
         )
     return 0
 

@@ -26,6 +26,7 @@ def test_gpu_bench_runs_without_vllm_or_ray(tmp_path, tiny_vlm):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "absent"), str(ROOT)]))
     out = tmp_path / "gpu.json"
     args = ["--model", str(tiny_vlm), "--stages", "2", "--repeats", "1", "--group", "4", "--tokens", "8"]
+    args += ["--variants", "pack", "--longest", "8"]  # one learner variant (CUDA runs all four)
     proc = subprocess.run(
         [sys.executable, "-m", "bench.gpu", *args, "--json", str(out)],
         cwd=ROOT,
@@ -52,6 +53,10 @@ def test_gpu_bench_runs_without_vllm_or_ray(tmp_path, tiny_vlm):
     for o in r["objective"]:
         assert o["loss_diff"] < 1e-5 and o["grad_diff"] < 1e-5 * max(o["grad_scale"], 1.0), o
     assert r["generate"]["new_tokens"] == 2 * 4 * 8 and r["generate"]["tok_s"] > 0
+    # The variant: skewed completion lengths (at most --tokens), packed without padding.
+    (v,) = r["variants"]
+    assert v["variant"] == "pack" and v["padding_frac"] == 0.0 and v["budget"] > 0 and v["update_s"] > 0
+    assert v["rows"] == 2 * 4 and v["completion_tokens"] <= 2 * 4 * 8 and math.isfinite(v["loss"])
     # Every table is printed.
-    for header in ("| model | params |", "| ZeRO | MB |", "| off-policy |", "| HF generate |"):
+    for header in ("| model | params |", "| ZeRO | MB |", "| off-policy |", "| HF generate |", "| learner |"):
         assert header in proc.stdout
