@@ -130,9 +130,10 @@ def run_trl(name: str, repeats: int) -> dict:
     returns it, laid out as TRL lays out generated completions: prompts left-padded, completions
     right-padded to the longest one in the generation batch)."""
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
 
+    from bench.trl_compare import grpo_config, step_clock
     from ekipl.models.tiny import build_tiny
 
     if VARIANTS[name]["compact"]:  # TRL's fused head on completion positions only, as with Triton
@@ -155,35 +156,17 @@ def run_trl(name: str, repeats: int) -> dict:
         def _generate_and_score_completions(self, inputs):
             return {k: v.clone() for k, v in done.items()}
 
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            stamps.append(time.perf_counter())
-
+    clock, step_times = step_clock()
     rows = len(lengths)
-    args = GRPOConfig(
-        output_dir=tempfile.mkdtemp(prefix="ekipl-bench-trl-"),
+    args = grpo_config(
         per_device_train_batch_size=4,
         gradient_accumulation_steps=rows // 4,  # one optimizer step per batch, as ekipl's
         num_generations=8,
         max_completion_length=512,
         learning_rate=1e-6,
-        lr_scheduler_type="constant",
-        beta=0.0,
-        num_iterations=1,
         gradient_checkpointing=VARIANTS[name]["ckpt"],
         max_steps=repeats + 1,
         logging_steps=10**6,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
     )
     trainer = Prepared(
         model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
@@ -191,11 +174,11 @@ def run_trl(name: str, repeats: int) -> dict:
         args=args,
         train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(8 * (repeats + 1))]),
         processing_class=AutoTokenizer.from_pretrained(path),
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     before = _reset_peak()
     trainer.train()
-    times = [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)][1:]
+    times = step_times()[1:]
     return {
         "variant": name,
         "update_s": statistics.median(times),

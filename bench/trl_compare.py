@@ -122,15 +122,11 @@ def _user_text(sample) -> str:
     return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
 
 
-def trl_steps(model: str, samples: list, repeats: int) -> list[float]:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+def step_clock():
+    """A TrainerCallback recording each optimizer step's start and end, and a function returning
+    the steps' wall times."""
+    from transformers import TrainerCallback
 
-    from ekipl.tasks.rewards import format_reward
-
-    tok = AutoTokenizer.from_pretrained(model)
-    rows = [{"prompt": [{"role": "user", "content": _user_text(s)}]} for s in samples]
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
@@ -140,24 +136,19 @@ def trl_steps(model: str, samples: list, repeats: int) -> list[float]:
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
 
-    def reward(completions, **kw):
-        return [format_reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+    return Clock(), lambda: [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)]
 
-    out = tempfile.mkdtemp(prefix="ekipl-bench-trl-out-")
-    args = GRPOConfig(
-        output_dir=out,
-        per_device_train_batch_size=G * PROMPTS,
-        gradient_accumulation_steps=1,
-        num_generations=G,
-        max_completion_length=TOKENS,
-        generation_kwargs={"min_new_tokens": TOKENS},  # forced length, as ekipl's ignore_eos
-        temperature=1.0,
-        learning_rate=LR,
-        lr_scheduler_type="constant",  # as ekipl
+
+def grpo_config(**kw):
+    """TRL's GRPOConfig as ekipl's side runs: constant lr, β 0, one update per batch, on the CPU in
+    fp32, no saving, logging or progress bars; ``kw`` sets the rest."""
+    from trl import GRPOConfig
+
+    common = dict(
+        output_dir=tempfile.mkdtemp(prefix="ekipl-bench-trl-out-"),
+        lr_scheduler_type="constant",
         beta=0.0,
         num_iterations=1,
-        max_steps=repeats + 1,
-        logging_steps=1,
         save_strategy="no",
         report_to=[],
         use_cpu=True,
@@ -165,17 +156,44 @@ def trl_steps(model: str, samples: list, repeats: int) -> list[float]:
         seed=0,
         disable_tqdm=True,
     )
+    return GRPOConfig(**{**common, **kw})
+
+
+def trl_steps(model: str, samples: list, repeats: int) -> list[float]:
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOTrainer
+
+    from ekipl.tasks.rewards import format_reward
+
+    tok = AutoTokenizer.from_pretrained(model)
+    rows = [{"prompt": [{"role": "user", "content": _user_text(s)}]} for s in samples]
+    clock, step_times = step_clock()
+
+    def reward(completions, **kw):
+        return [format_reward(c[0]["content"] if isinstance(c, list) else c) for c in completions]
+
+    args = grpo_config(
+        per_device_train_batch_size=G * PROMPTS,
+        gradient_accumulation_steps=1,
+        num_generations=G,
+        max_completion_length=TOKENS,
+        generation_kwargs={"min_new_tokens": TOKENS},  # forced length, as ekipl's ignore_eos
+        temperature=1.0,
+        learning_rate=LR,
+        max_steps=repeats + 1,
+        logging_steps=1,
+    )
     trainer = GRPOTrainer(
         model=AutoModelForCausalLM.from_pretrained(model, dtype="float32"),
         reward_funcs=[reward],
         args=args,
         train_dataset=Dataset.from_list(rows),
         processing_class=tok,
-        callbacks=[Clock()],
+        callbacks=[clock],
     )
     trainer.train()
-    steps = [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)]
-    return steps[1:]
+    return step_times()[1:]
 
 
 def main(argv: list[str]) -> int:
