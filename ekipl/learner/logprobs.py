@@ -107,33 +107,35 @@ def _completion_hidden(model, batch, pack: bool) -> torch.Tensor:
 
 
 class _TargetLogProb(torch.autograd.Function):
-    """(log softmax(logits)[target], log Z) for logits [n, V]. The backward builds the logits'
-    gradient, g * (onehot(target) - softmax), in one [n, V] buffer, where autograd's logsumexp and
-    gather backward would hold three or four."""
+    """(log softmax(z)[target], entropy) for logits z [n, V] in few passes over z: e = exp(z - max z)
+    is computed once and gives log Z, the entropy (log Z - sum_v e_v z_v / sum_v e_v; empty unless
+    asked for) and the backward, which turns e in place into the logits' gradient
+    g * (onehot(target) - e / sum e): no [n, V] buffer beyond z and e (so it runs backward once;
+    the checkpoint around it recomputes e for each backward)."""
 
     @staticmethod
-    def forward(ctx, logits, targets):
-        logz = torch.logsumexp(logits, dim=-1)
-        ctx.save_for_backward(logits, targets, logz)
-        ctx.mark_non_differentiable(logz)
-        return logits.gather(-1, targets[:, None]).squeeze(-1) - logz, logz
+    def forward(ctx, logits, targets, with_entropy: bool):
+        top = logits.amax(-1, keepdim=True)
+        e = (logits - top).exp_()
+        total = e.sum(-1)
+        logz = top.squeeze(-1) + total.log()
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logz
+        ent = logz - torch.linalg.vecdot(e, logits) / total if with_entropy else logz[:0]
+        ctx.save_for_backward(e, targets, total)
+        ctx.mark_non_differentiable(ent)
+        return logp, ent
 
     @staticmethod
-    def backward(ctx, grad, _grad_logz):
-        logits, targets, logz = ctx.saved_tensors
-        out = (logits - logz[:, None]).exp_().mul_(-grad[:, None])
-        return out.scatter_add_(-1, targets[:, None], grad[:, None]), None
+    def backward(ctx, grad, _grad_ent):
+        e, targets, total = ctx.saved_tensors
+        out = e.mul_((-grad / total)[:, None])
+        return out.scatter_add_(-1, targets[:, None], grad[:, None]), None, None
 
 
-def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool):
-    logits = head(hidden).float()
-    logp, logz = _TargetLogProb.apply(logits, targets)
-    if not with_entropy:
-        return logp, None
-    with torch.no_grad():  # H = log Z - sum_v p_v z_v, with one more [n, V] buffer
-        probs = (logits - logz[:, None]).exp_()
-        ent = logz - probs.mul_(logits).sum(-1)
-    return logp, ent
+def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool, calls: list[int]):
+    calls[0] += 1  # a second call is the checkpoint's recompute: the entropy (no gradient) is known
+    logp, ent = _TargetLogProb.apply(head(hidden).float(), targets, with_entropy and calls[0] == 1)
+    return logp, (ent if with_entropy else None)
 
 
 def chunked_logprobs(
@@ -148,9 +150,9 @@ def chunked_logprobs(
     for i in range(0, n, step):
         h, t = hidden[i : i + step], targets[i : i + step]
         if grad:
-            lp, ent = checkpoint(_chunk, head, h, t, with_entropy, use_reentrant=False)
+            lp, ent = checkpoint(_chunk, head, h, t, with_entropy, [0], use_reentrant=False)
         else:
-            lp, ent = _chunk(head, h, t, with_entropy)
+            lp, ent = _chunk(head, h, t, with_entropy, [0])
         logps.append(lp)
         ents.append(ent)
     if not logps:
