@@ -74,10 +74,12 @@ def resolve_model(name: str) -> str:
 
 def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
     """Completion lengths like an RL batch's: log-normal around 90 tokens, clipped to [20, cap]
-    (bench/learner.py draws the same way)."""
+    (bench/learner.py draws the same way); a cap under 180 scales the median and the floor down
+    with it, so that small test runs still draw different lengths."""
     import math
 
-    return [min(cap, max(20, int(math.exp(rng.gauss(math.log(90), 0.9))))) for _ in range(n)]
+    median, floor = min(90.0, cap / 2), min(20, max(1, cap // 4))
+    return [min(cap, max(floor, int(math.exp(rng.gauss(math.log(median), 0.9))))) for _ in range(n)]
 
 
 def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int = 0, skewed: bool = False):
@@ -270,7 +272,7 @@ def variant_part(a: argparse.Namespace) -> dict:
         "budget": budget,
         "rows": len(batch),
         "completion_tokens": int(batch.completion_mask.sum()),
-        "completions": [int(rows.min()), int(rows.max())],
+        "completions": [int(batch.completion_mask.sum(-1).min()), int(batch.completion_mask.sum(-1).max())],
         "micro_batches": int(metrics["actor/micro_batches"]),
         "update_s": statistics.median(times),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
