@@ -23,7 +23,7 @@ Variants:
   tiled over the vocabulary; on a device without Triton (this CPU) it scores every position of the
   padded rows, prompt included, where with Triton it scores completion positions only. Both are
   measured: ``as on this CPU``, and ``completion positions only`` (its Triton-device path, the
-  tiles folded in torch), the one the ratios compare with.
+  tiles folded in torch); the table gives ratios against each.
 
 Reported: the learner step's time (median of repeats after a warm-up; generation is not in it: the
 two trainers generate with different engines, and bench/trl_compare.py times whole steps at a
@@ -253,6 +253,11 @@ def main(argv=None) -> int:
             json.dump(result, f)
         return 0
 
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("bench.learner: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
+        return 2
     from ekipl.models.tiny import build_tiny
 
     build_tiny(MODEL)  # once, before any timing
