@@ -72,21 +72,11 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
-    """Completion lengths like an RL batch's: log-normal around 90 tokens, clipped to [20, cap]
-    (bench/learner.py draws the same way); a cap under 180 scales the median and the floor down
-    with it, so that small test runs still draw different lengths."""
-    import math
-
-    median, floor = min(90.0, cap / 2), min(20, max(1, cap // 4))
-    return [min(cap, max(floor, int(math.exp(rng.gauss(math.log(median), 0.9))))) for _ in range(n)]
-
-
 def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int = 0, skewed: bool = False):
     """A collated batch like a rollout's: synthetic counting prompts with their images, ``group``
-    actions each of ``tokens`` random ordinary tokens (``skewed``: of :func:`skewed_lengths`, at
-    most ``tokens``; the last quarter from an auxiliary source), random 0/1/2 rewards and GRPO
-    advantages."""
+    actions each of ``tokens`` random ordinary tokens (``skewed``: of bench.learner's
+    ``skewed_lengths``, at most ``tokens``; the last quarter from an auxiliary source), random
+    0/1/2 rewards and GRPO advantages."""
     import random
 
     from ekipl.algo import objective as O
@@ -106,6 +96,8 @@ def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int
     rng = random.Random(seed)
     ordinary = range(tok.convert_tokens_to_ids("<|endoftext|>"))  # BPE tokens, no special ones
     n_aux = group // 4
+    from bench.learner import skewed_lengths
+
     lengths = skewed_lengths(prompts * group, random.Random(seed + 1), tokens) if skewed else None
     groups = []
     for s in samples:
@@ -218,8 +210,8 @@ def run_learner_parts(a: argparse.Namespace) -> list[dict]:
 
 
 # The learner at real proportions (bench/learner.py's variants, on this device): completion lengths
-# of skewed_lengths, at most --longest; the token budget is --micro-batch x the mean row length, so
-# about as many micro-batches as --micro-batch rows each.
+# of bench.learner's skewed_lengths, at most --longest; the token budget is --micro-batch x the mean
+# row length, so about as many micro-batches as --micro-batch rows each.
 LEARNER_VARIANTS = {
     "before": "full logits, --micro-batch rows",
     "completion": "completion-only logits, --micro-batch rows",
@@ -231,15 +223,13 @@ LEARNER_VARIANTS = {
 def variant_part(a: argparse.Namespace) -> dict:
     """One learner variant's update (beta = 0) on one rank, at ZeRO stage ``a.stage``."""
     import ekipl.learner.worker as worker
+    from bench.learner import use_full_logits
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
-    from ekipl.learner.logprobs import full_logprobs
 
     cuda = torch.cuda.is_available()
-    if a.variant == "before":  # the LM head and an fp32 log-softmax at every position
-        worker.sequence_logprobs = lambda model, mb, with_entropy=False, **_: full_logprobs(
-            model, mb, with_entropy
-        )
+    if a.variant == "before":
+        use_full_logits()
     batch, _, _ = make_batch(a.model, a.prompts, a.group, a.longest, skewed=True)
     rows = batch.attention_mask.sum(-1)
     budget = a.micro_batch * int(rows.float().mean()) if a.variant in ("budget", "pack") else 0

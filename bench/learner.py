@@ -70,12 +70,32 @@ VARIANTS = {
 }
 
 
+def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
+    """Completion lengths like an RL batch's: log-normal around 90 tokens, clipped to [20, cap]
+    (here and in bench/gpu.py); a cap under 180 scales the median and the floor down with it, so
+    that small test runs still draw different lengths."""
+    median, floor = min(90.0, cap / 2), min(20, max(1, cap // 4))
+    return [min(cap, max(floor, int(math.exp(rng.gauss(math.log(median), 0.9))))) for _ in range(n)]
+
+
+def use_full_logits() -> None:
+    """Make ekipl's learner compute log-probs as it did before completion-only logits: the LM head
+    and an fp32 log-softmax at every position (the "before" rows here and in bench/gpu.py)."""
+    import ekipl.learner.worker as worker
+    from ekipl.learner.logprobs import full_logprobs
+
+    def full(model, mb, with_entropy=False, **_):
+        return full_logprobs(model, mb, with_entropy)
+
+    worker.sequence_logprobs = full
+
+
 def make_batch(seed=0, prompts=2, group=8, prompt_len=PROMPT_LEN, vocab=1000):
     """A text-only batch with the proportions of a VLM RL step (see the module docstring)."""
     from ekipl.learner.batch import Batch
 
     rng = random.Random(seed)
-    lengths = [min(512, max(20, int(math.exp(rng.gauss(math.log(90), 0.9))))) for _ in range(prompts * group)]
+    lengths = skewed_lengths(prompts * group, rng)
     total = prompt_len + max(lengths)
     ids = torch.zeros(len(lengths), total, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -193,14 +213,11 @@ def run_ekipl(name: str, repeats: int) -> dict:
     import ekipl.learner.worker as worker
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
-    from ekipl.learner.logprobs import full_logprobs
     from ekipl.models.tiny import build_tiny
 
     v = VARIANTS[name]
-    if v["full"]:  # today's learner: logits and log-softmax at every position
-        worker.sequence_logprobs = lambda model, mb, with_entropy=False, **_: full_logprobs(
-            model, mb, with_entropy
-        )
+    if v["full"]:
+        use_full_logits()
     path = str(build_tiny(MODEL))
     batch, _ = make_batch()
     cfg = LearnerConfig(

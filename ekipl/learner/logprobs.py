@@ -96,14 +96,13 @@ def _hidden_states(model, batch, pack: bool = False) -> torch.Tensor:
     return seen["h"]
 
 
-def _completion_hidden(model, batch, pack: bool) -> torch.Tensor:
-    """Hidden states at completion positions ([N, H], in the row-major order of ``completion_mask``)."""
-    mask = batch.completion_mask.bool()
+def _completion_hidden(model, batch, mask: torch.Tensor, pack: bool) -> torch.Tensor:
+    """Hidden states at the ``mask`` (completion) positions, [N, H] in its row-major order."""
     if not pack:
-        return _hidden_states(model, batch)[:, :-1][mask.to(batch.input_ids.device)]
+        return _hidden_states(model, batch)[:, :-1][mask]
     hidden = _hidden_states(model, batch, pack=True)[0]
     at = batch.attention_mask.flatten().cumsum(0).view(batch.attention_mask.shape) - 1  # packed index
-    return hidden[at[:, :-1][mask].to(hidden.device)]
+    return hidden[at[:, :-1].to(mask.device)[mask]]
 
 
 class _TargetLogProb(torch.autograd.Function):
@@ -166,9 +165,9 @@ def sequence_logprobs(model, batch, with_entropy: bool = False, chunk_tokens: in
     optionally the policy's entropy there too. The LM head runs on completion positions only.
     ``pack``: the body runs on the rows packed into one, padding-free (:func:`packed_inputs`)."""
     head = getattr(model, "module", model).lm_head
-    hidden = _completion_hidden(model, batch, pack)
-    mask = batch.completion_mask.to(hidden.device).bool()
-    targets = batch.input_ids[:, 1:].to(hidden.device)[mask]
+    mask = batch.completion_mask.bool()  # on the model's device, as the batch is
+    hidden = _completion_hidden(model, batch, mask, pack)
+    targets = batch.input_ids[:, 1:][mask]
     lp, ent = chunked_logprobs(head, hidden, targets, chunk_tokens, with_entropy)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     logp[mask] = lp
