@@ -52,16 +52,19 @@ bench: $(BENCH_STAMP)
 # .gpu/ is what travels beside the code. DeepSpeed is pure Python (its ops build on demand, and the
 # learner uses torch's AdamW), so the copy installed here goes as it is; pydantic's compiled core
 # goes as wheels for that machine's Python ($(GPU_PY)). Versions: the ones uv.lock installed here.
+# TRL (bench/learner.py's baseline) and the datasets pieces that image lacks go as wheels too; its
+# accelerate, pyarrow, pandas and the rest are the image's own.
 GPU_PY ?= 3.12
 SITE = $(VENV)/lib/python3.11/site-packages
-gpu-carry: install
+gpu-carry: $(BENCH_STAMP)
 	rm -rf .gpu && mkdir -p .gpu/site .gpu/whl
 	cp -r $(SITE)/deepspeed $(SITE)/deepspeed-*.dist-info $(SITE)/hjson $(SITE)/hjson-*.dist-info .gpu/site/
 	find .gpu/site -name __pycache__ -prune -exec rm -rf {} +
 	$(TOOLS)/bin/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) \
 	  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
 	  $$(cd $(SITE) && ls -d pydantic-*.dist-info pydantic_core-*.dist-info annotated_types-*.dist-info \
-	     typing_inspection-*.dist-info | sed -E 's/-([^-]+)\.dist-info$$/==\1/')
+	     typing_inspection-*.dist-info trl-*.dist-info datasets-*.dist-info dill-*.dist-info \
+	     multiprocess-*.dist-info | sed -E 's/-([^-]+)\.dist-info$$/==\1/')
 	du -sh .gpu
 
 clean:

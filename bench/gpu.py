@@ -53,12 +53,9 @@ from pathlib import Path
 
 import torch
 
+from bench.learner import cuda_sync as _sync
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
 
 
 def resolve_model(name: str) -> str:
@@ -194,19 +191,30 @@ def learner_part(a: argparse.Namespace) -> dict:
     return out
 
 
+def run_part(args: list[str]) -> dict | None:
+    """``python -m bench.gpu --part ...`` in a fresh process (one DeepSpeed engine per process, its
+    memory released after): its result, printed as it comes (a run cut short keeps the parts done),
+    or None, with the error printed, where it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        r = subprocess.run([sys.executable, "-m", "bench.gpu", *args, "--out", f.name], cwd=ROOT)
+        if r.returncode:
+            print(
+                f"bench.gpu: part {' '.join(args[:4])} failed (exit {r.returncode})",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        out = json.loads(Path(f.name).read_text())
+    print(f"bench.gpu: {json.dumps(out)}", file=sys.stderr, flush=True)
+    return out
+
+
 def run_learner_parts(a: argparse.Namespace) -> list[dict]:
-    """Each ZeRO stage in a fresh process (one DeepSpeed engine per process, its memory released
-    after); a single stage runs in this process."""
+    """Each ZeRO stage in a fresh process; a single stage runs in this process."""
     if len(a.stages) == 1:
         return [learner_part(argparse.Namespace(**{**vars(a), "stage": a.stages[0]}))]
-    results = []
-    for stage in a.stages:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, "-m", "bench.gpu", "--part", "learner", "--stage", str(stage)]
-            cmd += ["--out", f.name, *_shared_args(a)]
-            subprocess.run(cmd, check=True, cwd=ROOT)
-            results.append(json.loads(Path(f.name).read_text()))
-    return results
+    parts = [run_part(["--part", "learner", "--stage", str(stage), *_shared_args(a)]) for stage in a.stages]
+    return [r for r in parts if r]
 
 
 # The learner at real proportions (bench/learner.py's variants, on this device): completion lengths
@@ -273,14 +281,11 @@ def variant_part(a: argparse.Namespace) -> dict:
 
 def run_variant_parts(a: argparse.Namespace) -> list[dict]:
     """Each of ``a.variants`` in a fresh process, at the first of ``a.stages``."""
-    results = []
-    for name in a.variants:
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [sys.executable, "-m", "bench.gpu", "--part", "variant", "--variant", name]
-            cmd += ["--stage", str(a.stages[0]), "--out", f.name, *_shared_args(a)]
-            subprocess.run(cmd, check=True, cwd=ROOT)
-            results.append(json.loads(Path(f.name).read_text()))
-    return results
+    stage = ["--stage", str(a.stages[0])]
+    parts = [
+        run_part(["--part", "variant", "--variant", name, *stage, *_shared_args(a)]) for name in a.variants
+    ]
+    return [r for r in parts if r]
 
 
 def _shared_args(a: argparse.Namespace) -> list[str]:
@@ -377,7 +382,8 @@ def generation_part(a: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
     new = int(out.shape[1] - enc["input_ids"].shape[1]) * int(out.shape[0])
     s = statistics.median(times[1:])
-    return {"rows": int(out.shape[0]), "new_tokens": new, "s": s, "tok_s": new / s}
+    dtype = "bf16" if cuda else "fp32"
+    return {"rows": int(out.shape[0]), "new_tokens": new, "s": s, "tok_s": new / s, "dtype": dtype}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -421,7 +427,7 @@ def tables(env: dict, learner: list[dict], objective: list[dict], gen: dict) -> 
         )
     lines += [
         "",
-        f"Objective on {env['device_kind']} (fp32) vs float64 on the CPU, {learner[0]['rows']} x "
+        f"Objective on {env['device_kind']} (fp32) vs float64 on the CPU, {env['rows']} x "
         f"{env['tokens']} tokens, β 0.04:",
         "",
         "| off-policy | aggregation | max abs loss diff | max abs grad diff (of max grad) | fwd+bwd ms |",
@@ -436,7 +442,7 @@ def tables(env: dict, learner: list[dict], objective: list[dict], gen: dict) -> 
         "",
         "| HF generate | rows | new tokens | s | tokens/s |",
         "|---|---|---|---|---|",
-        f"| {env['model']} {learner[0]['dtype']} | {gen['rows']} | {gen['new_tokens']} | {gen['s']:.2f} | "
+        f"| {env['model']} {gen['dtype']} | {gen['rows']} | {gen['new_tokens']} | {gen['s']:.2f} | "
         f"{gen['tok_s']:.0f} |",
     ]
     return "\n".join(lines)
@@ -510,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         "repeats": a.repeats,
         "beta": a.beta,
         "tokens": a.tokens,
+        "rows": a.prompts * a.group,
     }
     learner = run_learner_parts(a)
     variants = run_variant_parts(a)
@@ -520,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
         results = {"env": env, "learner": learner, "variants": variants, "objective": objective}
         results["generate"] = gen
         Path(a.json).write_text(json.dumps(results, indent=1))
-    return 0
+    complete = len(learner) == len(a.stages) and len(variants) == len(a.variants)
+    return 0 if complete else 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,15 @@ them (Linux VmHWM, reset through ``/proc/self/clear_refs`` right before; it incl
 state, created at the first step), and the padding (padded positions / real tokens, as each
 trainer lays the rows out).
 
-    .venv/bin/python -m bench.learner [--repeats 3]
+With CUDA the same comparison runs on the GPU at Qwen2-VL-2B's language-model proportions
+(``bench-qwen2-vl-2b-lm``: its 28-layer, 1536-wide body and 151,936 tied rows, 1.54B parameters,
+the LM head ~15% of the matmul FLOPs): ekipl in bf16 (DeepSpeed ZeRO-2, fp32 master weights) and
+TRL at its defaults (fp32 weights, bf16 autocast, its Triton-fused LM head on completion positions),
+all with gradient checkpointing (TRL's default), plus TRL with bf16 weights (its lightest memory
+setting). Memory there is ``torch.cuda.max_memory_allocated`` over the whole process: weights,
+optimizer state and the step's peak.
+
+    .venv/bin/python -m bench.learner [--repeats 3] [--model NAME] [--json FILE]
 """
 
 from __future__ import annotations
@@ -46,13 +54,17 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
 MODEL = "bench-qwen2-151k"
+GPU_MODEL = "bench-qwen2-vl-2b-lm"
 PROMPT_LEN = 320
 BUDGET = 2560  # tokens (rows x longest row) per micro-batch: 4 micro-batches here, as 4 rows each
-VARIANTS = {
+# A TRL row's "ref" names the ratio column it is the reference of; where two rows share one, a row
+# is compared with the one of its own gradient checkpointing.
+CPU_VARIANTS = {
     "ekipl before: full logits, 4-row micro-batches": dict(kind="ekipl", full=True, budget=0),
     "ekipl: completion-only logits, 4-row micro-batches": dict(kind="ekipl", full=False, budget=0),
     f"ekipl: completion-only logits, token budget {BUDGET:,}": dict(kind="ekipl", full=False, budget=BUDGET),
@@ -61,13 +73,36 @@ VARIANTS = {
         kind="ekipl", full=False, budget=BUDGET, pack=True
     ),
     "TRL GRPOTrainer, 4-row micro-batches, as on this CPU, gradient checkpointing (its default)": dict(
-        kind="trl", ckpt=True, compact=False
+        kind="trl", ckpt=True, compact=False, ref="TRL CPU"
     ),
     "TRL GRPOTrainer, 4-row micro-batches, completion positions only (as with Triton)": dict(
-        kind="trl", ckpt=False, compact=True
+        kind="trl", ckpt=False, compact=True, ref="TRL compl."
     ),
-    "TRL GRPOTrainer, the same + gradient checkpointing": dict(kind="trl", ckpt=True, compact=True),
+    "TRL GRPOTrainer, the same + gradient checkpointing": dict(
+        kind="trl", ckpt=True, compact=True, ref="TRL compl."
+    ),
 }
+# On a GPU: everything with gradient checkpointing (TRL's default); TRL's head is its Triton kernel.
+GPU_VARIANTS = {  # in order of importance: a run cut short keeps the first
+    f"ekipl: completion-only logits, token budget {BUDGET:,}": dict(
+        kind="ekipl", full=False, budget=BUDGET, ckpt=True
+    ),
+    "TRL GRPOTrainer, its defaults: fp32 weights, bf16 autocast, 4-row micro-batches": dict(
+        kind="trl", ckpt=True, compact=True, dtype="float32", ref="TRL"
+    ),
+    "ekipl before: full logits, 4-row micro-batches": dict(kind="ekipl", full=True, budget=0, ckpt=True),
+    "TRL GRPOTrainer, bf16 weights (AdamW state in bf16 too)": dict(
+        kind="trl", ckpt=True, compact=True, dtype="bfloat16", ref="TRL bf16"
+    ),
+    f"ekipl: padding-free packing, {BUDGET:,} tokens per micro-batch": dict(
+        kind="ekipl", full=False, budget=BUDGET, ckpt=True, pack=True
+    ),
+    "ekipl: completion-only logits, 4-row micro-batches": dict(kind="ekipl", full=False, budget=0, ckpt=True),
+}
+
+
+def variants() -> dict[str, dict]:
+    return GPU_VARIANTS if torch.cuda.is_available() else CPU_VARIANTS
 
 
 def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
@@ -121,6 +156,12 @@ def make_batch(seed=0, prompts=2, group=8, prompt_len=PROMPT_LEN, vocab=1000):
     return batch, lengths
 
 
+def cuda_sync() -> None:
+    """Wait for the GPU's queued work, where there is one (before reading a clock)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -137,14 +178,26 @@ def _reset_peak() -> int:
     return before
 
 
-def run_variant(name: str, repeats: int) -> dict:
+def _peak_start() -> int:
+    """Start measuring the peak (CPU: the resident set now, in KiB, VmHWM reset to it)."""
+    return 0 if torch.cuda.is_available() else _reset_peak()
+
+
+def _peak_mib(start: int) -> float:
+    """CPU: the peak resident set above ``start``; CUDA: the process's peak allocated memory."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (_rss_kib("VmHWM") - start) / 1024
+
+
+def run_variant(name: str, repeats: int, model: str) -> dict:
     """One variant in this process (called in a fresh one by :func:`main`)."""
-    if VARIANTS[name]["kind"] == "trl":
-        return run_trl(name, repeats)
-    return run_ekipl(name, repeats)
+    if variants()[name]["kind"] == "trl":
+        return run_trl(name, repeats, model)
+    return run_ekipl(name, repeats, model)
 
 
-def run_trl(name: str, repeats: int) -> dict:
+def run_trl(name: str, repeats: int, model: str) -> dict:
     """TRL's GRPOTrainer on the same batch: its own training loop, accumulation, loss and optimizer
     (AdamW, torch), with generation replaced by the batch above (``_generate_and_score_completions``
     returns it, laid out as TRL lays out generated completions: prompts left-padded, completions
@@ -156,11 +209,12 @@ def run_trl(name: str, repeats: int) -> dict:
     from bench.trl_compare import grpo_config, step_clock
     from ekipl.models.tiny import build_tiny
 
-    if VARIANTS[name]["compact"]:  # TRL's fused head on completion positions only, as with Triton
+    v, cuda = variants()[name], torch.cuda.is_available()
+    if v["compact"] and not cuda:  # TRL's fused head on completion positions only, as with Triton
         import trl.trainer.utils
 
         trl.trainer.utils._use_triton = lambda device: True  # the tiles still run in torch
-    path = str(build_tiny(MODEL))
+    path = str(build_tiny(model))
     batch, lengths = make_batch()
     width = PROMPT_LEN + max(lengths)
     done = {
@@ -174,7 +228,7 @@ def run_trl(name: str, repeats: int) -> dict:
 
     class Prepared(GRPOTrainer):
         def _generate_and_score_completions(self, inputs):
-            return {k: v.clone() for k, v in done.items()}
+            return {k: t.to(self.accelerator.device, copy=True) for k, t in done.items()}
 
     clock, step_times = step_clock()
     rows = len(lengths)
@@ -184,41 +238,43 @@ def run_trl(name: str, repeats: int) -> dict:
         num_generations=8,
         max_completion_length=512,
         learning_rate=1e-6,
-        gradient_checkpointing=VARIANTS[name]["ckpt"],
+        gradient_checkpointing=v["ckpt"],
         max_steps=repeats + 1,
         logging_steps=10**6,
+        use_cpu=not cuda,
+        bf16=cuda,
     )
     trainer = Prepared(
-        model=AutoModelForCausalLM.from_pretrained(path, dtype="float32"),
+        model=AutoModelForCausalLM.from_pretrained(path, dtype=v.get("dtype", "float32")),
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
         args=args,
         train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(8 * (repeats + 1))]),
         processing_class=AutoTokenizer.from_pretrained(path),
         callbacks=[clock],
     )
-    before = _reset_peak()
+    before = _peak_start()
     trainer.train()
     times = step_times()[1:]
     return {
         "variant": name,
         "update_s": statistics.median(times),
-        "peak_extra_mib": (_rss_kib("VmHWM") - before) / 1024,
+        "peak_mib": _peak_mib(before),
         "padding_frac": rows * width / (sum(lengths) + rows * PROMPT_LEN) - 1,
         "micro_batches": rows // 4,
         "threads": torch.get_num_threads(),
     }
 
 
-def run_ekipl(name: str, repeats: int) -> dict:
+def run_ekipl(name: str, repeats: int, model: str) -> dict:
     import ekipl.learner.worker as worker
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
     from ekipl.models.tiny import build_tiny
 
-    v = VARIANTS[name]
+    v = variants()[name]
     if v["full"]:
         use_full_logits()
-    path = str(build_tiny(MODEL))
+    path = str(build_tiny(model))
     batch, _ = make_batch()
     cfg = LearnerConfig(
         world_size=1,
@@ -228,15 +284,17 @@ def run_ekipl(name: str, repeats: int) -> dict:
         max_tokens_per_micro_batch=v["budget"],
         gradient_checkpointing=v.get("ckpt", False),
         pack_sequences=v.get("pack", False),
+        bf16=torch.cuda.is_available(),
     )
     learner = worker.Learner(0, 1, path, cfg, ObjectiveConfig(), seed=0)
     learner.setup(*learner.rendezvous())
     plan = worker.plan_rows(batch.attention_mask.sum(-1).tolist(), cfg)
-    before = _reset_peak()
+    before = _peak_start()
     times, metrics = [], {}
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         metrics = learner.update(batch, plan, **batch.totals())
+        cuda_sync()
         if i:
             times.append(time.perf_counter() - t0)
         if metrics["actor/skipped_step"]:
@@ -244,30 +302,97 @@ def run_ekipl(name: str, repeats: int) -> dict:
     return {
         "variant": name,
         "update_s": statistics.median(times),
-        "peak_extra_mib": (_rss_kib("VmHWM") - before) / 1024,
+        "peak_mib": _peak_mib(before),
         "padding_frac": metrics["actor/padding_frac"],
         "micro_batches": len(plan),
         "threads": torch.get_num_threads(),
     }
 
 
-def head_share(hidden=256, inter=704, layers=4, kv_heads=2, heads=8, vocab=151936) -> float:
+def head_share(model: str) -> float:
     """The LM head's share of a forward's matmul FLOPs per position, when it runs at every position."""
-    hd = hidden // heads
-    body = layers * (2 * hidden * hidden + 2 * hidden * kv_heads * hd + 3 * hidden * inter)
-    return vocab * hidden / (vocab * hidden + body)
+    from ekipl.models.tiny import spec_for
+
+    t = spec_for(model)
+    h, kv = t.hidden_size, t.num_kv_heads * t.head_dim
+    body = t.num_layers * (2 * h * h + 2 * h * kv + 3 * h * t.intermediate_size)
+    return t.vocab_rows * h / (t.vocab_rows * h + body)
+
+
+def run_all(model: str, repeats: int) -> tuple[list[dict], list[str]]:
+    """Every variant, each in a fresh process; a variant that fails is reported and left out."""
+    rows, failed = [], []
+    for name in variants():
+        with tempfile.NamedTemporaryFile(suffix=".json") as out:
+            cmd = [sys.executable, "-m", "bench.learner", "--variant", name, "--out", out.name]
+            r = subprocess.run(
+                [*cmd, "--repeats", str(repeats), "--model", model], capture_output=True, text=True
+            )
+            if r.returncode:
+                print(f"bench.learner: {name} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
+                failed.append(name)
+                continue
+            rows.append(json.loads(Path(out.name).read_text()))
+            print(f"bench.learner: {name}: {rows[-1]}", file=sys.stderr, flush=True)
+    return rows, failed
+
+
+def _reference(row: dict, column: str, rows: list[dict]) -> dict | None:
+    """The TRL row that is ``column``'s reference for ``row`` (the same checkpointing, if several)."""
+    v = variants()
+    refs = [r for r in rows if v[r["variant"]].get("ref") == column]
+    same = [r for r in refs if v[r["variant"]]["ckpt"] == v[row["variant"]].get("ckpt", False)]
+    return (same or refs or [None])[0]
+
+
+def table(model: str, rows: list[dict]) -> str:
+    from ekipl.models.tiny import spec_for
+
+    v, cuda = variants(), torch.cuda.is_available()
+    _, lengths = make_batch()
+    columns = list(dict.fromkeys(c["ref"] for c in v.values() if "ref" in c))
+    where = (
+        f"{torch.cuda.get_device_name()}, ekipl in bf16 (DeepSpeed ZeRO-2), TRL with bf16 autocast"
+        if cuda
+        else f"fp32, {rows[0]['threads']} threads; ekipl on DeepSpeed ZeRO-2"
+    )
+    memory = "peak GPU MiB (max allocated)" if cuda else "peak extra RSS MiB"
+    vs = " | ".join("vs " + c for c in columns)
+    vocab = f"{spec_for(model).vocab_rows:,}" if spec_for(model).vocab_rows else "its tokenizer's"
+    lines = [
+        f"{model}: {vocab} vocabulary rows; LM head = {head_share(model):.0%} of a forward's matmul FLOPs "
+        "per position when it runs everywhere (Qwen2-VL-2B: ~15%); "
+        f"16 sequences, {PROMPT_LEN} prompt tokens, completions {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {statistics.mean(lengths):.0f}); one rank, {where}. Ratio columns: against the TRL row "
+        f"named ({', '.join(columns)}).",
+        "",
+        f"| learner | micro-batches | step s | vs before | {vs} | {memory} | vs before | {vs} | padding |",
+        "|---" * (7 + 2 * len(columns)) + "|",
+    ]
+    before = next((r for r in rows if v[r["variant"]].get("full")), None)
+    for r in rows:
+        refs = [before] + [_reference(r, c, rows) for c in columns]
+
+        def ratios(key, r=r, refs=refs):
+            return " | ".join(f"{r[key] / b[key]:.2f}x" if b else "-" for b in refs)
+
+        lines.append(
+            f"| {r['variant']} | {r['micro_batches']} | {r['update_s']:.2f} | {ratios('update_s')} | "
+            f"{r['peak_mib']:.0f} | {ratios('peak_mib')} | {r['padding_frac']:.1%} |"
+        )
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default=GPU_MODEL if torch.cuda.is_available() else MODEL)
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # run one, in this process
-    ap.add_argument("--json", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.variant:
-        result = run_variant(args.variant, args.repeats)
-        with open(args.json, "w") as f:
-            json.dump(result, f)
+        Path(args.out).write_text(json.dumps(run_variant(args.variant, args.repeats, args.model)))
         return 0
 
     try:
@@ -277,54 +402,15 @@ def main(argv=None) -> int:
         return 2
     from ekipl.models.tiny import build_tiny
 
-    build_tiny(MODEL)  # once, before any timing
-    _, lengths = make_batch()
-    rows = []
-    for name in VARIANTS:
-        out = tempfile.mktemp(suffix=".json")
-        cmd = [
-            sys.executable,
-            "-m",
-            "bench.learner",
-            "--variant",
-            name,
-            "--json",
-            out,
-            "--repeats",
-            str(args.repeats),
-        ]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        if r.returncode:
-            raise RuntimeError(f"{name}: {r.stderr[-3000:]}")
-        rows.append(json.load(open(out)))
-    before = rows[0]
-    cpu = next(r for r in rows if VARIANTS[r["variant"]].get("compact") is False)
-    compact = {VARIANTS[r["variant"]]["ckpt"]: r for r in rows if VARIANTS[r["variant"]].get("compact")}
-    print(
-        f"{MODEL}: 151,936 vocabulary rows; LM head = {head_share():.0%} of a forward's matmul FLOPs per "
-        "position when it runs everywhere (Qwen2-VL-2B: ~15%, so carry the time ratios over with care); "
-        f"16 sequences, {PROMPT_LEN} prompt tokens, completions {min(lengths)}-{max(lengths)} tokens "
-        f"(mean {statistics.mean(lengths):.0f}); one rank, fp32, {rows[0]['threads']} threads; ekipl on "
-        'DeepSpeed ZeRO-2. Against TRL: "CPU", TRL as it runs here (every position scored, gradient '
-        'checkpointing); "compl.", TRL scoring completion positions only, with the same gradient '
-        "checkpointing as the row.\n"
-    )
-    print(
-        "| learner | micro-batches | step s | vs before | vs TRL CPU | vs TRL compl. | peak extra RSS MiB "
-        "| vs before | vs TRL CPU | vs TRL compl. | padding |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ref = compact[VARIANTS[r["variant"]].get("ckpt", False)]
-
-        def ratios(key, r=r, ref=ref):
-            return " | ".join(f"{r[key] / b[key]:.2f}x" for b in (before, cpu, ref))
-
-        print(
-            f"| {r['variant']} | {r['micro_batches']} | {r['update_s']:.2f} | {ratios('update_s')} | "
-            f"{r['peak_extra_mib']:.0f} | {ratios('peak_extra_mib')} | {r['padding_frac']:.1%} |"
+    build_tiny(args.model)  # once, before any timing
+    rows, failed = run_all(args.model, args.repeats)
+    if rows:
+        print(table(args.model, rows), flush=True)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"model": args.model, "rows": rows, "failed": failed}, indent=1)
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

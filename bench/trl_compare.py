@@ -127,13 +127,17 @@ def step_clock():
     the steps' wall times."""
     from transformers import TrainerCallback
 
+    from bench.learner import cuda_sync
+
     stamps: list[float] = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
+            cuda_sync()
             stamps.append(time.perf_counter())
 
         def on_step_end(self, args, state, control, **kw):
+            cuda_sync()
             stamps.append(time.perf_counter())
 
     return Clock(), lambda: [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)]

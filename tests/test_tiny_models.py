@@ -41,7 +41,7 @@ def test_specs_are_valid_for_vllm_cpu():
 
 # The 75M and 100M benchmark models are bench-qwen2-25m's builder at other sizes: three builds of
 # each would add ~20 s of CI time and no coverage. The 2B one is checked on the meta device below.
-BIG = {"bench-qwen2-75m", "bench-qwen2-100m", "bench-qwen2-vl-2b"}
+BIG = {"bench-qwen2-75m", "bench-qwen2-100m", "bench-qwen2-vl-2b", "bench-qwen2-vl-2b-lm"}
 
 
 @pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - BIG))
@@ -56,7 +56,8 @@ def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path, name):
 
 def test_the_2b_bench_model_has_qwen2_vl_2b_shapes():
     """bench-qwen2-vl-2b is Qwen2-VL-2B's architecture: its parameter count (2,208,985,600 with
-    tied embeddings), vocabulary rows and M-RoPE sections, built on the meta device (no memory)."""
+    tied embeddings), vocabulary rows and M-RoPE sections, built on the meta device (no memory);
+    bench-qwen2-vl-2b-lm is its language model alone."""
     import transformers
 
     from ekipl.models.tiny import model_config
@@ -69,6 +70,13 @@ def test_the_2b_bench_model_has_qwen2_vl_2b_shapes():
     assert model.lm_head.weight is model.model.language_model.embed_tokens.weight
     assert config.text_config.vocab_size == 151936
     assert config.text_config.rope_parameters["mrope_section"] == [16, 24, 24]
+    lm_config = model_config(spec_for("bench-qwen2-vl-2b-lm"), ids, vocab=1038)
+    with torch.device("meta"):
+        lm = transformers.Qwen2ForCausalLM(lm_config)
+    language = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.visual"))
+    assert sum(p.numel() for p in lm.parameters()) == language, (
+        "the -lm model is Qwen2-VL-2B minus its vision tower"
+    )
 
 
 def test_cache_is_reused_and_tokenizers_differ(tiny_vlm, tiny_vlm_b, model_root):

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The GPU benches in one command, for a lent GPU machine (torch and transformers in its image, no
+# vLLM, no Ray; bench/RESULTS.md, GPU). After `make gpu-carry` here:
+#
+#     run(carry=[".gpu"], timeout_s=590, command="bash bench/gpu.sh")
+#
+# 1. bench/learner.py: ekipl against TRL's GRPOTrainer at Qwen2-VL-2B's language-model proportions;
+# 2. bench/gpu.py: the learner per ZeRO stage, weight export, the objective, HF generation and the
+#    learner variants on Qwen2-VL-2B's shapes (its model builds on the CPU meanwhile).
+# Each under its own time limit (LEARNER_S, GPU_S seconds), so that a slow or failing first part
+# still leaves time for the second; both print each part's result as it finishes. Logs and JSON go
+# to $OUT (the device tool's folder that comes back), else ./gpu-out.
+set -u
+out=${OUT:-$PWD/gpu-out}
+mkdir -p "$out"
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD PYTHONUNBUFFERED=1 DS_ACCELERATOR=cuda
+export EKIPL_CACHE=${EKIPL_CACHE:-/tmp/ekipl-cache}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import importlib.metadata as m, sys; print(sys.version.split()[0], *(p + ' ' + m.version(p) for p in
+        ('torch', 'transformers', 'deepspeed', 'trl', 'accelerate', 'datasets', 'pyarrow', 'triton')))"
+} 2>&1 | tee "$out/env.txt"
+
+python3 -c "from ekipl.models.tiny import build_tiny; build_tiny('bench-qwen2-vl-2b')" >"$out/build.log" 2>&1 &
+build=$!
+start=$SECONDS
+timeout "${LEARNER_S:-250}" python3 -m bench.learner --json "$out/learner.json" >"$out/learner.log" 2>&1
+echo "bench.learner: exit $? after $((SECONDS - start)) s" | tee -a "$out/learner.log"
+grep -v Warning "$out/learner.log" | tail -c 5000
+wait $build || { echo "building bench-qwen2-vl-2b failed"; tail -20 "$out/build.log"; exit 1; }
+start=$SECONDS
+timeout "${GPU_S:-300}" python3 -m bench.gpu --json "$out/gpu.json" >"$out/gpu.log" 2>&1
+echo "bench.gpu: exit $? after $((SECONDS - start)) s" | tee -a "$out/gpu.log"
+grep -v Warning "$out/gpu.log" | tail -c 6000
