@@ -40,7 +40,7 @@ all with gradient checkpointing (TRL's default), plus TRL with bf16 weights (its
 setting). Memory there is ``torch.cuda.max_memory_allocated`` over the whole process: weights,
 optimizer state and the step's peak.
 
-    .venv/bin/python -m bench.learner [--repeats 3] [--model NAME] [--json FILE]
+    .venv/bin/python -m bench.learner [--repeats 3] [--model NAME] [--prompts 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -190,14 +190,14 @@ def _peak_mib(start: int) -> float:
     return (_rss_kib("VmHWM") - start) / 1024
 
 
-def run_variant(name: str, repeats: int, model: str) -> dict:
+def run_variant(name: str, a: argparse.Namespace) -> dict:
     """One variant in this process (called in a fresh one by :func:`main`)."""
     if variants()[name]["kind"] == "trl":
-        return run_trl(name, repeats, model)
-    return run_ekipl(name, repeats, model)
+        return run_trl(name, a)
+    return run_ekipl(name, a)
 
 
-def run_trl(name: str, repeats: int, model: str) -> dict:
+def run_trl(name: str, a: argparse.Namespace) -> dict:
     """TRL's GRPOTrainer on the same batch: its own training loop, accumulation, loss and optimizer
     (AdamW, torch), with generation replaced by the batch above (``_generate_and_score_completions``
     returns it, laid out as TRL lays out generated completions: prompts left-padded, completions
@@ -214,8 +214,8 @@ def run_trl(name: str, repeats: int, model: str) -> dict:
         import trl.trainer.utils
 
         trl.trainer.utils._use_triton = lambda device: True  # the tiles still run in torch
-    path = str(build_tiny(model))
-    batch, lengths = make_batch()
+    path = str(build_tiny(a.model))
+    batch, lengths = make_batch(prompts=a.prompts)
     width = PROMPT_LEN + max(lengths)
     done = {
         "prompt_ids": batch.input_ids[:, :PROMPT_LEN],
@@ -239,7 +239,7 @@ def run_trl(name: str, repeats: int, model: str) -> dict:
         max_completion_length=512,
         learning_rate=1e-6,
         gradient_checkpointing=v["ckpt"],
-        max_steps=repeats + 1,
+        max_steps=a.repeats + 1,
         logging_steps=10**6,
         use_cpu=not cuda,
         bf16=cuda,
@@ -248,7 +248,9 @@ def run_trl(name: str, repeats: int, model: str) -> dict:
         model=AutoModelForCausalLM.from_pretrained(path, dtype=v.get("dtype", "float32")),
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
         args=args,
-        train_dataset=Dataset.from_list([{"prompt": f"p{i}"} for i in range(8 * (repeats + 1))]),
+        train_dataset=Dataset.from_list(
+            [{"prompt": f"p{i}"} for i in range(8 * a.prompts * (a.repeats + 1))]
+        ),
         processing_class=AutoTokenizer.from_pretrained(path),
         callbacks=[clock],
     )
@@ -265,7 +267,7 @@ def run_trl(name: str, repeats: int, model: str) -> dict:
     }
 
 
-def run_ekipl(name: str, repeats: int, model: str) -> dict:
+def run_ekipl(name: str, a: argparse.Namespace) -> dict:
     import ekipl.learner.worker as worker
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
@@ -274,8 +276,8 @@ def run_ekipl(name: str, repeats: int, model: str) -> dict:
     v = variants()[name]
     if v["full"]:
         use_full_logits()
-    path = str(build_tiny(model))
-    batch, _ = make_batch()
+    path = str(build_tiny(a.model))
+    batch, _ = make_batch(prompts=a.prompts)
     cfg = LearnerConfig(
         world_size=1,
         zero_stage=2,
@@ -291,7 +293,7 @@ def run_ekipl(name: str, repeats: int, model: str) -> dict:
     plan = worker.plan_rows(batch.attention_mask.sum(-1).tolist(), cfg)
     before = _peak_start()
     times, metrics = [], {}
-    for i in range(repeats + 1):
+    for i in range(a.repeats + 1):
         t0 = time.perf_counter()
         metrics = learner.update(batch, plan, **batch.totals())
         cuda_sync()
@@ -319,14 +321,16 @@ def head_share(model: str) -> float:
     return t.vocab_rows * h / (t.vocab_rows * h + body)
 
 
-def run_all(model: str, repeats: int) -> tuple[list[dict], list[str]]:
+def run_all(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Every variant, each in a fresh process; a variant that fails is reported and left out."""
     rows, failed = [], []
     for name in variants():
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, "-m", "bench.learner", "--variant", name, "--out", out.name]
             r = subprocess.run(
-                [*cmd, "--repeats", str(repeats), "--model", model], capture_output=True, text=True
+                [*cmd, "--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)],
+                capture_output=True,
+                text=True,
             )
             if r.returncode:
                 print(f"bench.learner: {name} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
@@ -345,11 +349,12 @@ def _reference(row: dict, column: str, rows: list[dict]) -> dict | None:
     return (same or refs or [None])[0]
 
 
-def table(model: str, rows: list[dict]) -> str:
+def table(a: argparse.Namespace, rows: list[dict]) -> str:
     from ekipl.models.tiny import spec_for
 
     v, cuda = variants(), torch.cuda.is_available()
-    _, lengths = make_batch()
+    model = a.model
+    _, lengths = make_batch(prompts=a.prompts)
     columns = list(dict.fromkeys(c["ref"] for c in v.values() if "ref" in c))
     where = (
         f"{torch.cuda.get_device_name()}, ekipl in bf16 (DeepSpeed ZeRO-2), TRL with bf16 autocast"
@@ -362,9 +367,9 @@ def table(model: str, rows: list[dict]) -> str:
     lines = [
         f"{model}: {vocab} vocabulary rows; LM head = {head_share(model):.0%} of a forward's matmul FLOPs "
         "per position when it runs everywhere (Qwen2-VL-2B: ~15%); "
-        f"16 sequences, {PROMPT_LEN} prompt tokens, completions {min(lengths)}-{max(lengths)} tokens "
-        f"(mean {statistics.mean(lengths):.0f}); one rank, {where}. Ratio columns: against the TRL row "
-        f"named ({', '.join(columns)}).",
+        f"{len(lengths)} sequences, {PROMPT_LEN} prompt tokens, completions {min(lengths)}-{max(lengths)} "
+        f"tokens (mean {statistics.mean(lengths):.0f}); one rank, {where}. Ratio columns: against the TRL "
+        f"row named ({', '.join(columns)}).",
         "",
         f"| learner | micro-batches | step s | vs before | {vs} | {memory} | vs before | {vs} | padding |",
         "|---" * (7 + 2 * len(columns)) + "|",
@@ -387,12 +392,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default=GPU_MODEL if torch.cuda.is_available() else MODEL)
+    ap.add_argument("--prompts", type=int, default=2, help="prompts of G=8 sequences each (a GPU takes more)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # run one, in this process
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.variant:
-        Path(args.out).write_text(json.dumps(run_variant(args.variant, args.repeats, args.model)))
+        Path(args.out).write_text(json.dumps(run_variant(args.variant, args)))
         return 0
 
     try:
@@ -403,9 +409,9 @@ def main(argv=None) -> int:
     from ekipl.models.tiny import build_tiny
 
     build_tiny(args.model)  # once, before any timing
-    rows, failed = run_all(args.model, args.repeats)
+    rows, failed = run_all(args)
     if rows:
-        print(table(args.model, rows), flush=True)
+        print(table(args, rows), flush=True)
     if args.json:
         Path(args.json).write_text(
             json.dumps({"model": args.model, "rows": rows, "failed": failed}, indent=1)
