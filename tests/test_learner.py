@@ -172,7 +172,8 @@ def test_token_budget_packing():
 
 def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConfig):
     """The same updates (one per batch) in one process with plain torch: the ground truth for ZeRO.
-    Returns (state dict, model, each step's gradient norm before clipping from clip_grad_norm_)."""
+    Returns (state dict, model, each step's gradient norm before clipping from clip_grad_norm_, the
+    last step's whole-batch metrics)."""
     torch.manual_seed(0)
     model = hf.load_model(model_path)
     opt = torch.optim.AdamW(
@@ -184,7 +185,7 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
             old, _ = full_logprobs(model.eval(), b)
         model.train()
         logp, _ = full_logprobs(model, b)
-        loss, _ = O.policy_loss(
+        loss, metrics = O.policy_loss(
             obj,
             logp,
             old,
@@ -197,7 +198,7 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
         loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
         opt.step()
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}, model, norms
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, model, norms, metrics
 
 
 @pytest.fixture(scope="module")
@@ -230,8 +231,10 @@ def zero3(ray_local, batch, tiny_vlm):
 
 
 def check_against_reference(stage, before, metrics, after, reference, lr=LR):
-    ref_sd, _, norms = reference
+    ref_sd, _, norms, ref_metrics = reference
     assert metrics["actor/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # first epoch: π_old = π_θ
+    # the whole batch's token mean, whatever the ranks' micro-batch layout (weighted by tokens)
+    assert metrics["actor/pg_loss"] == pytest.approx(float(ref_metrics["pg_loss"]), abs=1e-6)
     assert metrics["actor/clip_frac"] == 0.0
     assert metrics["actor/policy_ratio_mean"] == pytest.approx(1.0, abs=1e-6)
     assert metrics["actor/aux_ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # the batch has aux rows

@@ -252,3 +252,32 @@ def test_clip_fraction_and_ratio_reported_for_policy_and_aux_tokens_apart():
     # a batch without aux tokens reports no aux metrics (a mean over nothing is not 0)
     _, m = _loss(O.ObjectiveConfig(), logp, old, [1.0, 1.0], [False, False])
     assert "aux_clip_frac" not in m and "aux_ratio_mean" not in m
+
+
+def test_micro_batch_metrics_weighted_by_their_tokens_give_the_whole_batch_metrics():
+    """Every metric of policy_loss and sft_loss is a token mean: weighted by metric_tokens, the
+    micro-batches' metrics combine into the whole batch's exactly (unweighted means would not:
+    the micro-batches below hold 9 and 2 tokens, with and without aux rows)."""
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(5, 4, generator=g, dtype=torch.float64)
+    old = logp + 0.3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    ref = logp + 0.3 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    adv = torch.randn(5, generator=g, dtype=torch.float64)
+    mask = T([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0], [1, 0, 0, 0], [1, 0, 0, 0]])
+    aux = torch.tensor([False, True, False, False, True])
+    cfg = O.ObjectiveConfig(kl_coef=0.1)
+
+    def metrics(rows):
+        _, m = O.policy_loss(cfg, logp[rows], old[rows], adv[rows], mask[rows], aux[rows], ref[rows])
+        _, sft = O.sft_loss(logp[rows], mask[rows])
+        return {**m, **sft}, O.metric_tokens(mask[rows], aux[rows])
+
+    whole, _ = metrics([0, 1, 2, 3, 4])
+    parts = [metrics([0, 1, 2]), metrics([3]), metrics([4])]
+    for k, v in whole.items():
+        got = [(m[k], w[k]) for m, w in parts if k in m]
+        combined = sum(float(x) * w for x, w in got) / sum(w for _, w in got)
+        assert combined == pytest.approx(float(v), abs=1e-6), k
+    assert set(whole) <= set(O.metric_tokens(mask, aux)), "a metric without its token count"
+    unweighted = sum(float(m["pg_loss"]) for m, _ in parts) / len(parts)
+    assert unweighted != pytest.approx(float(whole["pg_loss"]), abs=1e-3)  # the fix is needed here

@@ -267,6 +267,18 @@ def policy_loss(
     return loss, metrics
 
 
+def metric_tokens(mask: torch.Tensor, is_aux: torch.Tensor) -> dict[str, float]:
+    """How many tokens each metric of :func:`policy_loss` and :func:`sft_loss` is a mean over: the
+    weights that combine micro-batches' (and ranks') metrics into the whole batch's exactly."""
+    m = mask.float()
+    n, aux = float(m.sum()), float(m[is_aux.bool()].sum())
+    return {
+        **dict.fromkeys(("kl", "ratio_mean", "pg_loss", "nll"), n),
+        **dict.fromkeys(("clip_frac", "policy_ratio_mean"), n - aux),
+        **dict.fromkeys(("aux_clip_frac", "aux_ratio_mean"), aux),
+    }
+
+
 def sft_loss(
     logp: torch.Tensor, mask: torch.Tensor, *, global_tokens: float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -30,6 +30,20 @@ def shard_rows(n: int, world: int) -> list[list[int]]:
     return out
 
 
+def merge_rank_metrics(metrics: list[dict]) -> dict:
+    """The ranks' metrics as one: the mean over the ranks that report a key (aux_* only where a rank
+    has aux tokens), weighted by the tokens each rank's value is a mean over where it says so
+    (``token_weights``), so token means are the whole batch's; timings are left out."""
+    weights = [m.get("token_weights", {}) for m in metrics]
+    keys = (k for m in metrics for k in m if k != "token_weights" and not k.startswith("timing/"))
+    out = {}
+    for k in dict.fromkeys(keys):
+        pairs = [(m[k], w.get(k, 1.0)) for m, w in zip(metrics, weights, strict=True) if k in m]
+        total = sum(w for _, w in pairs)
+        out[k] = sum(v * w for v, w in pairs) / total if total > 0 else sum(v for v, _ in pairs) / len(pairs)
+    return out
+
+
 class LearnerError(RuntimeError):
     """A learner rank died or failed: the update cannot go on (resume from the last checkpoint)."""
 
@@ -135,10 +149,7 @@ class LearnerGroup:
         t1 = time.perf_counter()
         metrics = self._call("update", shards, plans, sft=sft, **batch.totals())
         t2 = time.perf_counter()
-        out = {}  # the mean over the ranks that report a key (aux_* only where a rank has aux tokens)
-        for k in dict.fromkeys(k for m in metrics for k in m if not k.startswith("timing/")):
-            vals = [m[k] for m in metrics if k in m]
-            out[k] = sum(vals) / len(vals)
+        out = merge_rank_metrics(metrics)
         out.update({"timing/logprob": t1 - t0, "timing/update": t2 - t1})
         return out
 

@@ -28,19 +28,22 @@ def _float(x) -> float:
 
 
 class _Means:
-    """Running means of per-micro-batch metrics, each over the micro-batches that report it."""
+    """Running means of per-micro-batch metrics, each over the micro-batches that report it, each
+    micro-batch weighted by the tokens its value is a mean over (``weights``; 1 where none is given),
+    so that the result is the mean over the rank's tokens whatever its micro-batch layout."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, float] = {}
 
-    def add(self, metrics: dict) -> None:
+    def add(self, metrics: dict, weights: dict[str, float] | None = None) -> None:
         for k, v in metrics.items():
-            self.sums[k] = self.sums.get(k, 0.0) + float(v)
-            self.counts[k] = self.counts.get(k, 0) + 1
+            w = (weights or {}).get(k, 1.0)
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * w
+            self.counts[k] = self.counts.get(k, 0.0) + w
 
     def result(self) -> dict[str, float]:
-        return {k: v / self.counts[k] for k, v in self.sums.items()}
+        return {k: v / self.counts[k] for k, v in self.sums.items() if self.counts[k] > 0}
 
 
 def rollout_logprob_diff(logp: torch.Tensor, mb: Batch) -> dict:
@@ -295,15 +298,18 @@ class Learner:
                 self.engine.step()
                 if not empty:
                     metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
-                    if epoch == 0:
-                        metrics.update(rollout_logprob_diff(logp, mb))
-                    means.add(metrics)
+                    weights = {**O.metric_tokens(mask, mb.is_aux), "entropy": float(mask.sum())}
+                    if epoch == 0 and (diff := rollout_logprob_diff(logp, mb)):
+                        metrics.update(diff)
+                        weights["rollout_logprob_diff"] = float(mb.sampled_mask.sum())
+                    means.add(metrics, weights)
             # The whole batch's gradient norm before clipping (DeepSpeed reduces it over the ranks).
             grad_norms.append(_float(self.engine.get_global_grad_norm()))
             if not self.engine.was_step_applied():  # the same decision on every rank
                 skipped = 1
                 break  # later epochs would start from the same weights and fail the same way
         out = {f"actor/{k}": v for k, v in means.result().items()}
+        out["token_weights"] = {f"actor/{k}": w for k, w in means.counts.items()}  # for LearnerGroup
         out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
         out["actor/padding_frac"] = padded / max(real, 1)  # padded positions per real token
         out["actor/micro_batches"] = float(n_micro)
