@@ -166,21 +166,10 @@ TINY_MODELS: dict[str, TinySpec] = {
         max_pixels=448 * 448,
         save_dtype="bfloat16",
     ),
-    # Qwen2-VL-2B's language model alone (1.54B parameters, text-only Qwen2), for bench/learner.py on
-    # a GPU: TRL's GRPOTrainer and ekipl's learner on the same text stand-in for image prompts.
-    "bench-qwen2-vl-2b-lm": TinySpec(
-        vision=False,
-        vocab_rows=151936,
-        hidden_size=1536,
-        intermediate_size=8960,
-        num_layers=28,
-        num_heads=12,
-        num_kv_heads=2,
-        tie_embeddings=True,
-        max_position_embeddings=32768,
-        save_dtype="bfloat16",
-    ),
 }
+# Qwen2-VL-2B's language model alone (1.54B parameters, a text-only Qwen2), for bench/learner.py on a
+# GPU: TRL's GRPOTrainer and ekipl's learner on the same text stand-in for image prompts.
+TINY_MODELS["bench-qwen2-vl-2b-lm"] = dataclasses.replace(TINY_MODELS["bench-qwen2-vl-2b"], vision=False)
 
 
 class UnknownModelError(ValueError):
