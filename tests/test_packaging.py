@@ -11,8 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _makefile() -> str:
+    return (ROOT / "Makefile").read_text()
+
+
 def _uv_version() -> str:
-    return re.search(r"^UV_VERSION := (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    return re.search(r"^UV_VERSION := (\S+)$", _makefile(), re.M).group(1)
 
 
 @pytest.mark.parametrize("extra", ["cpu", "gpu"])
@@ -22,6 +26,10 @@ def test_dockerfile_installs_from_the_lock_with_the_makefiles_uv(extra):
     assert "COPY pyproject.toml uv.lock" in text
     syncs = re.findall(r"uv sync ([^\n&]+)", text)
     assert syncs and all("--frozen" in s and f"--extra {extra}" in s for s in syncs), syncs
+    # the dependencies' .pyc files are written once at install, as `make install` does (the Makefile)
+    assert "--compile-bytecode" in syncs[0]
+    make_syncs = re.findall(r"\$\(UV\) sync ([^\n]+)", _makefile())
+    assert len(make_syncs) == 2 and all("--compile-bytecode" in s for s in make_syncs), make_syncs
     assert "3.11" in text  # requires-python = "==3.11.*"
     assert not re.search(r"(API_KEY|TOKEN)\s*=", text), "no secret baked into an image"
 
