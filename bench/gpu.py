@@ -45,7 +45,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,8 +53,7 @@ from pathlib import Path
 import torch
 
 from bench.learner import cuda_sync as _sync
-
-ROOT = Path(__file__).resolve().parent.parent
+from bench.learner import run_part
 
 
 def resolve_model(name: str) -> str:
@@ -191,29 +189,14 @@ def learner_part(a: argparse.Namespace) -> dict:
     return out
 
 
-def run_part(args: list[str]) -> dict | None:
-    """``python -m bench.gpu --part ...`` in a fresh process (one DeepSpeed engine per process, its
-    memory released after): its result, printed as it comes (a run cut short keeps the parts done),
-    or None, with the error printed, where it failed."""
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        r = subprocess.run([sys.executable, "-m", "bench.gpu", *args, "--out", f.name], cwd=ROOT)
-        if r.returncode:
-            print(
-                f"bench.gpu: part {' '.join(args[:4])} failed (exit {r.returncode})",
-                file=sys.stderr,
-                flush=True,
-            )
-            return None
-        out = json.loads(Path(f.name).read_text())
-    print(f"bench.gpu: {json.dumps(out)}", file=sys.stderr, flush=True)
-    return out
-
-
 def run_learner_parts(a: argparse.Namespace) -> list[dict]:
     """Each ZeRO stage in a fresh process; a single stage runs in this process."""
     if len(a.stages) == 1:
         return [learner_part(argparse.Namespace(**{**vars(a), "stage": a.stages[0]}))]
-    parts = [run_part(["--part", "learner", "--stage", str(stage), *_shared_args(a)]) for stage in a.stages]
+    parts = [
+        run_part("bench.gpu", ["--part", "learner", "--stage", str(stage), *_shared_args(a)])
+        for stage in a.stages
+    ]
     return [r for r in parts if r]
 
 
@@ -283,7 +266,8 @@ def run_variant_parts(a: argparse.Namespace) -> list[dict]:
     """Each of ``a.variants`` in a fresh process, at the first of ``a.stages``."""
     stage = ["--stage", str(a.stages[0])]
     parts = [
-        run_part(["--part", "variant", "--variant", name, *stage, *_shared_args(a)]) for name in a.variants
+        run_part("bench.gpu", ["--part", "variant", "--variant", name, *stage, *_shared_args(a)])
+        for name in a.variants
     ]
     return [r for r in parts if r]
 

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-qwen2-151k"
 GPU_MODEL = "bench-qwen2-vl-2b-lm"
 PROMPT_LEN = 320
@@ -321,24 +322,34 @@ def head_share(model: str) -> float:
     return t.vocab_rows * h / (t.vocab_rows * h + body)
 
 
+def run_part(module: str, args: list[str], capture: bool = False) -> dict | None:
+    """``python -m MODULE ARGS --out FILE`` in a fresh process (here and in bench/gpu.py): the JSON
+    result it wrote, printed as it comes (a run cut short keeps the parts done), or None where it
+    failed, the failure printed. ``capture`` keeps the child's output back, a failure's stderr
+    shown."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [sys.executable, "-m", module, *args, "--out", f.name]
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=capture, text=True)
+        if r.returncode:
+            tail = f":\n{r.stderr[-3000:]}" if capture else ""
+            print(
+                f"{module}: {' '.join(args[:4])} failed (exit {r.returncode}){tail}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        out = json.loads(Path(f.name).read_text())
+    print(f"{module}: {json.dumps(out)}", file=sys.stderr, flush=True)
+    return out
+
+
 def run_all(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Every variant, each in a fresh process; a variant that fails is reported and left out."""
-    rows, failed = [], []
-    for name in variants():
-        with tempfile.NamedTemporaryFile(suffix=".json") as out:
-            cmd = [sys.executable, "-m", "bench.learner", "--variant", name, "--out", out.name]
-            r = subprocess.run(
-                [*cmd, "--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)],
-                capture_output=True,
-                text=True,
-            )
-            if r.returncode:
-                print(f"bench.learner: {name} failed:\n{r.stderr[-3000:]}", file=sys.stderr, flush=True)
-                failed.append(name)
-                continue
-            rows.append(json.loads(Path(out.name).read_text()))
-            print(f"bench.learner: {name}: {rows[-1]}", file=sys.stderr, flush=True)
-    return rows, failed
+    shared = ["--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)]
+    parts = {
+        name: run_part("bench.learner", ["--variant", name, *shared], capture=True) for name in variants()
+    }
+    return [r for r in parts.values() if r], [name for name, r in parts.items() if r is None]
 
 
 def _reference(row: dict, column: str, rows: list[dict]) -> dict | None:
