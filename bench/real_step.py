@@ -97,9 +97,8 @@ def run_ekipl(a: argparse.Namespace) -> dict:
 
         def _submit(self, requests, step):
             rows = [r for r in requests for _ in range(G)]
-            pending = self.policy.submit(
-                rows, n=1, temperature=1.0, max_tokens=lengths, seed=step, ignore_eos=True
-            )
+            # No seed: on a GPU each request's own seed would give a group's G requests one sample.
+            pending = self.policy.submit(rows, n=1, temperature=1.0, max_tokens=lengths, ignore_eos=True)
             return Regrouped(pending)
 
     class Regrouped:
