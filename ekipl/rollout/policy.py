@@ -80,7 +80,7 @@ class PolicyRouter:
                 p,
                 n=n,
                 temperature=temperature,
-                max_tokens=max_tokens if isinstance(max_tokens, int) else limits[s : s + chunk],
+                max_tokens=limits[s : s + chunk],
                 seed=None if seed is None else seed + k,
                 ignore_eos=ignore_eos,
             )
