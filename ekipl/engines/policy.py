@@ -37,22 +37,20 @@ class PolicyEngine:
         ignore_eos: bool = False,
     ) -> list[list[vb.Completion]]:
         """``max_tokens``: one limit for every request, or one per request."""
-        made: dict[int, object] = {}  # one SamplingParams per distinct limit
-        params = [
-            made.setdefault(
-                m,
-                vb.sampling_params(
-                    n=n,
-                    temperature=temperature,
-                    top_p=top_p,
-                    max_tokens=m,
-                    seed=seed,
-                    ignore_eos=ignore_eos,
-                    banned_token_ids=self.banned,
-                ),
+        limits = vb.per_request(max_tokens, len(requests), "max_tokens")
+        made = {  # one SamplingParams per distinct limit
+            m: vb.sampling_params(
+                n=n,
+                temperature=temperature,
+                top_p=top_p,
+                max_tokens=m,
+                seed=seed,
+                ignore_eos=ignore_eos,
+                banned_token_ids=self.banned,
             )
-            for m in vb.per_request(max_tokens, len(requests), "max_tokens")
-        ]
+            for m in set(limits)
+        }
+        params = [made[m] for m in limits]
         return vb.generate(self.llm, requests, params, seed=seed)
 
     def score(self, prompt_token_ids: list[int], completion_ids: list[int], images=()) -> list[float]:

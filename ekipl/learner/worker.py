@@ -298,7 +298,8 @@ class Learner:
                 self.engine.step()
                 if not empty:
                     metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
-                    weights = {**O.metric_tokens(mask, mb.is_aux), "entropy": float(mask.sum())}
+                    weights = O.metric_tokens(mask, mb.is_aux)
+                    weights["entropy"] = weights["pg_loss"]  # a mean over the same completion tokens
                     if epoch == 0 and (diff := rollout_logprob_diff(logp, mb)):
                         metrics.update(diff)
                         weights["rollout_logprob_diff"] = float(mb.sampled_mask.sum())
