@@ -343,13 +343,17 @@ def run_part(module: str, args: list[str], capture: bool = False) -> dict | None
     return out
 
 
-def run_all(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
-    """Every variant, each in a fresh process; a variant that fails is reported and left out."""
-    shared = ["--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)]
-    parts = {
-        name: run_part("bench.learner", ["--variant", name, *shared], capture=True) for name in variants()
-    }
+def run_variants(module: str, names, shared: list[str]) -> tuple[list[dict], list[str]]:
+    """``python -m MODULE --variant NAME SHARED`` for every name, each in a fresh process (here and
+    in bench/real_step.py): the rows, and the names of the variants that failed (reported, left out)."""
+    parts = {name: run_part(module, ["--variant", name, *shared], capture=True) for name in names}
     return [r for r in parts.values() if r], [name for name, r in parts.items() if r is None]
+
+
+def run_all(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
+    """Every variant of this bench."""
+    shared = ["--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)]
+    return run_variants("bench.learner", variants(), shared)
 
 
 def _reference(row: dict, column: str, rows: list[dict]) -> dict | None:

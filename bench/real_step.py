@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench.learner import BUDGET, MODEL, PROMPT_LEN, run_part, skewed_lengths
+from bench.learner import BUDGET, MODEL, PROMPT_LEN, run_variants, skewed_lengths
 
 G, PROMPTS = 8, 2
 VARIANTS = {
@@ -269,10 +269,7 @@ def main(argv=None) -> int:
     from ekipl.models.tiny import build_tiny
 
     build_tiny(MODEL)  # once, before any timing
-    parts = {
-        v: run_part("bench.real_step", ["--variant", v, "--repeats", str(a.repeats)], True) for v in VARIANTS
-    }
-    rows, failed = [r for r in parts.values() if r], [v for v, r in parts.items() if r is None]
+    rows, failed = run_variants("bench.real_step", VARIANTS, ["--repeats", str(a.repeats)])
     if rows:
         print(table(rows), flush=True)
     if a.json:
