@@ -25,6 +25,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _agent_logs(cluster, chars: int = 3000) -> str:
+    """The tails of the session's dashboard-agent logs and of the job head's (where a missing agent
+    is reported)."""
+    logs = Path(cluster.head_node.get_logs_dir_path())
+    files = sorted(logs.glob("dashboard_agent*")) + sorted(logs.glob("dashboard_JobHead.*"))
+    return "".join(f"\n--- {f.name} ---\n{f.read_text(errors='replace')[-chars:]}" for f in files)
+
+
 @pytest.mark.slow
 def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
     """A few EKIPL steps through every real component -- a policy vLLM engine, an auxiliary vLLM
@@ -41,9 +49,11 @@ def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
             "include_dashboard": True,
             "dashboard_port": dashboard,
             "resources": {"learner_node": 2},
-            # Every node's dashboard agent listens on 52365 by default, which the session's own
-            # local Ray (other tests) already holds: the job agent would never come up.
-            "dashboard_agent_listen_port": _free_port(),
+            # The head's dashboard agent listens on 52365 by default, which the session's own local
+            # Ray (other tests) already holds. 0 lets the agent bind a port itself and publish it; a
+            # port picked here beforehand could be taken by another process before the agent starts
+            # (CI once saw the job agent never come up, with a port picked that way).
+            "dashboard_agent_listen_port": 0,
         },
     )
     try:
@@ -51,7 +61,7 @@ def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
         aux_node = cluster.add_node(
             num_cpus=3,
             resources={"aux_node": 2, "policy_node": 1},
-            dashboard_agent_listen_port=_free_port(),
+            dashboard_agent_listen_port=0,
         )
         cluster.wait_for_nodes()
         out = tmp_path / "job"
@@ -90,7 +100,8 @@ def test_end_to_end_as_a_ray_job_on_a_two_node_cluster(tmp_path):
             env=env,
             cwd=tmp_path,
         )
-        assert r.returncode == 0, r.stdout[-6000:]  # the job's own log is streamed to stdout
+        # the job's own log is streamed to stdout; the agents' logs say why a job never started
+        assert r.returncode == 0, r.stdout[-4000:] + _agent_logs(cluster)
         assert "ray job submit" in r.stdout and "succeeded" in (r.stdout + r.stderr).lower()
         placement = json.loads((out / "placement.json").read_text())
         assert placement["aux"]["aux_b"] == [aux_node.node_id]
