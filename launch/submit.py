@@ -43,6 +43,7 @@ EXCLUDES = [
     "*.pt",
 ]
 NO_AGENT = "No available agent to submit job"
+SUBMITTED = re.compile(r"Job '.*' submitted successfully")
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)", re.IGNORECASE)
 
 
@@ -116,18 +117,36 @@ def main(argv: list[str] | None = None) -> int:
 def submit_with_retries(cmd: list[str], env: dict, wait_s: float) -> int:
     """Run ``ray job submit``, echoing its output. A head that has just started may answer "No
     available agent to submit job" until its job agent registers: no job was created then, so the
-    submission is retried for up to ``wait_s`` seconds."""
+    submission is retried for up to ``wait_s`` seconds. An attempt's output is held back until its
+    job is submitted (then it streams as it comes), so that a refused attempt shows as one line, not
+    as the CLI's traceback; the last attempt's output is shown whole."""
     deadline = time.monotonic() + wait_s
     while True:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        held: list[str] | None = []  # None once the job is submitted
         agent_missing = False
         for line in proc.stdout:
-            sys.stdout.write(line)
             agent_missing = agent_missing or NO_AGENT in line
+            if held is None:
+                sys.stdout.write(line)
+                continue
+            held.append(line)
+            if SUBMITTED.search(line):
+                sys.stdout.writelines(held)
+                sys.stdout.flush()
+                held = None
         rc = proc.wait()
-        if rc == 0 or not agent_missing or time.monotonic() > deadline:
+        # never again once a job was created: only a refused submission is retried
+        retry = rc != 0 and held is not None and agent_missing and time.monotonic() <= deadline
+        if not retry:
+            sys.stdout.writelines(held or [])
+            sys.stdout.flush()
             return rc
-        print("submit: the cluster's job agent is not up yet; retrying in 2 s", file=sys.stderr, flush=True)
+        print(
+            f"submit: the cluster's job agent is not up yet ({NO_AGENT!r}); retrying in 2 s",
+            file=sys.stderr,
+            flush=True,
+        )
         time.sleep(2.0)
 
 

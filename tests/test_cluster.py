@@ -180,6 +180,44 @@ def test_submit_builds_the_ray_job_command_and_refuses_to_ship_secrets(capsys, m
     assert "sk-do-not-ship" not in capsys.readouterr().out
 
 
+def _fake_ray_cli(tmp_path, refusals: int) -> list[str]:
+    """A stand-in for ``ray job submit`` (a simulated fault): its first ``refusals`` runs fail as a
+    head without a job agent does, with a traceback; later ones submit and stream the job's log."""
+    count = tmp_path / "attempts"
+    script = f"""
+import pathlib, sys
+p = pathlib.Path({str(count)!r})
+n = int(p.read_text()) if p.exists() else 0
+p.write_text(str(n + 1))
+if n < {refusals}:
+    print("Traceback (most recent call last):")
+    print("RuntimeError: Request failed with status code 500: No available agent to submit job")
+    sys.exit(1)
+print("Job 'j' submitted successfully")
+print("the job's log line")
+sys.exit(3)  # the job failed: its own failure must not be retried
+"""
+    return [sys.executable, "-c", script]
+
+
+def test_submit_retries_only_a_refused_submission_and_shows_it_as_one_line(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "launch"))
+    try:
+        import submit
+    finally:
+        sys.path.pop(0)
+    rc = submit.submit_with_retries(_fake_ray_cli(tmp_path, refusals=2), dict(os.environ), wait_s=60)
+    out, err = capsys.readouterr()
+    assert rc == 3 and (tmp_path / "attempts").read_text() == "3"  # 2 refused, then one job, not rerun
+    assert err.count("job agent is not up yet") == 2 and "Traceback" not in out
+    assert out == "Job 'j' submitted successfully\nthe job's log line\n"
+    # Past the deadline the refusal is the answer, shown whole.
+    (tmp_path / "attempts").unlink()
+    assert submit.submit_with_retries(_fake_ray_cli(tmp_path, refusals=5), dict(os.environ), wait_s=0) == 1
+    out, err = capsys.readouterr()
+    assert "Traceback" in out and "No available agent" in out and not err
+
+
 def test_slurm_script_is_valid_bash():
     r = subprocess.run(["bash", "-n", str(ROOT / "launch" / "slurm.sbatch")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
