@@ -11,6 +11,7 @@ import math
 import os
 import tempfile
 import time
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,6 +47,17 @@ class _Means:
         return {k: v / self.counts[k] for k, v in self.sums.items() if self.counts[k] > 0}
 
 
+@dataclass
+class _Tally:
+    """What one update accumulates over its micro-batches."""
+
+    means: _Means = field(default_factory=_Means)
+    old_logp: dict[int, torch.Tensor] = field(default_factory=dict)  # π_old per micro-batch
+    padded: int = 0
+    real: int = 0
+    nonfinite: int = 0
+
+
 def rollout_logprob_diff(logp: torch.Tensor, mb: Batch) -> dict:
     """Mean |log π_learner − log π_engine| over the policy's sampled tokens, where the engine reported
     them (first epoch: the learner's π_old). ~1e-4 when weights, tokens, masks and image features
@@ -56,6 +68,20 @@ def rollout_logprob_diff(logp: torch.Tensor, mb: Batch) -> dict:
     if float(sm.sum()) == 0:
         return {}
     return {"rollout_logprob_diff": ((logp.detach() - mb.sampled_logp).abs() * sm).sum() / sm.sum()}
+
+
+def _weighted(
+    metrics: dict, ent: torch.Tensor, logp: torch.Tensor, mb: Batch, mask: torch.Tensor, first_epoch: bool
+) -> tuple[dict, dict[str, float]]:
+    """A micro-batch's metrics with the entropy (and, in the first epoch, the engine-vs-learner
+    log-prob gap) added, and the token counts each is a mean over (see :class:`_Means`)."""
+    metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
+    weights = O.metric_tokens(mask, mb.is_aux)
+    weights["entropy"] = weights["pg_loss"]  # a mean over the same completion tokens
+    if first_epoch and (diff := rollout_logprob_diff(logp, mb)):
+        metrics.update(diff)
+        weights["rollout_logprob_diff"] = float(mb.sampled_mask.sum())
+    return metrics, weights
 
 
 def micro_batches(n_rows: int, size: int, n_micro: int) -> list[list[int]]:
@@ -239,17 +265,10 @@ class Learner:
         if n_micro != self._n_micro:
             self.engine.set_train_batch_size(self.cfg.micro_batch_size * n_micro * self.world_size)
             self._n_micro = n_micro
-        # engine.backward divides by the accumulation steps and the ranks' gradients are averaged:
-        # scale so that the sum over ranks and micro-batches is the whole batch's loss.
-        scale = float(self.world_size * n_micro)
-        means = _Means()
+        totals = dict(global_tokens=global_tokens, global_seqs=global_seqs, max_len=max_len)
+        tally = _Tally()
         grad_norms: list[float] = []
-        nonfinite = skipped = 0
-        # π_old: the weights' log-probs before this step's first optimizer step. Every micro-batch of
-        # the first epoch runs before that step, so its own detached log-probs are π_old, and no
-        # separate forward pass is needed (unless the caller supplied ``old_logp``).
-        old_cache: dict[int, torch.Tensor] = {}
-        padded = real = 0
+        skipped = 0
         t0 = time.perf_counter()
         for epoch in range(self.cfg.epochs):
             for j, rows in enumerate(plan):
@@ -257,68 +276,72 @@ class Learner:
                 # by a micro-step counter that runs across steps, which is off by some micro-batches
                 # once their number per step changes (it follows the batch: tied groups are dropped).
                 self.engine.set_gradient_accumulation_boundary(j == n_micro - 1)
-                empty = not rows
-                mb = self._to_device(batch.select(rows or [0]))
-                if epoch == 0 and not empty:
-                    pad, tokens = mb.padding()
-                    padded, real = padded + pad * (not self.cfg.pack_sequences), real + tokens
-                logp, ent = sequence_logprobs(
-                    self.engine,
-                    mb,
-                    with_entropy=True,
-                    chunk_tokens=self.cfg.logits_chunk_tokens,
-                    pack=self.cfg.pack_sequences,
-                )
-                if mb.old_logp is None:
-                    mb.old_logp = old_cache.setdefault(j, logp.detach())
-                mask = mb.completion_mask * (0.0 if empty else 1.0)
-                if sft:
-                    loss, metrics = O.sft_loss(logp, mask, global_tokens=global_tokens)
-                else:
-                    loss, metrics = O.policy_loss(
-                        self.objective,
-                        logp,
-                        mb.old_logp,
-                        mb.advantages,
-                        mask,
-                        mb.is_aux,
-                        mb.ref_logp,
-                        global_tokens=global_tokens,
-                        global_seqs=global_seqs,
-                        max_len=max_len,
-                    )
-                if empty:
-                    loss = loss * 0.0
-                nonfinite += int(not torch.isfinite(loss.detach()).item())
-                self.engine.backward(loss * scale)
-                # DeepSpeed convention: step() after every micro-batch; it applies the optimizer
-                # only at the accumulation boundary (the last micro-batch of the epoch). There, a
-                # non-finite global gradient norm (any rank, any micro-batch) makes every rank skip
-                # the optimizer step and drop the gradients: the weights stay as they were.
-                self.engine.step()
-                if not empty:
-                    metrics["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1.0)
-                    weights = O.metric_tokens(mask, mb.is_aux)
-                    weights["entropy"] = weights["pg_loss"]  # a mean over the same completion tokens
-                    if epoch == 0 and (diff := rollout_logprob_diff(logp, mb)):
-                        metrics.update(diff)
-                        weights["rollout_logprob_diff"] = float(mb.sampled_mask.sum())
-                    means.add(metrics, weights)
+                self._micro_step(batch, rows, j, epoch == 0, tally, sft, totals)
             # The whole batch's gradient norm before clipping (DeepSpeed reduces it over the ranks).
             grad_norms.append(_float(self.engine.get_global_grad_norm()))
             if not self.engine.was_step_applied():  # the same decision on every rank
                 skipped = 1
                 break  # later epochs would start from the same weights and fail the same way
-        out = {f"actor/{k}": v for k, v in means.result().items()}
-        out["token_weights"] = {f"actor/{k}": w for k, w in means.counts.items()}  # for LearnerGroup
+        out = {f"actor/{k}": v for k, v in tally.means.result().items()}
+        out["token_weights"] = {f"actor/{k}": w for k, w in tally.means.counts.items()}  # for LearnerGroup
         out["actor/grad_norm"] = sum(grad_norms) / len(grad_norms)
-        out["actor/padding_frac"] = padded / max(real, 1)  # padded positions per real token
+        out["actor/padding_frac"] = tally.padded / max(tally.real, 1)  # padded positions per real token
         out["actor/micro_batches"] = float(n_micro)
         out["actor/lr"] = float(self.engine.get_lr()[0])
         out["actor/skipped_step"] = float(skipped)
-        out["actor/nonfinite_loss"] = float(nonfinite)
+        out["actor/nonfinite_loss"] = float(tally.nonfinite)
         out["timing/update_rank"] = time.perf_counter() - t0
         return out
+
+    def _micro_step(
+        self, batch: Batch, rows: list[int], j: int, first_epoch: bool, tally: _Tally, sft: bool, totals: dict
+    ) -> None:
+        """The forward and backward of micro-batch ``j`` (``rows`` empty: a zero loss on one row, so
+        that every rank runs as many micro-batches as the others); what it measures goes to ``tally``."""
+        empty = not rows
+        mb = self._to_device(batch.select(rows or [0]))
+        if first_epoch and not empty:
+            pad, tokens = mb.padding()
+            tally.padded += pad * (not self.cfg.pack_sequences)
+            tally.real += tokens
+        logp, ent = sequence_logprobs(
+            self.engine,
+            mb,
+            with_entropy=True,
+            chunk_tokens=self.cfg.logits_chunk_tokens,
+            pack=self.cfg.pack_sequences,
+        )
+        # π_old: the weights' log-probs before this step's first optimizer step. Every micro-batch of
+        # the first epoch runs before that step, so its own detached log-probs are π_old, and no
+        # separate forward pass is needed (unless the caller supplied ``old_logp``).
+        if mb.old_logp is None:
+            mb.old_logp = tally.old_logp.setdefault(j, logp.detach())
+        mask = mb.completion_mask * (0.0 if empty else 1.0)
+        loss, metrics = self._loss(logp, mb, mask, sft, **totals)
+        if empty:
+            loss = loss * 0.0
+        tally.nonfinite += int(not torch.isfinite(loss.detach()).item())
+        # engine.backward divides by the accumulation steps and the ranks' gradients are averaged:
+        # scale so that the sum over ranks and micro-batches is the whole batch's loss.
+        self.engine.backward(loss * float(self.world_size * self._n_micro))
+        # DeepSpeed convention: step() after every micro-batch; it applies the optimizer only at the
+        # accumulation boundary (the last micro-batch of the epoch). There, a non-finite global
+        # gradient norm (any rank, any micro-batch) makes every rank skip the optimizer step and drop
+        # the gradients: the weights stay as they were.
+        self.engine.step()
+        if not empty:
+            tally.means.add(*_weighted(metrics, ent, logp, mb, mask, first_epoch))
+
+    def _loss(
+        self, logp: torch.Tensor, mb: Batch, mask: torch.Tensor, sft: bool, **totals
+    ) -> tuple[torch.Tensor, dict]:
+        """A micro-batch's share of the whole batch's loss (``totals``: its token and sequence
+        counts and longest completion, for the normalisation) and its metrics."""
+        if sft:
+            return O.sft_loss(logp, mask, global_tokens=totals["global_tokens"])
+        return O.policy_loss(
+            self.objective, logp, mb.old_logp, mb.advantages, mask, mb.is_aux, mb.ref_logp, **totals
+        )
 
     # -------------------------------------------------------------------------------------------
     def _gathered(self):
