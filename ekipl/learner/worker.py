@@ -335,8 +335,8 @@ class Learner:
     def _loss(
         self, logp: torch.Tensor, mb: Batch, mask: torch.Tensor, sft: bool, **totals
     ) -> tuple[torch.Tensor, dict]:
-        """A micro-batch's share of the whole batch's loss (``totals``: its token and sequence
-        counts and longest completion, for the normalisation) and its metrics."""
+        """A micro-batch's share of the whole batch's loss (``totals``: the whole batch's token and
+        sequence counts and its longest completion, for the normalisation) and its metrics."""
         if sft:
             return O.sft_loss(logp, mask, global_tokens=totals["global_tokens"])
         return O.policy_loss(
