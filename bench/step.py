@@ -62,7 +62,6 @@ def main(argv: list[str]) -> int:
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
     from ekipl.rollout.sources import make_source
-    from ekipl.tasks.rewards import RewardWeights
     from ekipl.train import Hooks, ImageCheck, Sampler, _load_data, _step, resolve_model
 
     out = Path(tempfile.mkdtemp(prefix="ekipl-bench-step-"))
@@ -107,7 +106,7 @@ def main(argv: list[str]) -> int:
                     )
                 )
                 router = alone if n_aux == 0 else shared
-                coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, RewardWeights(), cache=None)
+                coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, cache=None)
                 sampler = Sampler(len(data), seed=g * 10 + n_aux, shuffle=True)
                 images = ImageCheck(False)
                 steps = []

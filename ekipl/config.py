@@ -30,22 +30,64 @@ class ModelConfig:
     engine_resources: dict[str, float] = dataclasses.field(default_factory=dict)
     tensor_parallel_size: int = 1  # GPUs per policy engine replica (vLLM tensor parallelism)
     seed: int = 0
+    # The image budget, in pixels per image (None: the processor's own). The same values reach the
+    # policy engines, the auxiliary engines (unless aux.NAME sets its own), the learner's processor
+    # and validation, so every side counts the same image tokens. Reason-RFT: max_pixels 480,000.
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    # vLLM's multimodal processor cache per engine, in GiB, held twice (API process and engine core).
+    # RL visits each image once per epoch, so it barely hits; 0 turns it off (vLLM's default: 4).
+    mm_cache_gb: float = 0.0
+
+    def __post_init__(self):
+        for key in ("min_pixels", "max_pixels"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"model.{key} must be >= 1 (or null: the processor's own), got {v}")
+        if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"model.min_pixels ({self.min_pixels}) is above model.max_pixels ({self.max_pixels})"
+            )
+        if self.mm_cache_gb < 0:
+            raise ValueError(f"model.mm_cache_gb must be >= 0, got {self.mm_cache_gb}")
+
+
+OVERLONG = ("drop", "error")
 
 
 @dataclasses.dataclass
 class DataConfig:
-    train_file: str = ""  # empty: generate the synthetic set for ``synthetic_task`` under the run dir
+    # A .json/.jsonl/.parquet file, a Dataset.save_to_disk directory (DIR@split for a DatasetDict)
+    # or a hub dataset NAME@split; empty: generate the synthetic set for ``synthetic_task``.
+    train_file: str = ""
     image_root: str | None = None
-    task: str | None = None
+    task: str | None = None  # rows without a task column get this one
+    # Column names (Reason-RFT's by default); other columns reach reward functions as sample.meta.
+    prompt_key: str = "problem"
+    answer_key: str = "answer"
+    image_key: str = "image"
+    cot_key: str = "cot"
+    # A prompt that cannot fit model.max_model_len with room for one completion token: dropped at
+    # load time and counted (data/overlong_prompts), or refused naming the row (error).
+    overlong: str = "drop"
     synthetic_task: str = "counting"
     synthetic_size: int = 64
     synthetic_seed: int | None = None  # the synthetic set's seed (None: trainer.seed)
     skip_bad_rows: bool = False
     prompts_per_step: int = 2
     shuffle: bool = True
-    # Held-out splits for validation in the loop (trainer.eval_every): name -> RL JSON file (image
-    # paths relative to image_root). Empty with synthetic data: its test_id and test_ood splits.
+    # Held-out splits for validation in the loop (trainer.eval_every): name -> a source of the same
+    # forms as train_file. Empty with synthetic data: its test_id and test_ood splits.
     val_files: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.overlong not in OVERLONG:
+            raise ValueError(f"data.overlong: unknown {self.overlong!r}; known: {OVERLONG}")
+
+    def columns(self):
+        from ekipl.tasks.loader import Columns
+
+        return Columns(self.prompt_key, self.answer_key, self.image_key, self.cot_key)
 
 
 @dataclasses.dataclass
@@ -55,12 +97,36 @@ class RewardConfig:
     # strict (default: each tag once, so repeated <think> blocks are not paid) or reason_rft (the
     # published regex, exactly; the paper presets use it). See ekipl.tasks.rewards.
     format_rule: str = "strict"
+    # Your own reward: path/to/file.py:name, called as name(completion, sample, **function_kwargs)
+    # for every sample (ekipl.tasks.scorer documents the contract); empty: the built-in task rewards.
+    function: str = ""
+    function_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    timeout_s: float = 10.0  # a reward call that runs longer scores 0 (counted in reward/errors)
 
     def __post_init__(self):
         from ekipl.tasks.rewards import FORMAT_RULES
 
         if self.format_rule not in FORMAT_RULES:
             raise ValueError(f"reward.format_rule: unknown {self.format_rule!r}; known: {FORMAT_RULES}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"reward.timeout_s must be > 0, got {self.timeout_s}")
+
+    def scorer(self, key: str = "reward.function"):
+        """The run's :class:`~ekipl.tasks.scorer.Scorer` (loads ``function``: a bad one raises
+        ConfigError naming the key)."""
+        from ekipl.tasks.rewards import RewardWeights
+        from ekipl.tasks.scorer import RewardFunctionError, Scorer
+
+        try:
+            return Scorer(
+                RewardWeights(self.accuracy, self.format, self.format_rule),
+                self.function,
+                self.function_kwargs,
+                self.timeout_s,
+                key=key,
+            )
+        except RewardFunctionError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -99,6 +165,9 @@ class LoggerConfig:
     project: str = "ekipl"
     run_name: str | None = None
     mode: str = "auto"  # auto: online when WANDB_API_KEY is set, else offline
+    # Online W&B that cannot be reached within this many seconds (a compute node with no route to
+    # it): the run goes on offline, with a warning saying how to `wandb sync` it later.
+    init_timeout_s: float = 20.0
 
 
 @dataclasses.dataclass
@@ -231,5 +300,7 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
         raise ConfigError(
             f"trainer.resume: {t.resume!r} is neither 'never', 'auto' nor a checkpoint directory"
         )
+    if run.logger.init_timeout_s <= 0:
+        raise ConfigError(f"logger.init_timeout_s must be > 0, got {run.logger.init_timeout_s}")
     if run.logger.mode not in ("auto", "online", "offline", "disabled"):
         raise ConfigError(f"logger.mode: unknown {run.logger.mode!r}; known: auto, online, offline, disabled")

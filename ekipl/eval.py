@@ -55,15 +55,16 @@ def summarize(greedy: list[tuple[float, float]], sampled: list[list[float]], k: 
     return out
 
 
-def score_split(samples, greedy, sampled, k: int, format_rule: str = "strict") -> tuple[dict, list[dict]]:
+def score_split(samples, greedy, sampled, k: int, scorer=None) -> tuple[dict, list[dict]]:
     """The split's metrics and one record per problem (its completions with their scores), from the
-    greedy completion texts (one per sample) and the sampled ones (a list per sample, or empty)."""
-    from ekipl.tasks.rewards import RewardWeights, score
+    greedy completion texts (one per sample) and the sampled ones (a list per sample, or empty).
+    ``scorer``: the run's :class:`~ekipl.tasks.scorer.Scorer` (default: the built-in rewards)."""
+    from ekipl.tasks.scorer import Scorer
 
-    weights = RewardWeights(format_rule=format_rule)
+    scorer = scorer or Scorer()
     pairs, accs, records = [], [], []
     for i, s in enumerate(samples):
-        r = score(greedy[i], s, weights, evaluation=True)
+        r = scorer.score(greedy[i], s, evaluation=True)
         pairs.append((r.accuracy, r.format))
         rec = {
             "id": s.id,
@@ -71,7 +72,7 @@ def score_split(samples, greedy, sampled, k: int, format_rule: str = "strict") -
             "greedy": {"text": greedy[i], "accuracy": r.accuracy, "format": r.format},
         }
         if sampled:
-            scored = [score(t, s, weights, evaluation=True) for t in sampled[i]]
+            scored = [scorer.score(t, s, evaluation=True) for t in sampled[i]]
             accs.append([x.accuracy for x in scored])
             rec["samples"] = [
                 {"text": t, "accuracy": x.accuracy, "format": x.format}
@@ -98,7 +99,7 @@ def split_requests(processor, samples) -> list:
 
 
 def evaluate_split(
-    llm, processor, samples, k: int, n: int, temperature: float, max_tokens: int, seed=0, format_rule="strict"
+    llm, processor, samples, k: int, n: int, temperature: float, max_tokens: int, seed=0, scorer=None
 ):
     """Greedy and sampled answers for ``samples`` from one engine: (metrics, per-problem records)."""
     from ekipl.engines import vllm_backend as vb
@@ -113,7 +114,7 @@ def evaluate_split(
             n=n, temperature=temperature, max_tokens=max_tokens, banned_token_ids=banned
         )
         sampled = [[c.text for c in group] for group in vb.generate(llm, requests, params, seed=seed)]
-    return score_split(samples, greedy, sampled, k, format_rule)
+    return score_split(samples, greedy, sampled, k, scorer)
 
 
 def evaluate(
@@ -127,11 +128,15 @@ def evaluate(
     seed: int = 0,
     dtype: str = "auto",
     records: dict | None = None,
-    format_rule: str = "strict",
+    scorer=None,
+    min_pixels: int | None = None,
+    max_pixels: int | None = None,
 ) -> list[dict]:
     """Rows ``{"model", "split", metrics...}`` for every model x split. Models after the first are
     loaded into the first one's engine (they must share its architecture). ``records``, when given,
-    receives each (model, split)'s per-problem completions and scores (:func:`write` saves them)."""
+    receives each (model, split)'s per-problem completions and scores (:func:`write` saves them).
+    ``scorer``: how answers are scored (default: the built-in task rewards); ``min_pixels`` /
+    ``max_pixels``: the image budget, for the engine and the processor alike."""
     from ekipl.engines import vllm_backend as vb
     from ekipl.models import hf
 
@@ -145,9 +150,11 @@ def evaluate(
             dtype=dtype,
             max_model_len=max_model_len,
             enable_weight_sync=len(names) > 1,
+            min_pixels=min_pixels,
+            max_pixels=max_pixels,
         )
     )
-    processor = hf.load_processor(first)
+    processor = hf.load_processor(first, min_pixels, max_pixels)
     rows = []
     for name in names:
         if models[name] != first:
@@ -157,7 +164,7 @@ def evaluate(
             vb.load_weights_from_file(llm, str(weights))
         for split, samples in splits.items():
             metrics, recs = evaluate_split(
-                llm, processor, samples, k, n, temperature, max_tokens, seed, format_rule
+                llm, processor, samples, k, n, temperature, max_tokens, seed, scorer
             )
             if records is not None:
                 records[(name, split)] = recs
@@ -195,21 +202,24 @@ def write(rows: list[dict], out: Path, records: dict | None = None) -> tuple[Pat
     return out / "eval.json", out / "eval.md"
 
 
-def main(argv: list[str] | None = None) -> int:
-    from ekipl.tasks.loader import load_task_file
-    from ekipl.tasks.rewards import FORMAT_RULES
-
-    records: dict = {}
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ekipl.eval", description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model",
         action="append",
         required=True,
-        help="NAME=PATH or PATH (or a tiny/warm-start name); repeatable",
+        help="NAME=PATH or PATH: a directory, a cached HF id, or a tiny/warm-start name; repeatable",
     )
-    p.add_argument("--split", action="append", required=True, help="NAME=FILE (RL JSON/ShareGPT); repeatable")
+    p.add_argument(
+        "--split",
+        action="append",
+        required=True,
+        help="NAME=SOURCE: a .json/.jsonl/.parquet file, a save_to_disk dir or a hub NAME@SPLIT; repeatable",
+    )
     p.add_argument("--image-root", default=None)
     p.add_argument("--task", default=None, help="the task when the rows do not say it")
+    for col, default in (("prompt", "problem"), ("answer", "answer"), ("image", "image"), ("cot", "cot")):
+        p.add_argument(f"--{col}-key", default=default, help=f"the {col} column (default {default})")
     p.add_argument("--k", type=int, default=4, help="pass@k")
     p.add_argument("--n", type=int, default=None, help="samples per problem (default k)")
     p.add_argument("--temperature", type=float, default=1.0)
@@ -217,28 +227,75 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: the model's config)")
     p.add_argument("--limit", type=int, default=0, help="first N problems of each split (0: all)")
     p.add_argument("--format-rule", default="strict", help="strict or reason_rft (see ekipl.tasks.rewards)")
+    p.add_argument("--reward-function", default="", help="FILE.py:NAME, as reward.function in training")
+    p.add_argument("--reward-kwargs", default="{}", help="JSON keyword arguments of --reward-function")
+    p.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per reward call")
+    p.add_argument("--min-pixels", type=int, default=None, help="image budget (as model.min_pixels)")
+    p.add_argument("--max-pixels", type=int, default=None, help="image budget (as model.max_pixels)")
     p.add_argument("--out", default="outputs/eval")
-    args = p.parse_args(argv)
+    return p
 
-    def pairs(values, what):
-        out = {}
-        for v in values:
-            name, _, path = v.rpartition("=")
-            out[name or Path(path).name] = path
-        if len(out) != len(values):
-            raise DataError(f"--{what}: names must be unique")
-        return out
 
+def _pairs(values, what) -> dict[str, str]:
+    out = {}
+    for v in values:
+        name, _, path = v.partition("=") if "=" in v else ("", "", v)
+        out[name or Path(path).name] = path
+    if len(out) != len(values):
+        raise DataError(f"--{what}: names must be unique")
+    return out
+
+
+def _scorer(args):
+    from ekipl.tasks.rewards import FORMAT_RULES, RewardWeights
+    from ekipl.tasks.scorer import RewardFunctionError, Scorer
+
+    if args.format_rule not in FORMAT_RULES:
+        raise DataError(f"--format-rule: unknown {args.format_rule!r}; known: {FORMAT_RULES}")
     try:
-        from ekipl.runtime import resolve_model
+        kwargs = json.loads(args.reward_kwargs)
+    except json.JSONDecodeError as e:
+        raise DataError(f"--reward-kwargs: not JSON: {e.msg}") from None
+    if not isinstance(kwargs, dict):
+        raise DataError("--reward-kwargs: expected a JSON object")
+    try:
+        return Scorer(
+            RewardWeights(format_rule=args.format_rule),
+            args.reward_function,
+            kwargs,
+            args.reward_timeout,
+            key="--reward-function",
+        )
+    except RewardFunctionError as e:
+        raise DataError(str(e)) from None
 
-        models = {name: resolve_model(path) for name, path in pairs(args.model, "model").items()}
+
+def main(argv: list[str] | None = None) -> int:
+    from ekipl.config import ConfigError
+    from ekipl.runtime import resolve_model
+    from ekipl.tasks.loader import Columns, load_task_file
+
+    records: dict = {}
+    args = _parser().parse_args(argv)
+    scorer = None
+    try:
+        scorer = _scorer(args)
+        models = {
+            name: resolve_model(path, key=f"--model {name}")
+            for name, path in _pairs(args.model, "model").items()
+        }
+        columns = Columns(args.prompt_key, args.answer_key, args.image_key, args.cot_key)
         splits = {}
-        for name, path in pairs(args.split, "split").items():
-            ds = load_task_file(path, image_root=args.image_root, task=args.task)
+        for name, path in _pairs(args.split, "split").items():
+            ds = load_task_file(
+                path,
+                image_root=args.image_root,
+                task=args.task,
+                columns=columns,
+                tasks=scorer.tasks,
+                image_dir=Path(args.out) / "images",
+            )
             splits[name] = list(ds)[: args.limit or None]
-        if args.format_rule not in FORMAT_RULES:
-            raise DataError(f"--format-rule: unknown {args.format_rule!r}; known: {FORMAT_RULES}")
         if args.n is not None and args.n < args.k:
             raise DataError(f"--n {args.n} is smaller than --k {args.k}: pass@k needs n >= k samples")
         rows = evaluate(
@@ -250,11 +307,20 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens=args.max_tokens,
             dtype=args.dtype,
             records=records,
-            format_rule=args.format_rule,
+            scorer=scorer,
+            min_pixels=args.min_pixels,
+            max_pixels=args.max_pixels,
         )
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"ekipl eval: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if scorer is not None:
+            scorer.close()
+    if scorer.errors:
+        print(
+            f"ekipl eval: {scorer.errors} reward call(s) failed and scored 0 (see the log)", file=sys.stderr
+        )
     js, md = write(rows, Path(args.out), records)
     print(table(rows))
     print(f"\nwritten: {js}, {md}, and each problem's completions under {Path(args.out) / 'completions'}")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from ekipl.config import ConfigError, RunConfig
-from ekipl.tasks.sample import DataError
+from ekipl.tasks.sample import TASKS, DataError
 
 log = logging.getLogger("ekipl.train")
 
@@ -21,9 +21,10 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. K consecutive non-finite steps); the last checkpoint is intact."""
 
 
-def resolve_model(path: str, seed: int = 0) -> str:
-    """A local directory as is; a tiny model or warm-start name is built locally (cached); anything
-    else is a HF id."""
+def resolve_model(path: str, seed: int = 0, key: str = "model.path") -> str:
+    """A model's directory: a local directory as is; a tiny model or warm-start name built locally
+    (cached); a HF id's snapshot in the local HF cache. Anything else raises :class:`ConfigError`
+    naming ``key`` (nothing is downloaded: fetch it first with ``huggingface-cli download``)."""
     from ekipl.models.tiny import TINY_MODELS, build_tiny
     from ekipl.warm import WARM_STARTS, build_warm
 
@@ -31,18 +32,51 @@ def resolve_model(path: str, seed: int = 0) -> str:
         return str(build_tiny(path, seed=seed))
     if path in WARM_STARTS:
         return str(build_warm(path, seed=seed))
-    return path
+    local = Path(path).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise ConfigError(f"{key}: {path} is a directory without a config.json (not a model)")
+        return str(local)
+    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
+    if not looks_local:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HFValidationError
+
+        try:
+            return snapshot_download(path, local_files_only=True)
+        except (OSError, HFValidationError):
+            pass
+    raise ConfigError(
+        f"{key}: {path!r} is neither a model directory, a tiny model or warm-start name, nor a HF id "
+        "in the local cache (fetch it first: huggingface-cli download ID)"
+    )
 
 
-def load_data(run: RunConfig, out: Path):
+def load_split(run: RunConfig, source: str, out: Path, tasks=TASKS, skip_bad_rows: bool | None = None):
+    """One data source under the run's data settings (columns, image root, task, bad rows)."""
+    from ekipl.tasks.loader import load_task_file
+
+    d = run.data
+    return load_task_file(
+        source,
+        image_root=d.image_root,
+        task=d.task,
+        skip_bad_rows=d.skip_bad_rows if skip_bad_rows is None else skip_bad_rows,
+        columns=d.columns(),
+        tasks=tasks,
+        image_dir=out / "data" / "images",
+    )
+
+
+def load_data(run: RunConfig, out: Path, tasks=TASKS):
+    """The training rows: ``data.train_file`` or the synthetic set written under ``out``. ``tasks``:
+    the task names the run's reward scores (None: any)."""
     from ekipl.tasks.loader import load_task_file
     from ekipl.tasks.synth import make_dataset
 
     d = run.data
     if d.train_file:
-        return load_task_file(
-            d.train_file, image_root=d.image_root, task=d.task, skip_bad_rows=d.skip_bad_rows
-        )
+        return load_split(run, d.train_file, out, tasks)
     paths = make_dataset(
         d.synthetic_task,
         out / "data",
@@ -51,6 +85,64 @@ def load_data(run: RunConfig, out: Path):
         seed=run.trainer.seed if d.synthetic_seed is None else d.synthetic_seed,
     )
     return load_task_file(paths["train"], skip_bad_rows=d.skip_bad_rows)
+
+
+def prompt_length(processor, text: str, image_paths) -> int | None:
+    """Tokens of a rendered prompt with its images expanded as the processor expands them (None
+    when an image cannot be read: the image check reports it)."""
+    from PIL import Image
+
+    tok = getattr(processor, "tokenizer", processor)
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    if not image_paths:
+        return n
+    try:
+        sizes = []
+        for p in image_paths:
+            with Image.open(p) as im:  # the header only: no decoding
+                sizes.append((im.height, im.width))
+    except Exception:  # noqa: BLE001 -- a missing or corrupt image is ImageCheck's to report
+        return None
+    counts = processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens
+    return n + sum(c - 1 for c in counts)  # each image's one placeholder becomes c tokens
+
+
+def drop_overlong(ds, processor, run: RunConfig, name: str):
+    """``ds`` without the rows whose prompt leaves no room for one completion token within
+    ``model.max_model_len`` (counted in ``ds.report.overlong``), or DataError naming the first one
+    under ``data.overlong=error``."""
+    from ekipl.rollout.coordinator import render_prompt
+
+    limit = run.model.max_model_len - 1
+    bad = []
+    for i, s in enumerate(ds):
+        n = prompt_length(processor, render_prompt(processor, s, run.rollout.system_prompt), s.image_paths)
+        if n is not None and n > limit:
+            if run.data.overlong == "error":
+                raise DataError(
+                    f"the prompt is {n} tokens, and model.max_model_len={run.model.max_model_len} leaves "
+                    "no room for an answer (raise it, lower model.max_pixels, or data.overlong=drop)",
+                    file=s.source_file,
+                    row=s.row,
+                    row_id=s.id,
+                    field=run.data.prompt_key,
+                )
+            bad.append(i)
+    if bad:
+        log.warning(
+            "%s: %d of %d prompts cannot fit model.max_model_len=%d with an answer; dropped "
+            "(data/overlong_prompts)",
+            name,
+            len(bad),
+            len(ds),
+            run.model.max_model_len,
+        )
+        if len(bad) == len(ds):
+            raise DataError(
+                f"every prompt is longer than model.max_model_len={run.model.max_model_len}",
+                file=ds.report.file,
+            )
+    return ds.without(bad) if bad else ds
 
 
 class Sampler:

@@ -66,7 +66,7 @@ def run(cfg) -> dict:
     (out / "config.json").write_text(json.dumps(redact(tree), indent=1, default=str))
     torch.manual_seed(run_cfg.trainer.seed)
 
-    data = load_data(run_cfg, out)
+    data = load_data(run_cfg, out, tasks=None)  # SFT scores nothing: any task name trains
     usable = [i for i in range(len(data)) if data[i].cot]
     if not usable:
         raise DataError(
@@ -79,8 +79,9 @@ def run(cfg) -> dict:
             f"data.prompts_per_step: {run_cfg.data.prompts_per_step} traces per step cannot feed "
             f"learner.world_size={run_cfg.learner.world_size} ranks"
         )
-    model_path = resolve_model(run_cfg.model.path, run_cfg.model.seed)
-    processor = hf.load_processor(model_path)
+    m = run_cfg.model
+    model_path = resolve_model(m.path, m.seed, "model.path")
+    processor = hf.load_processor(model_path, m.min_pixels, m.max_pixels)
 
     started_ray = init_ray(run_cfg)
     learner = metrics_log = None

@@ -35,6 +35,7 @@ from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and eki
     TrainingError,
     check_resources,
     config_tree,
+    drop_overlong,
     export_policy,
     hydra_main,
     init_ray,
@@ -93,7 +94,7 @@ class Trainer:
         self.cfg, self.source_cfgs = to_run_config(self.tree)
         self.out = Path(self.cfg.trainer.output_dir)
         self.ckpt_root = self.out / "checkpoints"
-        self.router = self.learner = self.coord = self.metrics_log = self.validator = None
+        self.router = self.learner = self.coord = self.metrics_log = self.validator = self.scorer = None
         self.sources: list = []
         self.started_ray = False
         self.summary = {"steps": 0, "skipped_steps": 0, "start_step": 0}
@@ -120,15 +121,24 @@ class Trainer:
         (out / "config.json").write_text(json.dumps(redact(self.tree), indent=1, default=str))
         torch.manual_seed(run_cfg.trainer.seed)
         random.seed(run_cfg.trainer.seed)
-        self.data = load_data(run_cfg, out)
-        self.model_path = resolve_model(run_cfg.model.path, run_cfg.model.seed)
+        self.scorer = run_cfg.reward.scorer()  # a bad reward.function fails here, naming the key
+        m = run_cfg.model
+        self.model_path = resolve_model(m.path, m.seed, "model.path")
         for s in self.source_cfgs:
             if s.kind in ("vllm", "hf"):
-                s.model = resolve_model(s.model, run_cfg.model.seed)
+                s.model = resolve_model(s.model, m.seed, f"aux.{s.name}.model")
+                s.min_pixels = m.min_pixels if s.min_pixels is None else s.min_pixels
+                s.max_pixels = m.max_pixels if s.max_pixels is None else s.max_pixels
+                s.mm_cache_gb = m.mm_cache_gb if s.mm_cache_gb is None else s.mm_cache_gb
         from ekipl.models import hf
 
-        self.processor = hf.load_processor(self.model_path)
-        self.validator = Validator.from_config(run_cfg, out, self.processor)  # bad val files fail here
+        self.processor = hf.load_processor(self.model_path, m.min_pixels, m.max_pixels)
+        self.data = drop_overlong(
+            load_data(run_cfg, out, self.scorer.tasks), self.processor, run_cfg, "train"
+        )
+        self.validator = Validator.from_config(
+            run_cfg, out, self.processor, self.scorer
+        )  # bad splits fail here
         self.started_ray = init_ray(run_cfg)
         self._start_actors()
         self.sampler = Sampler(len(self.data), run_cfg.trainer.seed, run_cfg.data.shuffle)
@@ -158,7 +168,6 @@ class Trainer:
         from ekipl.rollout.coordinator import RolloutCoordinator
         from ekipl.rollout.policy import PolicyRouter
         from ekipl.rollout.sources import make_source
-        from ekipl.tasks.rewards import RewardWeights
 
         run_cfg, m = self.cfg, self.cfg.model
         check_resources(run_cfg, self.source_cfgs, ray.cluster_resources())
@@ -169,6 +178,9 @@ class Trainer:
             seed=m.seed,
             max_model_len=m.max_model_len,
             tensor_parallel_size=m.tensor_parallel_size,
+            min_pixels=m.min_pixels,
+            max_pixels=m.max_pixels,
+            mm_cache_gb=m.mm_cache_gb,
         )
         # On CPU, the policy and aux engines generate at the same time (prefetch): they split the
         # cores; with one-step-off rollout the learner's update runs beside them too and takes a share.
@@ -199,14 +211,8 @@ class Trainer:
         log.info("engines and learners up in %.1fs", time.perf_counter() - t0)
         write_placement(self.out / "placement.json", self.router, self.sources, self.learner)
         self.cache = ActionCache(self.out / "aux_cache") if run_cfg.trainer.aux_cache else None
-        r = run_cfg.reward
         self.coord = RolloutCoordinator(
-            run_cfg.rollout,
-            self.router,
-            self.sources,
-            self.processor,
-            RewardWeights(r.accuracy, r.format, r.format_rule),
-            self.cache,
+            run_cfg.rollout, self.router, self.sources, self.processor, self.scorer, self.cache
         )
 
     def _resume(self, path: Path, saved: dict) -> None:
@@ -275,6 +281,8 @@ class Trainer:
         summary["skipped_steps" if skipped else "steps"] += 1
         state["consecutive_skips"] = state["consecutive_skips"] + 1 if m.get("actor/skipped_step") else 0
         m["trainer/consecutive_nonfinite_skips"] = float(state["consecutive_skips"])
+        m.update(self.scorer.metrics())  # reward/errors: calls that raised, hung or returned a non-number
+        m["data/overlong_prompts"] = float(self.data.report.overlong)
         if t.eval_every and step % t.eval_every == 0:
             m.update(self.validate(step))
         if t.log_samples_every and step % t.log_samples_every == 0 and record:
@@ -349,6 +357,8 @@ class Trainer:
             self.learner.shutdown()
         for actor in self.router.actors if self.router is not None else []:
             ray.kill(actor)
+        if self.scorer is not None:
+            self.scorer.close()
         if self.started_ray:
             ray.shutdown()
 

@@ -22,18 +22,19 @@ class Validator:
         k: int,
         temperature: float,
         max_tokens: int,
-        format_rule: str,
+        scorer,
         out_dir: Path | None,
     ):
         self.splits, self.processor = splits, processor
         self.k, self.temperature, self.max_tokens = k, temperature, max_tokens
-        self.format_rule, self.out_dir = format_rule, out_dir
+        self.scorer, self.out_dir = scorer, out_dir
         self._requests: dict[str, list] = {}
 
     @classmethod
-    def from_config(cls, run, out: Path, processor) -> Validator | None:
-        """The run's validator, or None when validation is off. Bad split files raise DataError."""
-        from ekipl.tasks.loader import load_task_file
+    def from_config(cls, run, out: Path, processor, scorer) -> Validator | None:
+        """The run's validator, or None when validation is off. Bad split files raise DataError;
+        prompts too long for the model are dropped or refused as the training data's are."""
+        from ekipl.runtime import drop_overlong, load_split
 
         t, d = run.trainer, run.data
         if not (t.eval_every or t.eval_before_train):
@@ -44,15 +45,17 @@ class Validator:
             files = {"id": str(root / "test_id.json"), "ood": str(root / "test_ood.json")}
         splits = {}
         for name, path in files.items():
-            rows = list(load_task_file(path, image_root=d.image_root, task=d.task))
-            splits[name] = rows[: t.eval_limit or None]
+            ds = load_split(run, path, out, scorer.tasks, skip_bad_rows=False)
+            splits[name] = list(drop_overlong(ds, processor, run, f"data.val_files.{name}"))[
+                : t.eval_limit or None
+            ]
         return cls(
             splits,
             processor,
             k=t.eval_k,
             temperature=t.eval_temperature,
             max_tokens=t.eval_max_tokens or run.rollout.max_tokens,
-            format_rule=run.reward.format_rule,
+            scorer=scorer,
             out_dir=out / "val",
         )
 
@@ -73,7 +76,7 @@ class Validator:
                     requests, n=self.k, temperature=self.temperature, max_tokens=self.max_tokens, seed=step
                 )
                 sampled = [[c.text for c in g] for g in groups]
-            metrics, records = score_split(samples, greedy, sampled, self.k or 1, self.format_rule)
+            metrics, records = score_split(samples, greedy, sampled, self.k or 1, self.scorer)
             out.update({f"val/{name}/{k}": float(v) for k, v in metrics.items()})
             if self.out_dir is not None:
                 write_records(records, self.out_dir / f"step_{step:06d}.{name}.jsonl")

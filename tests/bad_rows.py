@@ -12,7 +12,7 @@ def malformed_rows(good: dict) -> list[tuple[dict, str, str]]:
         ({k: v for k, v in good.items() if k != "answer"}, "answer", "needs 'answer' or 'solution'"),
         ({**good, "answer": ["3"]}, "answer", "must be a string or a number"),
         ({**good, "task": "chess"}, "task", "unknown task 'chess'"),
-        ({**good, "image": 5}, "image", "must be a path or a list of paths"),
+        ({**good, "image": 5}, "image", "must be a path, embedded image bytes or a list of them"),
         ({**good, "conversations": [{"from": "human", "value": "q"}]}, "conversations", "at least two"),
         ({**good, "cot": 7}, "cot", "must be a string"),
     ]

@@ -45,6 +45,11 @@ class EngineSpec:
     enforce_eager: bool = True
     tensor_parallel_size: int = 1
     enable_weight_sync: bool = False
+    # The image budget (None: the model's processor config) and vLLM's multimodal processor cache
+    # in GiB (kept in the API process and in the engine core each; 0: off).
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    mm_cache_gb: float = 0.0
 
 
 @dataclasses.dataclass
@@ -144,7 +149,11 @@ def start_engine(spec: EngineSpec):
         tensor_parallel_size=spec.tensor_parallel_size,
         limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
         disable_log_stats=True,
+        mm_processor_cache_gb=spec.mm_cache_gb,
     )
+    pixels = {k: v for k, v in (("min_pixels", spec.min_pixels), ("max_pixels", spec.max_pixels)) if v}
+    if pixels:
+        kwargs["mm_processor_kwargs"] = pixels
     if spec.tensor_parallel_size == 1:
         kwargs["distributed_executor_backend"] = "uni"
     if spec.enable_weight_sync:

@@ -5,6 +5,12 @@ once per group, and the G actions of the group share its processed image. Paddin
 and masked; M-RoPE positions are left to the model (it derives them from ``image_grid_thw``,
 ``mm_token_type_ids`` and ``attention_mask``).
 
+A batch may mix rows with and without images (text-only problems beside visual ones). A VLM's batch
+also carries one dummy image (``dummy_pixel_values``): a micro-batch with no image at all runs it
+through the vision tower with zero weight (:mod:`ekipl.learner.logprobs`), so that every rank runs
+the tower in every forward and backward. Under ZeRO-3 a rank that skipped it would leave the other
+ranks waiting in the tower's parameter gathers (the hang EasyR1 and LLaMA-Factory fixed the same way).
+
 Log-probs are aligned with ``input_ids[:, 1:]``: ``completion_mask[:, t]`` is 1 where
 ``input_ids[:, t + 1]`` is a completion token (:mod:`ekipl.learner.logprobs` computes them).
 """
@@ -40,6 +46,9 @@ class Batch:
     # them (actor/rollout_logprob_diff): weights, tokens and masks must agree between the two.
     sampled_logp: torch.Tensor | None = None  # [B, L - 1]
     sampled_mask: torch.Tensor | None = None  # [B, L - 1]
+    # A VLM's one-image input for micro-batches without images (see the module docstring).
+    dummy_pixel_values: torch.Tensor | None = None
+    dummy_grid_thw: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -72,7 +81,8 @@ class Batch:
         """The sub-batch of ``rows`` (with their own pixel rows and grids), trimmed of shared padding."""
         idx = torch.tensor(rows, dtype=torch.long)
         pv = thw = None
-        if self.pixel_values is not None:
+        with_images = self.pixel_values is not None and any(self.images[r] for r in rows)
+        if with_images:
             p_start = [0]
             i_start = [0]
             for n_p, n_i in zip(self.patches, self.images, strict=True):
@@ -97,12 +107,26 @@ class Batch:
             image_grid_thw=thw,
             patches=[self.patches[r] for r in rows] if self.patches else [],
             images=[self.images[r] for r in rows] if self.images else [],
-            mm_token_type_ids=cut(self.mm_token_type_ids),
+            mm_token_type_ids=cut(self.mm_token_type_ids) if with_images else None,
             old_logp=cut(self.old_logp, length - 1),
             ref_logp=cut(self.ref_logp, length - 1),
             sampled_logp=cut(self.sampled_logp, length - 1),
             sampled_mask=cut(self.sampled_mask, length - 1),
+            dummy_pixel_values=self.dummy_pixel_values,
+            dummy_grid_thw=self.dummy_grid_thw,
         )
+
+
+def dummy_image_inputs(processor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(pixel_values, image_grid_thw) of the smallest image the processor makes (a black square,
+    resized up to its minimum), or None for a text-only model's tokenizer."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    from PIL import Image
+
+    enc = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="pt")
+    return enc["pixel_values"], enc["image_grid_thw"]
 
 
 def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: int | None = None) -> Batch:
@@ -137,8 +161,8 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
             if imgs:
                 pvs.append(enc["pixel_values"])
                 thws.append(enc["image_grid_thw"])
-                patches.append(int(enc["pixel_values"].shape[0]))
-                images.append(int(enc["image_grid_thw"].shape[0]))
+            patches.append(int(enc["pixel_values"].shape[0]) if imgs else 0)
+            images.append(int(enc["image_grid_thw"].shape[0]) if imgs else 0)
             if a.source not in sources:
                 sources.append(a.source)
             src_ids.append(sources.index(a.source))
@@ -171,9 +195,10 @@ def collate(groups: list[Group], processor, advantages: torch.Tensor, pad_id: in
         sampled_logp=slogp if smask.any() else None,
         sampled_mask=smask if smask.any() else None,
     )
+    dummy = dummy_image_inputs(processor)
+    if dummy is not None:
+        batch.dummy_pixel_values, batch.dummy_grid_thw = dummy
     if pvs:
-        if len(pvs) != len(seqs):
-            raise ValueError("a batch mixes samples with and without images")
         batch.pixel_values = torch.cat(pvs)
         batch.image_grid_thw = torch.cat(thws)
         batch.patches, batch.images = patches, images

@@ -87,13 +87,36 @@ def _hidden_states(model, batch, pack: bool = False) -> torch.Tensor:
         seen["h"] = _last_hidden(out)
 
     inputs = packed_inputs(module, batch) if pack else batch.model_inputs()
-    handle = module.model.register_forward_hook(keep_hidden)
+    handles = [module.model.register_forward_hook(keep_hidden)]
+    vision = hasattr(module.model, "get_image_features")  # a VLM (a text-only model has no tower)
+    if vision and batch.pixel_values is None and batch.dummy_pixel_values is not None:
+        handles.append(module.get_input_embeddings().register_forward_hook(_with_dummy_image(module, batch)))
     try:
         keep = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
         model(**inputs, use_cache=False, logits_to_keep=keep)
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
     return seen["h"]
+
+
+def _with_dummy_image(module, batch):
+    """A forward hook for the input embeddings of a micro-batch without images: the vision tower
+    runs on the batch's dummy image and its features are added with weight 0, so this rank's forward
+    gathers (ZeRO-3) and its backward reduces (ZeRO-2/3) the tower's parameters as a rank with
+    images does, and no value or gradient changes. It is added where real image features enter
+    (the embeddings, after they are computed), so the gradients reach the tower in the same order
+    as on a rank with images: ZeRO-2 buckets gradients in the order they arrive, and a different
+    order on two ranks reduces the wrong elements together."""
+
+    def hook(mod, args, out):
+        pv = batch.dummy_pixel_values.to(out.device)
+        thw = batch.dummy_grid_thw.to(out.device)
+        features = module.model.get_image_features(pixel_values=pv, image_grid_thw=thw).pooler_output
+        total = sum(f.sum() for f in features)
+        return out + 0.0 * total.to(out.dtype)
+
+    return hook
 
 
 def _completion_hidden(model, batch, mask: torch.Tensor, pack: bool) -> torch.Tensor:

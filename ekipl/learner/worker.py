@@ -217,6 +217,8 @@ class Learner:
             "ref_logp",
             "sampled_logp",
             "sampled_mask",
+            "dummy_pixel_values",
+            "dummy_grid_thw",
         ):
             t = getattr(b, f)
             if t is not None:

@@ -26,13 +26,16 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32):
     return transformers.AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
 
 
-def load_processor(path: str | Path):
-    """The processor of a VLM, or the tokenizer of a text-only model."""
+def load_processor(path: str | Path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """The processor of a VLM (with the image budget when given), or the tokenizer of a text-only
+    model. The engines get the same budget (``EngineSpec.min_pixels/max_pixels``), so both sides
+    count the same image tokens."""
     import transformers
 
     if Path(path).is_dir() and not is_vision_model(path):
         return transformers.AutoTokenizer.from_pretrained(path)
-    return transformers.AutoProcessor.from_pretrained(path)
+    pixels = {k: v for k, v in (("min_pixels", min_pixels), ("max_pixels", max_pixels)) if v}
+    return transformers.AutoProcessor.from_pretrained(path, **pixels)
 
 
 def completion_logprobs(

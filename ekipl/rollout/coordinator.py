@@ -28,8 +28,8 @@ from ekipl.rollout import selection
 from ekipl.rollout.cache import ActionCache, cache_key
 from ekipl.rollout.sources import Source
 from ekipl.tasks.prompts import build_messages
-from ekipl.tasks.rewards import RewardWeights, score
 from ekipl.tasks.sample import DataError, Sample
+from ekipl.tasks.scorer import Scorer
 from ekipl.types import POLICY, Action, Group
 
 log = logging.getLogger(__name__)
@@ -103,13 +103,14 @@ class RolloutCoordinator:
         policy,
         sources: list[Source],
         processor,
-        weights: RewardWeights | None = None,
+        scorer: Scorer | None = None,
         cache: ActionCache | None = None,
     ):
+        """``scorer`` scores every candidate (default: the built-in task rewards, default weights)."""
         self.cfg, self.policy, self.sources, self.processor = cfg, policy, sources, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.weights, self.cache = weights or RewardWeights(), cache
+        self.scorer, self.cache = scorer or Scorer(), cache
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(sources) + 1))
         self._pending: dict[tuple[str, tuple[str, ...]], Future] = {}
         self.failures: dict[str, int] = {s.name: 0 for s in sources}
@@ -180,7 +181,7 @@ class RolloutCoordinator:
 
     def _aux_action(self, source: str, text: str, sample: Sample) -> Action:
         ids, text = text_token_ids(self.tokenizer, text, self.eos_id, self.cfg.aux_max_tokens)
-        r = score(text, sample, self.weights)
+        r = self.scorer.score(text, sample)
         return Action(
             source=source,
             token_ids=ids,
@@ -264,7 +265,7 @@ class RolloutCoordinator:
         for s, comps in zip(samples, completions, strict=True):
             acts = []
             for c in comps:
-                r = score(c.text, s, self.weights)
+                r = self.scorer.score(c.text, s)
                 acts.append(
                     Action(
                         source=POLICY,

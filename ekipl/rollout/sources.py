@@ -51,6 +51,10 @@ class SourceConfig:
     resources: dict = dataclasses.field(default_factory=dict)
     tensor_parallel_size: int = 1  # vLLM tensor parallelism inside the actor (set num_gpus to match)
     max_model_len: int = 2048
+    # vllm/hf: the image budget and vLLM's multimodal cache (None: the policy's model.* values)
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    mm_cache_gb: float | None = None
     # openai
     base_url: str = ""
     api_key_env: str = "OPENAI_API_KEY"
@@ -128,13 +132,16 @@ class VllmSource(Source):
         from ekipl.models import hf
 
         super().__init__(cfg)
-        self.processor = hf.load_processor(cfg.model)
+        self.processor = hf.load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
         spec = vb.EngineSpec(
             model=cfg.model,
             seed=seed,
             dtype="auto",
             max_model_len=cfg.max_model_len,
             tensor_parallel_size=cfg.tensor_parallel_size,
+            min_pixels=cfg.min_pixels,
+            max_pixels=cfg.max_pixels,
+            mm_cache_gb=cfg.mm_cache_gb or 0.0,
         )
         opts = dict(
             num_cpus=cfg.num_cpus,
@@ -221,7 +228,7 @@ class HFSource(Source):
         from ekipl.models import hf
 
         super().__init__(cfg)
-        self.processor = hf.load_processor(cfg.model)
+        self.processor = hf.load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
         self.model = hf.load_model(cfg.model).eval()
         self.seed = seed
 

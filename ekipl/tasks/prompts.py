@@ -1,6 +1,8 @@
 """Prompt templates per task, in Reason-RFT's wording.
 
-Every template asks for ``<think>...</think><answer>...</answer>``. ``build_messages`` returns chat
+Every template asks for ``<think>...</think><answer>...</answer>``; a task that is not one of the
+built-in three (a user's own, scored by ``reward.function``) gets the problem text as written plus
+the same format instruction for a "final answer". ``build_messages`` returns chat
 messages for a processor's chat template; ``system_prompt=True`` moves the format instruction into
 a system message (the R1-style variant) and leaves the user turn as the bare question.
 """
@@ -57,7 +59,7 @@ def answer_spec(sample: Sample) -> str:
         return "final answer (float number or int number)"
     if sample.task == "trance":
         return "the final answer as a comma-separated list of func(obj, value) calls"
-    raise ValueError(f"unknown task {sample.task!r}")
+    return "final answer"  # a task of the user's own (its reward comes from reward.function)
 
 
 def user_text(sample: Sample, system_prompt: bool = False) -> str:

@@ -322,7 +322,7 @@ EVAL_ACCURACY: dict[str, RewardFn] = {**ACCURACY, "trance": trance_partial_credi
 
 
 # --------------------------------------------------------------------------------------------------
-# Totals
+# Totals, and the registry of reward functions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,20 +345,111 @@ class Reward:
     total: float
 
 
+ZERO = Reward(0.0, 0.0, 0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardEntry:
+    """One reward function of the registry (see :mod:`ekipl.tasks.scorer` for the signature).
+
+    ``evaluation``: the function that scores held-out splits when it differs from the training one
+    (TRANCE: partial credit per step). ``weighted``: the function takes the run's weights as
+    keyword arguments (``accuracy``, ``format``, ``format_rule``), as the built-in ones do."""
+
+    fn: Callable[..., object]
+    evaluation: Callable[..., object] | None = None
+    weighted: bool = False
+
+    def pick(self, evaluation: bool) -> Callable[..., object]:
+        return self.evaluation if evaluation and self.evaluation is not None else self.fn
+
+
+def _task_reward(accuracy_fn: RewardFn) -> Callable[..., dict]:
+    """A built-in task's reward function: its accuracy rule (any internal error scores 0, as the
+    module docstring promises) and the format rule, weighted into the total."""
+
+    def reward(completion, sample, accuracy=1.0, format=1.0, format_rule="strict"):
+        try:
+            acc = float(accuracy_fn(completion, sample))
+        except Exception:
+            acc = 0.0
+        acc = acc if math.isfinite(acc) else 0.0
+        fmt = format_reward(completion, rule=format_rule)
+        return {"accuracy": acc, "format": fmt, "total": accuracy * acc + format * fmt}
+
+    reward.__name__ = reward.__qualname__ = f"{accuracy_fn.__name__}_reward"
+    return reward
+
+
+# Task name -> reward function. A sample is scored by the entry named by its task; a user's reward
+# file (``reward.function``) takes the same path through :class:`ekipl.tasks.scorer.Scorer`.
+REWARDS: dict[str, RewardEntry] = {
+    task: RewardEntry(
+        _task_reward(ACCURACY[task]),
+        evaluation=_task_reward(EVAL_ACCURACY[task]) if EVAL_ACCURACY[task] is not ACCURACY[task] else None,
+        weighted=True,
+    )
+    for task in ACCURACY
+}
+
+
+class RewardValueError(ValueError):
+    """A reward function returned something that is not a reward."""
+
+
+def to_reward(result, completion: str, format_rule: str = "strict") -> Reward:
+    """A reward function's result as a :class:`Reward`.
+
+    A number is the total, and also the accuracy (what ``ekipl.eval`` counts as solved at 1.0). A
+    dict needs ``total``; a missing ``accuracy`` is the total, and a missing ``format`` is the format
+    rule's check of the completion (logged, never added to the total). Non-numbers and non-finite
+    values raise :class:`RewardValueError`."""
+
+    def number(v, key):
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            if not (hasattr(v, "item") and callable(v.item)):  # numpy and torch scalars
+                raise RewardValueError(f"{key} must be a number, got {type(v).__name__}")
+            v = v.item()
+        v = float(v)
+        if not math.isfinite(v):
+            raise RewardValueError(f"{key} is not finite ({v})")
+        return v
+
+    if isinstance(result, dict):
+        if "total" not in result:
+            raise RewardValueError(f"a dict result needs a 'total' key, got keys {sorted(map(str, result))}")
+        total = number(result["total"], "total")
+        acc = number(result["accuracy"], "accuracy") if "accuracy" in result else total
+        fmt = (
+            number(result["format"], "format")
+            if "format" in result
+            else format_reward(completion, rule=format_rule)
+        )
+        return Reward(accuracy=acc, format=fmt, total=total)
+    total = number(result, "the result")
+    return Reward(accuracy=total, format=format_reward(completion, rule=format_rule), total=total)
+
+
+def entry_kwargs(entry: RewardEntry, weights: RewardWeights, extra: dict | None = None) -> dict:
+    """The keyword arguments a registry entry is called with."""
+    if entry.weighted:
+        return {"accuracy": weights.accuracy, "format": weights.format, "format_rule": weights.format_rule}
+    return dict(extra or {})
+
+
 def score(
     completion: str, sample: Sample, weights: RewardWeights = RewardWeights(), evaluation: bool = False
 ) -> Reward:
-    """Accuracy, format and their weighted total. Never raises for any completion string."""
-    table = EVAL_ACCURACY if evaluation else ACCURACY
-    if sample.task not in table:
-        raise ValueError(f"no reward for task {sample.task!r}; known tasks: {sorted(table)}")
+    """Accuracy, format and their weighted total under the built-in reward of ``sample.task``.
+    Never raises for any completion string (:class:`~ekipl.tasks.scorer.Scorer` is the same path
+    with user reward functions, time limits and error counts)."""
+    if sample.task not in REWARDS:
+        raise ValueError(f"no reward for task {sample.task!r}; known tasks: {sorted(REWARDS)}")
     if not isinstance(completion, str):
         completion = "" if completion is None else str(completion)
-    try:
-        acc = float(table[sample.task](completion, sample))
-    except Exception:
-        acc = 0.0
-    fmt = format_reward(completion, rule=weights.format_rule)
-    if not math.isfinite(acc):
-        acc = 0.0
-    return Reward(accuracy=acc, format=fmt, total=weights.accuracy * acc + weights.format * fmt)
+    entry = REWARDS[sample.task]
+    return to_reward(
+        entry.pick(evaluation)(completion, sample, **entry_kwargs(entry, weights)),
+        completion,
+        weights.format_rule,
+    )
