@@ -1,15 +1,21 @@
 """Where a run's numbers go: ``metrics.jsonl`` always, W&B when enabled (offline without a key).
 
+Online W&B that does not answer within ``logger.init_timeout_s`` (a compute node without a route to
+it) is not fatal: the run logs offline with a warning that says how to ``wandb sync`` it later.
+
 Secrets never leave through here: the logged config goes through :func:`redact`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 # Config keys whose values are secrets: "api_key", "wandb_token", "secret", "password"... but not
 # "max_tokens" or "api_key_env" (which holds a variable's name, not its value).
@@ -62,6 +68,7 @@ class MetricsLog:
         if self.path.with_name("samples.jsonl").is_file():  # the logged samples likewise
             _keep_until(self.path.with_name("samples.jsonl"), resume_step)
         self.wandb = None
+        self.fell_back = False  # online W&B was unreachable and the run logs offline
         if logger.wandb and logger.mode != "disabled":
             import wandb
 
@@ -69,16 +76,31 @@ class MetricsLog:
             if mode == "auto":
                 mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
             os.environ.setdefault("WANDB_SILENT", "true")
-            self.wandb = wandb.init(
+            kwargs = dict(
                 project=logger.project,
                 name=logger.run_name,
-                mode=mode,
                 dir=str(out),
                 config=redact(config_tree),
                 id=wandb_id,
                 resume="allow" if wandb_id else None,
                 reinit="finish_previous",
             )
+            try:
+                settings = wandb.Settings(init_timeout=logger.init_timeout_s)
+                self.wandb = wandb.init(mode=mode, settings=settings, **kwargs)
+            except wandb.errors.CommError as e:  # no route to W&B (compute nodes often have none)
+                if mode != "online":
+                    raise
+                log.warning(
+                    "W&B is unreachable (%s; logger.init_timeout_s=%gs): logging offline under %s instead. "
+                    "Sync the run later from a machine with a route: wandb sync %s/wandb/offline-run-*",
+                    (str(e).splitlines() or [""])[0][:200],
+                    logger.init_timeout_s,
+                    out,
+                    out,
+                )
+                self.wandb = wandb.init(mode="offline", **kwargs)
+                self.fell_back = True
 
     @property
     def run_id(self) -> str | None:

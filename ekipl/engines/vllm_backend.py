@@ -130,14 +130,8 @@ def _quiet_cpu_worker() -> None:
         log.addFilter(_DropThreadWarning())
 
 
-def start_engine(spec: EngineSpec):
-    """Start a vLLM ``LLM`` for ``spec``. Slow (about 25-30 s on CPU): share engines across work."""
-    _prepare_env(spec)
-    from vllm import LLM
-
-    if on_cpu():
-        _quiet_cpu_worker()
-
+def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
+    """``LLM(...)``'s keyword arguments for ``spec``."""
     kwargs: dict[str, Any] = dict(
         model=spec.model,
         seed=spec.seed,
@@ -152,13 +146,23 @@ def start_engine(spec: EngineSpec):
         mm_processor_cache_gb=spec.mm_cache_gb,
     )
     pixels = {k: v for k, v in (("min_pixels", spec.min_pixels), ("max_pixels", spec.max_pixels)) if v}
-    if pixels:
+    if pixels:  # the HF processor's own keys, which vLLM's Qwen-VL processors honour
         kwargs["mm_processor_kwargs"] = pixels
     if spec.tensor_parallel_size == 1:
         kwargs["distributed_executor_backend"] = "uni"
     if spec.enable_weight_sync:
         kwargs["worker_extension_cls"] = f"{__name__}.WeightSyncExtension"
-    return LLM(**kwargs)
+    return kwargs
+
+
+def start_engine(spec: EngineSpec):
+    """Start a vLLM ``LLM`` for ``spec``. Slow (about 25-30 s on CPU): share engines across work."""
+    _prepare_env(spec)
+    from vllm import LLM
+
+    if on_cpu():
+        _quiet_cpu_worker()
+    return LLM(**engine_kwargs(spec))
 
 
 def sampling_params(
