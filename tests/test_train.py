@@ -17,7 +17,7 @@ from ekipl.config import ConfigError, to_run_config
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-CPU_PRESETS = ("cpu_demo", "learn_counting")  # synthetic data, tiny models: no files to give
+CPU_PRESETS = ("cpu_demo", "learn_counting", "own_task")  # tiny models, data of their own
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -34,6 +34,7 @@ def test_every_preset_composes_and_validates(preset, tmp_path):
         assert run.data.task == task and run.rollout.group_size == 8 and run.rollout.max_tokens == 512
         assert (run.learner.lr, run.algorithm.kl_coef, run.rollout.temperature) == (1e-6, 0.04, 0.9)
         assert run.learner.zero_stage == 3 and run.learner.bf16 and sources
+        assert run.model.max_pixels == 480_000  # Reason-RFT's image budget
         assert (run.algorithm.std, run.algorithm.eps, run.reward.format_rule) == (
             "sample",
             1e-4,
@@ -67,6 +68,12 @@ def test_default_config_composes():
         (["algorithm.std=biased"], "algorithm.std: unknown 'biased'"),
         (["reward.format_rule=loose"], "reward.format_rule: unknown 'loose'"),
         (["trainer.eval_every=-1"], "trainer.eval_every must be >= 0"),
+        (["data.overlong=truncate"], "data.overlong: unknown 'truncate'"),
+        (["model.max_pixels=0"], "model.max_pixels must be >= 1"),
+        (["model.min_pixels=5000", "model.max_pixels=4000"], "model.min_pixels (5000) is above"),
+        (["model.mm_cache_gb=-1"], "model.mm_cache_gb must be >= 0"),
+        (["reward.timeout_s=0"], "reward.timeout_s must be > 0"),
+        (["logger.init_timeout_s=0"], "logger.init_timeout_s must be > 0"),
         (
             ["data.train_file=/d/train.json", "trainer.eval_every=5"],
             "trainer.eval_every/eval_before_train: validation needs held-out splits",
