@@ -52,6 +52,17 @@ def resolve_model(path: str, seed: int = 0, key: str = "model.path") -> str:
     )
 
 
+def check_family(path: str, key: str = "model.path") -> None:
+    """Refuse, naming ``key``, a policy whose model type no family of the registry names (the
+    learner's packing, freezing and mixed-batch code is written per family)."""
+    from ekipl.models.families import UnsupportedModelError, family_of, model_type
+
+    try:
+        family_of(model_type(path))
+    except UnsupportedModelError as e:
+        raise ConfigError(f"{key}: {path}: {e}") from None
+
+
 def load_split(run: RunConfig, source: str, out: Path, tasks=TASKS, skip_bad_rows: bool | None = None):
     """One data source under the run's data settings (columns, image root, task, bad rows)."""
     from ekipl.tasks.loader import load_task_file

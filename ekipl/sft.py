@@ -51,6 +51,7 @@ def run(cfg) -> dict:
     from ekipl.runtime import (
         ImageCheck,
         Sampler,
+        check_family,
         config_tree,
         export_policy,
         init_ray,
@@ -81,6 +82,7 @@ def run(cfg) -> dict:
         )
     m = run_cfg.model
     model_path = resolve_model(m.path, m.seed, "model.path")
+    check_family(model_path, "model.path")
     processor = hf.load_processor(model_path, m.min_pixels, m.max_pixels)
 
     started_ray = init_ray(run_cfg)

@@ -33,6 +33,7 @@ from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and eki
     ImageCheck,
     Sampler,
     TrainingError,
+    check_family,
     check_resources,
     config_tree,
     drop_overlong,
@@ -124,6 +125,7 @@ class Trainer:
         self.scorer = run_cfg.reward.scorer()  # a bad reward.function fails here, naming the key
         m = run_cfg.model
         self.model_path = resolve_model(m.path, m.seed, "model.path")
+        check_family(self.model_path, "model.path")
         for s in self.source_cfgs:
             if s.kind in ("vllm", "hf"):
                 s.model = resolve_model(s.model, m.seed, f"aux.{s.name}.model")

@@ -31,6 +31,7 @@ def test_summarize_counts_only_full_marks_as_passes():
 
 
 def test_cli_bad_split_file_and_bad_k_exit_2(tmp_path, capsys):
+    (tmp_path / "config.json").write_text("{}")  # a model directory as far as the path check goes
     bad = tmp_path / "test.json"
     bad.write_text(json.dumps([{"id": "a", "problem": "How many?"}]))
     assert main(["--model", str(tmp_path), "--split", f"id={bad}", "--task", "counting"]) == 2

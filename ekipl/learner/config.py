@@ -19,7 +19,7 @@ class LearnerConfig:
     # packed greedily so that rows x longest row <= this budget (0: micro_batch_size rows each).
     max_tokens_per_micro_batch: int = 0
     # Padding-free: each micro-batch's rows run as one row, position ids restarting at each sequence
-    # and attention kept within it (transformers' packed sequences; Qwen2 and Qwen2-VL models).
+    # and attention kept within it (transformers' packed sequences; the families marked packable).
     # With max_tokens_per_micro_batch, the budget bounds a micro-batch's total tokens.
     pack_sequences: bool = False
     # The LM head and log-softmax run on completion positions only, this many rows at a time (each

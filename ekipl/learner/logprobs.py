@@ -30,19 +30,16 @@ def _last_hidden(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple | list) else out
 
 
-# Model types whose forward attends within each packed sequence when given restarting position ids
-# and no attention mask (transformers' packed-sequence masks; tests/test_learner.py checks each).
-PACKABLE = ("qwen2", "qwen2_vl")
-
-
 def require_packable(model) -> None:
     """``learner.pack_sequences`` on a model not known to keep attention within packed sequences
     would let sequences attend to each other silently: refuse it at start-up instead."""
-    kind = model.config.model_type
-    if kind not in PACKABLE:
+    from ekipl.models.families import FAMILIES, family_of_model
+
+    if not family_of_model(model).packable:
+        supported = ", ".join(k for k, f in FAMILIES.items() if f.packable)
         raise ValueError(
-            f"learner.pack_sequences: {kind!r} models are not known to keep attention within packed "
-            f"sequences (supported: {', '.join(PACKABLE)}); set learner.pack_sequences=false"
+            f"learner.pack_sequences: {model.config.model_type!r} models are not known to keep attention "
+            f"within packed sequences (supported: {supported}); set learner.pack_sequences=false"
         )
 
 
@@ -88,9 +85,8 @@ def _hidden_states(model, batch, pack: bool = False) -> torch.Tensor:
 
     inputs = packed_inputs(module, batch) if pack else batch.model_inputs()
     handles = [module.model.register_forward_hook(keep_hidden)]
-    vision = hasattr(module.model, "get_image_features")  # a VLM (a text-only model has no tower)
-    if vision and batch.pixel_values is None and batch.dummy_pixel_values is not None:
-        handles.append(module.get_input_embeddings().register_forward_hook(_with_dummy_image(module, batch)))
+    for target, hook in _dummy_image_hooks(module, batch):
+        handles.append(target.register_forward_hook(hook))
     try:
         keep = torch.zeros(0, dtype=torch.long, device=batch.input_ids.device)
         model(**inputs, use_cache=False, logits_to_keep=keep)
@@ -100,23 +96,20 @@ def _hidden_states(model, batch, pack: bool = False) -> torch.Tensor:
     return seen["h"]
 
 
-def _with_dummy_image(module, batch):
-    """A forward hook for the input embeddings of a micro-batch without images: the vision tower
-    runs on the batch's dummy image and its features are added with weight 0, so this rank's forward
-    gathers (ZeRO-3) and its backward reduces (ZeRO-2/3) the tower's parameters as a rank with
-    images does, and no value or gradient changes. It is added where real image features enter
-    (the embeddings, after they are computed), so the gradients reach the tower in the same order
-    as on a rank with images: ZeRO-2 buckets gradients in the order they arrive, and a different
-    order on two ranks reduces the wrong elements together."""
+def _dummy_image_hooks(module, batch) -> list:
+    """For a VLM's micro-batch without images: hooks that run the vision tower on the batch's dummy
+    image with weight 0 where the family's image features enter (:meth:`Family.dummy_image_hooks`).
+    Every rank then runs the tower in every forward and backward, and no value or gradient changes:
+    a rank that skipped it would leave the others waiting in (ZeRO-3) or mismatching (ZeRO-2) the
+    tower's collectives."""
+    from ekipl.models.families import family_of_model
 
-    def hook(mod, args, out):
-        pv = batch.dummy_pixel_values.to(out.device)
-        thw = batch.dummy_grid_thw.to(out.device)
-        features = module.model.get_image_features(pixel_values=pv, image_grid_thw=thw).pooler_output
-        total = sum(f.sum() for f in features)
-        return out + 0.0 * total.to(out.dtype)
-
-    return hook
+    if batch.pixel_values is not None or batch.dummy_pixel_values is None:
+        return []
+    family = family_of_model(module)
+    if not family.vision:  # a text-only model fed a VLM's batch (tests): nothing to run
+        return []
+    return family.dummy_image_hooks(module, batch.dummy_pixel_values, batch.dummy_grid_thw)
 
 
 def _completion_hidden(model, batch, mask: torch.Tensor, pack: bool) -> torch.Tensor:

@@ -19,6 +19,7 @@ from ekipl.algo import objective as O
 from ekipl.learner.batch import Batch
 from ekipl.learner.config import LearnerConfig
 from ekipl.learner.logprobs import require_packable, sequence_logprobs
+from ekipl.models.families import family_of_model
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +188,9 @@ class Learner:
         model = hf.load_model(model_path, dtype=dtype)
         if cfg.pack_sequences:
             require_packable(model)
-        if cfg.freeze_vision and hasattr(model, "model") and hasattr(model.model, "visual"):
-            for p in model.model.visual.parameters():
+        tower = family_of_model(model).vision_tower(model) if cfg.freeze_vision else None
+        if tower is not None:
+            for p in tower.parameters():
                 p.requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()

@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ekipl.models.families import family_of
+
 # Qwen2-VL's special tokens, in Qwen's order; ids are assigned right after the BPE vocabulary.
 SPECIAL_TOKENS = [
     "<|endoftext|>",
@@ -87,6 +89,9 @@ class TinySpec:
     vocab_rows: int = 0
     tie_embeddings: bool = False
     save_dtype: str = "float32"  # the checkpoint's dtype ("bfloat16" halves a big model's file)
+    # The VLM family (ekipl.models.families): qwen2_vl, qwen2_5_vl or qwen3_vl (patch 16, so its
+    # pixel budget is in 32x32 units: set min_pixels/max_pixels to match).
+    family: str = "qwen2_vl"
 
     @property
     def head_dim(self) -> int:
@@ -167,6 +172,13 @@ TINY_MODELS: dict[str, TinySpec] = {
         save_dtype="bfloat16",
     ),
 }
+# The same tiny policy in the newer families: Qwen2.5-VL (window attention in the vision tower, its
+# last block full) and Qwen3-VL (patch 16, DeepStack features into the first decoder layer,
+# interleaved M-RoPE). Each image is 4-16 merged tokens, as tiny-qwen2-vl's.
+TINY_MODELS["tiny-qwen2.5-vl"] = dataclasses.replace(TINY_MODELS["tiny-qwen2-vl"], family="qwen2_5_vl")
+TINY_MODELS["tiny-qwen3-vl"] = dataclasses.replace(
+    TINY_MODELS["tiny-qwen2-vl"], family="qwen3_vl", min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16
+)
 # Qwen2-VL-2B's language model alone (1.54B parameters, a text-only Qwen2), for bench/learner.py on a
 # GPU: TRL's GRPOTrainer and ekipl's learner on the same text stand-in for image prompts.
 TINY_MODELS["bench-qwen2-vl-2b-lm"] = dataclasses.replace(TINY_MODELS["bench-qwen2-vl-2b"], vision=False)
@@ -189,7 +201,10 @@ def cache_root() -> Path:
 
 
 def _digest(name: str, spec: TinySpec, seed: int) -> str:
-    blob = json.dumps({"name": name, "seed": seed, "spec": dataclasses.asdict(spec), "v": 1}, sort_keys=True)
+    fields = dataclasses.asdict(spec)
+    if fields["family"] == "qwen2_vl":  # every build before families existed: their digests stay
+        del fields["family"]
+    blob = json.dumps({"name": name, "seed": seed, "spec": fields, "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -308,23 +323,41 @@ def model_config(spec: TinySpec, ids: dict[str, int], vocab: int):
     common = dict(tie_word_embeddings=spec.tie_embeddings, dtype=spec.save_dtype)
     if not spec.vision:
         return transformers.Qwen2Config(**text_kwargs, **common)
+    family = family_of(spec.family)
     half = spec.head_dim // 2
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]
-    return transformers.Qwen2VLConfig(
-        text_config=dict(
-            **text_kwargs,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
-        ),
-        vision_config=dict(
-            depth=spec.vision_depth,
-            embed_dim=spec.vision_embed_dim,
-            num_heads=spec.vision_heads,
-            hidden_size=spec.hidden_size,
-            mlp_ratio=spec.vision_mlp_ratio,
-            patch_size=14,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-        ),
+    rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}
+    vision = dict(
+        depth=spec.vision_depth,
+        num_heads=spec.vision_heads,
+        patch_size=family.patch_size,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+    )
+    if spec.family == "qwen2_vl":
+        vision.update(
+            embed_dim=spec.vision_embed_dim, hidden_size=spec.hidden_size, mlp_ratio=spec.vision_mlp_ratio
+        )
+    else:  # Qwen2.5-VL and Qwen3-VL name the tower's width hidden_size and the merger's out_hidden_size
+        vision.update(
+            hidden_size=spec.vision_embed_dim,
+            intermediate_size=spec.vision_embed_dim * spec.vision_mlp_ratio,
+            out_hidden_size=spec.hidden_size,
+        )
+    if spec.family == "qwen2_5_vl":
+        # window attention over 2x2 merged tokens, the last block full (as the real model's every 8th)
+        vision.update(window_size=2 * family.patch_size * 2, fullatt_block_indexes=[spec.vision_depth - 1])
+    if spec.family == "qwen3_vl":
+        text_kwargs["head_dim"] = spec.head_dim
+        rope.update(rope_theta=5e6, mrope_interleaved=True)
+        # 16x16 learned position embeddings (interpolated to each image's grid); DeepStack features
+        # from the first vision block go into the first decoder layer
+        vision.update(
+            num_position_embeddings=256, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh"
+        )
+    return getattr(transformers, family.config_cls)(
+        text_config=dict(**text_kwargs, rope_parameters=rope),
+        vision_config=vision,
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -341,26 +374,22 @@ def _build_into(out: Path, name: str, spec: TinySpec, seed: int) -> None:
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = model_config(spec, ids, len(tokenizer))
     torch.manual_seed(seed)
-    cls = transformers.Qwen2VLForConditionalGeneration if spec.vision else transformers.Qwen2ForCausalLM
-    model = cls(config).to(getattr(torch, spec.save_dtype))
+    family = family_of(spec.family if spec.vision else "qwen2")
+    model = getattr(transformers, family.model_cls)(config).to(getattr(torch, spec.save_dtype))
     model.generation_config.eos_token_id = ids["<|im_end|>"]
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out, safe_serialization=True)
     if spec.vision:
-        image_processor = transformers.Qwen2VLImageProcessor(
+        budget = dict(
             min_pixels=spec.min_pixels,
             max_pixels=spec.max_pixels,
             size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+            patch_size=family.patch_size,
         )
-        video_processor = transformers.Qwen2VLVideoProcessor(
-            min_pixels=spec.min_pixels,
-            max_pixels=spec.max_pixels,
-            size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
-        )
-        processor = transformers.Qwen2VLProcessor(
-            image_processor=image_processor,
+        processor = getattr(transformers, family.processor_cls)(
+            image_processor=getattr(transformers, family.image_processor_cls)(**budget),
             tokenizer=tokenizer,
-            video_processor=video_processor,
+            video_processor=getattr(transformers, family.video_processor_cls)(**budget),
             chat_template=CHAT_TEMPLATE,
         )
         processor.save_pretrained(out)
