@@ -4,9 +4,15 @@ GRPO? -- on 2 CPU cores, from the same CoT-SFT warm start, over several seeds.
 Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.train`` run):
 
 * ``grpo``:         ``algorithm=grpo aux=none`` (Reason-RFT's RL stage: the policy's own samples);
+* ``grpo_ds``:      GRPO with dynamic sampling (DAPO): tied groups are refilled from further batches;
 * ``ekipl``:        the paper: top-G from the policy's samples plus the stronger auxiliary model's and
   the recorded trace, plain PPO-clip;
-* ``ekipl_shaped``: the same groups with LUFFY's policy shaping on auxiliary tokens.
+* ``ekipl_gated``:  external actions only where every policy sample failed, replacing failed ones,
+  the gated advantage rule (``algorithm=ekipl_gated``);
+* ``ekipl_shaped``: the paper's groups with LUFFY's policy shaping on auxiliary tokens (not run by
+  default any more: its result is in LEARNING.md).
+
+A finished run (its ``done.json``) is kept, not redone: rerunning the command resumes the batch.
 
 Every arm gets the same steps, prompts per step and policy samples per prompt; the seed changes the
 sampling order and the samples, never the data (one synthetic set, data seed 0, the warm start's).
@@ -33,16 +39,33 @@ from pathlib import Path
 
 ARMS = {
     "grpo": ["algorithm=grpo", "aux=none"],
+    "grpo_ds": ["algorithm=grpo", "aux=none", "rollout.dynamic_sampling=true"],
     "ekipl": [],
+    "ekipl_gated": ["algorithm=ekipl_gated"],
     "ekipl_shaped": ["algorithm=ekipl_shaped"],
 }
+DEFAULT_ARMS = ["grpo", "grpo_ds", "ekipl", "ekipl_gated"]
 HERE = Path(__file__).resolve().parent
 BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
 
 
+def finished(run_dir: Path, steps: int) -> float | None:
+    """The wall time of a run that finished all ``steps`` (its done.json), else None."""
+    done = run_dir / "done.json"
+    if not done.is_file():
+        return None
+    info = json.loads(done.read_text())
+    return float(info["seconds"]) if info.get("steps") == steps else None
+
+
 def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str]) -> float:
-    """One training run as a user runs it; returns its wall time in seconds."""
+    """One training run as a user runs it; returns its wall time in seconds. A run that already
+    finished with the same steps is kept (its recorded time is returned); a partial one is redone."""
     run_dir = out / arm / f"seed{seed}"
+    kept = finished(run_dir, steps)
+    if kept is not None:
+        print(f"[learn] {arm} seed {seed}: finished earlier, kept", flush=True)
+        return kept
     if run_dir.exists():
         shutil.rmtree(run_dir)
     cmd = [
@@ -64,6 +87,7 @@ def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str]) -> flo
     (run_dir / "console.log").write_text(r.stdout + r.stderr) if run_dir.is_dir() else None
     if r.returncode != 0:
         raise RuntimeError(f"{arm} seed {seed} failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
+    (run_dir / "done.json").write_text(json.dumps({"steps": steps, "seconds": took, "cmd": cmd}))
     return took
 
 
@@ -132,9 +156,50 @@ def summarize(runs: dict[str, dict[int, list[dict]]], times: dict[str, list[floa
                 "ratio_last5": {s: step_mean(f"select/ratio/{s}", part=slice(-5, None)) for s in sources},
                 "aux_accuracy": {s: step_mean(f"reward/{s}/accuracy") for s in sources if s != "policy"},
                 "minutes": [t / 60 for t in times[arm]],
+                "aux_requests": [last(rows, "aux/requests_total", 0.0) for rows in rows_by_seed],
+                "aux_tokens": [last(rows, "aux/tokens_total", 0.0) for rows in rows_by_seed],
+                "sample_rounds": step_mean("rollout/sample_rounds"),
+                "groups_kept": step_mean("rollout/groups_kept"),
             }
         )
     return out
+
+
+def last(rows: list[dict], key: str, default: float) -> float:
+    """The last logged value of a cumulative counter (``default`` when never logged)."""
+    vals = [r[key] for r in rows if key in r]
+    return vals[-1] if vals else default
+
+
+def cost_table(summary: list[dict]) -> list[str]:
+    """What guidance costs: auxiliary requests per run (completions asked of every source, cache
+    hits free), relative to the paper's recipe (the ``ekipl`` arm), and the held-out ID accuracy
+    gained over the warm start per 1,000 of them."""
+    paper = next((s for s in summary if s["arm"] == "ekipl"), None)
+    base = statistics.mean(paper["aux_requests"]) if paper and paper["aux_requests"] else 0.0
+    lines = [
+        "",
+        "What guidance costs, per run: auxiliary requests (completions asked of the sources, the traces "
+        "included; prefetched or on demand), relative to the paper's recipe (`ekipl`), the held-out ID "
+        "accuracy gained over the warm start per 1,000 requests, and the batches rolled out per step "
+        "(dynamic sampling draws more when groups tie):",
+        "",
+        "| arm | aux requests per run | vs ekipl | aux tokens per run | ID gain per 1,000 requests | "
+        "batches per step | groups trained per step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for s in summary:
+        req = s["aux_requests"]
+        gains = [
+            (f - w) / (r / 1000) for f, w, r in zip(s["final_id"], s["start_id"], req, strict=False) if r > 0
+        ]
+        rel = f"{statistics.mean(req) / base:.2f}x" if base and req else "-"
+        lines.append(
+            f"| {s['arm']} | {mean_std(req)} | {rel} | {mean_std(s['aux_tokens'])} | "
+            f"{mean_std(gains) if gains else '-'} | {mean_std(s['sample_rounds'])} | "
+            f"{mean_std(s['groups_kept'])} |"
+        )
+    return lines
 
 
 def final_first(rows_by_seed, key):
@@ -182,6 +247,7 @@ def tables(summary: list[dict], steps: int, eval_every: int, problems: int) -> s
         )
         acc = "; ".join(f"{src} {mean_std(v)}" for src, v in s["aux_accuracy"].items()) or "-"
         lines.append(f"| {s['arm']} | {mean_std(s['aux_win_rate'])} | {ratio} | {acc} |")
+    lines += cost_table(summary)
     return "\n".join(lines)
 
 
@@ -240,7 +306,7 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--out", default="outputs/learning")
@@ -259,9 +325,13 @@ def main(argv=None) -> int:
     if not args.report_only:
         from ekipl.runtime import resolve_model
 
-        t0 = time.perf_counter()  # the warm starts: built once, cached by recipe and seed
+        t0 = time.perf_counter()  # the warm starts: built once, cached by recipe and model seed
+        model_seed = next((int(x.split("=", 1)[1]) for x in args.extra if x.startswith("model.seed=")), 0)
         for name in ("learn-qwen2-vl-sft", "learn-qwen2-vl-aux"):
-            print(f"[learn] warm start {name}: {resolve_model(name)}", flush=True)
+            print(
+                f"[learn] warm start {name} (seed {model_seed}): {resolve_model(name, model_seed)}",
+                flush=True,
+            )
         print(f"[learn] warm starts ready in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         for seed in args.seeds:  # seed-major: a partial run still compares every arm
             for arm in args.arms:
@@ -277,7 +347,10 @@ def main(argv=None) -> int:
                 )
         (out / "times.json").write_text(json.dumps(times))
     else:
-        times = json.loads((out / "times.json").read_text())
+        times = {
+            arm: [finished(out / arm / f"seed{s}", args.steps) or 0.0 for s in args.seeds]
+            for arm in args.arms
+        }
     runs = {arm: {seed: load_rows(out / arm / f"seed{seed}") for seed in args.seeds} for arm in args.arms}
     summary = summarize(runs, times)
     problems = int(curve(runs["grpo"][args.seeds[0]], "val/id/problems")[0][1])

@@ -12,6 +12,12 @@ prompt), 2 prompts per step. Each cell is the median of ``--repeats`` steps afte
 The overlap column is the step time over the same G's step time with no auxiliary source (goal
 <= 1.1x: prefetch hides auxiliary generation). The one learner trains at lr 1e-6 throughout
 (cpu_demo's 1e-4 makes it diverge within the run's ~70 steps, and skipped steps skip the sync).
+
+``--guidance``: what on-demand guidance adds to a step (gated EKIPL asks its sources only after the
+policy's samples are scored, so prefetch cannot hide them). For G = 4 (``--groups``' first), with
+the recorded traces alone and with the aux VLM alone, the step with prefetched actions against the
+same step with every prompt asked on demand (``rollout.gate_threshold=1``: the gate's worst case,
+every prompt failed); the ratio column is on demand over prefetched.
 """
 
 from __future__ import annotations
@@ -49,6 +55,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--groups", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--max-tokens", type=int, default=48)
+    p.add_argument("--guidance", action="store_true", help="prefetched against on-demand guidance")
     args = p.parse_args(argv)
 
     import tempfile
@@ -88,43 +95,60 @@ def main(argv: list[str]) -> int:
         for s in sources.values():
             if hasattr(s, "ready"):
                 s.ready()
-        source_sets = {0: [], 1: [sources["aux_b"]], 2: [sources["aux_b"], sources["dataset"]]}
-        results = []
-        for g in args.groups:
-            sources["aux_b"].cfg.k = max(1, g // 4)  # a source samples with its own config's k
-            for n_aux, srcs in source_sets.items():
-                cfg, _ = to_run_config(
-                    compose(
-                        [
-                            *base,
-                            f"rollout.n={g}",
-                            f"rollout.group_size={g}",
-                            f"rollout.max_tokens={args.max_tokens}",
-                            "rollout.drop_tied=false",  # every step trains, so every part is timed
-                            "aux.aux_b=null" if n_aux == 0 else f"aux.aux_b.k={max(1, g // 4)}",
-                        ]
-                    )
+        if args.guidance:
+            g, k = args.groups[0], max(1, args.groups[0] // 4)
+            cells = [
+                (g, f"{name}, {mode}", [sources[name]], router, [gate])
+                for name in ("dataset", "aux_b")
+                for mode, gate, router in (
+                    ("prefetched", "rollout.gate_threshold=null", shared),
+                    ("on demand", "rollout.gate_threshold=1.0", shared),
                 )
-                router = alone if n_aux == 0 else shared
-                coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, cache=None)
-                sampler = Sampler(len(data), seed=g * 10 + n_aux, shuffle=True)
-                images = ImageCheck(False)
-                steps = []
-                for step in range(1, args.repeats + 2):
-                    m = _step(cfg, step, data, sampler, images, coord, learner, router, processor, Hooks())
-                    if m.get("actor/skipped_step") or m.get("trainer/skipped_step"):
-                        raise RuntimeError(f"G={g}, {n_aux} aux: step {step} was skipped (its sync untimed)")
-                    if step > 1:  # the first step warms up the prefetch pipeline
-                        steps.append(m)
-                coord._pool.shutdown(wait=True)
-                row = {"G": g, "aux": n_aux}
-                for _, key in PARTS:
-                    row[key] = statistics.median(m.get(key, 0.0) for m in steps)
-                tokens = statistics.median(m["rollout/policy_tokens"] for m in steps)
-                row["tokens/s"] = tokens / row["timing/step"]
-                results.append(row)
-                print(f"  G={g} aux={n_aux}: {row['timing/step']:.2f}s per step", file=sys.stderr, flush=True)
-        print(table(results))
+            ]
+            sources["aux_b"].cfg.k = k
+        else:
+            source_sets = {0: [], 1: [sources["aux_b"]], 2: [sources["aux_b"], sources["dataset"]]}
+            cells = [
+                (g, n_aux, srcs, alone if n_aux == 0 else shared, [] if n_aux else ["aux.aux_b=null"])
+                for g in args.groups
+                for n_aux, srcs in source_sets.items()
+            ]
+        results = []
+        for g, label, srcs, router, extra in cells:
+            if not args.guidance:
+                sources["aux_b"].cfg.k = max(1, g // 4)  # a source samples with its own config's k
+            cfg, _ = to_run_config(
+                compose(
+                    [
+                        *base,
+                        f"rollout.n={g}",
+                        f"rollout.group_size={g}",
+                        f"rollout.max_tokens={args.max_tokens}",
+                        "rollout.drop_tied=false",  # every step trains, so every part is timed
+                        f"aux.aux_b.k={max(1, g // 4)}",
+                        *extra,
+                    ]
+                )
+            )
+            coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, cache=None)
+            sampler = Sampler(len(data), seed=g * 10 + len(srcs), shuffle=True)
+            images = ImageCheck(False)
+            steps = []
+            for step in range(1, args.repeats + 2):
+                m = _step(cfg, step, data, sampler, images, coord, learner, router, processor, Hooks())
+                if m.get("actor/skipped_step") or m.get("trainer/skipped_step"):
+                    raise RuntimeError(f"G={g}, {label}: step {step} was skipped (its sync untimed)")
+                if step > 1:  # the first step warms up the prefetch pipeline
+                    steps.append(m)
+            coord._pool.shutdown(wait=True)
+            row = {"G": g, "aux": label}
+            for _, key in PARTS:
+                row[key] = statistics.median(m.get(key, 0.0) for m in steps)
+            tokens = statistics.median(m["rollout/policy_tokens"] for m in steps)
+            row["tokens/s"] = tokens / row["timing/step"]
+            results.append(row)
+            print(f"  G={g} aux={label}: {row['timing/step']:.2f}s per step", file=sys.stderr, flush=True)
+        print(guidance_table(results) if args.guidance else table(results))
     finally:
         ray.shutdown()
     return 0
@@ -145,6 +169,17 @@ def table(results: list[dict]) -> str:
         lines.append(
             f"| {r['G']} | {r['aux']} | " + " | ".join(cells) + f" | {r['tokens/s']:.0f} | {ratio:.2f}x |"
         )
+    return "\n".join(lines)
+
+
+def guidance_table(results: list[dict]) -> str:
+    head = "| G | source, guidance | " + " | ".join(name + " s" for name, _ in PARTS) + " | vs prefetched |"
+    lines = [head, "|---|---|" + "---|" * (len(PARTS) + 1)]
+    base = {r["aux"].split(",")[0]: r["timing/step"] for r in results if r["aux"].endswith("prefetched")}
+    for r in results:
+        cells = [f"{r[key]:.3f}" for _, key in PARTS]
+        ratio = r["timing/step"] / base[r["aux"].split(",")[0]]
+        lines.append(f"| {r['G']} | {r['aux']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
     return "\n".join(lines)
 
 

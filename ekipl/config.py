@@ -265,8 +265,8 @@ def validate(run: RunConfig, sources: list[SourceConfig]) -> None:
             f"rollout.group_size: G={r.group_size} is larger than the candidates per prompt "
             f"(rollout.n={r.n} + aux k's {[s.k for s in sources]} = {capacity})"
         )
-    if r.selection == "replace" and not sources:
-        raise ConfigError("rollout.selection: 'replace' needs at least one aux source")
+    if r.selection in ("replace", "replace_failed") and not sources:
+        raise ConfigError(f"rollout.selection: '{r.selection}' needs at least one aux source")
     if run.data.prompts_per_step * (r.group_size if r.selection == "topg" else r.n) < run.learner.world_size:
         raise ConfigError(
             f"learner.world_size: {run.learner.world_size} ranks but a step has only "

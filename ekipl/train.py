@@ -410,7 +410,15 @@ def _step(
     if not samples:
         log.warning("step %d: every sample of the batch had a bad image; skipped", step)
         return {"trainer/skipped_step": 1.0, "data/bad_rows_skipped": float(len(images.bad))}
-    groups, m = coord.rollout(samples, step=step)
+    more = None
+    if run_cfg.rollout.dynamic_sampling:
+
+        def more():  # dynamic sampling: the next batch (the one just prefetched), then prefetch again
+            batch = images.filter([data[i] for i in sampler.take(k)])
+            coord.prefetch(images.filter([data[i] for i in sampler.take(k, advance=False)]))
+            return batch
+
+    groups, m = coord.rollout(samples, step=step, more=more)
     if run_cfg.rollout.one_step_off and upcoming:
         coord.start_early(upcoming, step + 1)  # with these weights, while the learner updates
     m["data/bad_rows_skipped"] = float(len(images.bad))
@@ -421,8 +429,9 @@ def _step(
     rewards = torch.tensor([a.reward for g in groups for a in g.actions])
     gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])
     is_pol = torch.tensor([a.is_policy for g in groups for a in g.actions])
+    correct = torch.tensor([a.accuracy >= 1.0 - 1e-9 for g in groups for a in g.actions])
     alg = run_cfg.algorithm
-    adv = group_advantages(rewards, gidx, is_pol, alg.advantage, alg.eps, alg.std)
+    adv = group_advantages(rewards, gidx, is_pol, alg.advantage, alg.eps, alg.std, correct)
     if record is not None:
         record.update(actions=[a for g in groups for a in g.actions], advantages=adv.tolist())
     batch = collate(groups, processor, adv)

@@ -15,6 +15,12 @@ Notation, per token t of action i in a group of G selected actions for one promp
 * ``mean_only``: A_i =  r_i − mean(r)                           (Dr.GRPO: no std normalisation)
 * ``split``:     A_i = (r_i − mean(r_pol)) / (std(r_pol) + eps) (statistics from policy actions only,
   as LUFFY's grpo_split; falls back to all actions when fewer than two are from the policy)
+* ``gated``:     A_i = grpo(r)_i, unless the group holds a correct policy action j (c_j = 1: full
+  accuracy) with grpo(r)_j < 0 (external actions outrank it); then the group's A_i = split(r)_i.
+  Whole-group statistics never push a correct answer of the policy's own down:
+
+      A_i = (r_i − mean(r)) / (std(r) + eps)              if  min_{j: pol, c_j} grpo(r)_j ≥ 0
+      A_i = (r_i − mean(r_pol)) / (std(r_pol) + eps)      otherwise
 
 std is the population standard deviation (``std=population``, the default) or the sample one
 (``std=sample``, ``torch.std``'s unbiased estimate, as TRL 0.15, which Reason-RFT trained with, and
@@ -95,6 +101,15 @@ def split_advantages(rewards, is_policy, eps: float = 1e-6, unbiased: bool = Fal
     return (rewards - ref.mean()) / (_std(ref, unbiased) + eps)
 
 
+@_register(ADVANTAGES, "gated")
+def gated_advantages(rewards, is_policy, eps=1e-6, unbiased=False, correct=None) -> torch.Tensor:
+    """grpo, or split where grpo would give a correct policy action (``correct``) a negative A."""
+    whole = grpo_advantages(rewards, is_policy, eps, unbiased)
+    if correct is not None and bool((whole[is_policy & correct] < 0).any()):
+        return split_advantages(rewards, is_policy, eps, unbiased)
+    return whole
+
+
 def group_advantages(
     rewards: torch.Tensor,
     group_index: torch.Tensor,
@@ -102,8 +117,10 @@ def group_advantages(
     mode: str = "grpo",
     eps: float = 1e-6,
     std: str = "population",
+    correct: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Advantages for a flat batch of actions; ``group_index[i]`` names action i's group."""
+    """Advantages for a flat batch of actions; ``group_index[i]`` names action i's group.
+    ``correct`` (bool, per action: full accuracy) is read by the ``gated`` estimator."""
     if mode not in ADVANTAGES:
         raise ValueError(f"unknown advantage mode {mode!r}; known: {sorted(ADVANTAGES)}")
     if std not in STDS:
@@ -111,7 +128,8 @@ def group_advantages(
     out = torch.zeros_like(rewards, dtype=torch.float32)
     for g in torch.unique(group_index):
         sel = group_index == g
-        out[sel] = ADVANTAGES[mode](rewards[sel].float(), is_policy[sel], eps, std == "sample")
+        extra = {"correct": correct[sel]} if mode == "gated" and correct is not None else {}
+        out[sel] = ADVANTAGES[mode](rewards[sel].float(), is_policy[sel], eps, std == "sample", **extra)
     return out
 
 

@@ -33,9 +33,13 @@ def _last_hidden(out) -> torch.Tensor:
 def require_packable(model) -> None:
     """``learner.pack_sequences`` on a model not known to keep attention within packed sequences
     would let sequences attend to each other silently: refuse it at start-up instead."""
-    from ekipl.models.families import FAMILIES, family_of_model
+    from ekipl.models.families import FAMILIES, UnsupportedModelError, family_of_model
 
-    if not family_of_model(model).packable:
+    try:
+        packable = family_of_model(model).packable
+    except UnsupportedModelError:
+        packable = False
+    if not packable:
         supported = ", ".join(k for k, f in FAMILIES.items() if f.packable)
         raise ValueError(
             f"learner.pack_sequences: {model.config.model_type!r} models are not known to keep attention "

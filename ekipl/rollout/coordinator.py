@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -49,6 +50,14 @@ class RolloutConfig:
     drop_tied: bool = True
     aux_on_demand: bool = False
     pass_threshold: float = 0.5  # aux_on_demand: query aux only when the policy pass rate is below
+    # Gated guidance: query aux only for prompts whose policy pass rate is at or below this (0: every
+    # policy sample failed); on demand, after the policy's samples are scored. None: off.
+    gate_threshold: float | None = None
+    # Dynamic sampling (DAPO; verl's filter_groups): while fewer than the batch's prompts have groups
+    # with signal, roll out the next batch of prompts too, up to max_sample_rounds batches in all;
+    # the first groups with signal, up to the batch's prompts, train.
+    dynamic_sampling: bool = False
+    max_sample_rounds: int = 3
     system_prompt: bool = False
     prefetch: bool = True
     seed: int = 0
@@ -63,6 +72,25 @@ class RolloutConfig:
             raise ValueError(f"rollout.selection: unknown {self.selection!r}; known: {selection.RULES}")
         if self.n < 1 or self.group_size < 1 or self.max_tokens < 1:
             raise ValueError("rollout.n, rollout.group_size and rollout.max_tokens must be >= 1")
+        if self.max_sample_rounds < 1:
+            raise ValueError("rollout.max_sample_rounds must be >= 1")
+        if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:
+            raise ValueError(f"rollout.gate_threshold must be in [0, 1] (or null), got {self.gate_threshold}")
+        if self.dynamic_sampling and self.one_step_off:
+            raise ValueError(
+                "rollout.dynamic_sampling: not with rollout.one_step_off (the early rollout is of the "
+                "next batch, which the extra rounds take)"
+            )
+
+    @property
+    def on_demand(self) -> bool:
+        """Auxiliary actions are asked for after the policy's samples are scored (no prefetch)."""
+        return self.aux_on_demand or self.gate_threshold is not None
+
+    def needs_guidance(self, pass_rate: float) -> bool:
+        if self.gate_threshold is not None:
+            return pass_rate <= self.gate_threshold + 1e-9
+        return pass_rate < self.pass_threshold
 
 
 def render_prompt(processor, sample: Sample, system_prompt: bool = False) -> str:
@@ -114,6 +142,8 @@ class RolloutCoordinator:
         self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(sources) + 1))
         self._pending: dict[tuple[str, tuple[str, ...]], Future] = {}
         self.failures: dict[str, int] = {s.name: 0 for s in sources}
+        self.costs: dict[str, dict[str, int]] = {s.name: {"requests": 0, "tokens": 0} for s in sources}
+        self._cost_lock = threading.Lock()
         self._step = 0
         self._early: EarlyRollout | None = None
         self.last_candidates: list[tuple[Sample, list[Action]]] = []  # the last rollout's, scored
@@ -151,6 +181,7 @@ class RolloutCoordinator:
                     log.warning("aux source %r: restart failed: %s", source.name, e2)
                 texts = [[] for _ in todo]
             else:
+                self._count(source, len(todo), texts)
                 if self.cache is not None and source.cacheable:
                     for i, t in zip(todo, texts, strict=True):
                         if t:
@@ -159,9 +190,34 @@ class RolloutCoordinator:
                 out[i] = t
         return [o or [] for o in out]
 
+    def _count(self, source: Source, prompts: int, texts: list[list[str]]) -> None:
+        """What guidance cost: completions asked of ``source`` (prompts x k; cache hits cost nothing)
+        and the tokens it returned, in the policy's tokens (an API bills in its own: an estimate)."""
+        tokens = sum(
+            len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for ts in texts for t in ts
+        )
+        with self._cost_lock:
+            c = self.costs[source.name]
+            c["requests"] += prompts * source.cfg.k
+            c["tokens"] += tokens
+
+    def cost_metrics(self) -> dict[str, float]:
+        """Cumulative ``aux/requests|tokens|cost_usd/<source>`` and their totals (``aux/*_total``);
+        the cost is ``aux.NAME.price_per_1k_tokens`` x tokens / 1000."""
+        m: dict[str, float] = {}
+        with self._cost_lock:
+            for s in self.sources:
+                c = self.costs[s.name]
+                m[f"aux/requests/{s.name}"] = float(c["requests"])
+                m[f"aux/tokens/{s.name}"] = float(c["tokens"])
+                m[f"aux/cost_usd/{s.name}"] = c["tokens"] / 1000.0 * s.cfg.price_per_1k_tokens
+        for key in ("requests", "tokens", "cost_usd"):
+            m[f"aux/{key}_total"] = sum(v for k, v in m.items() if k.startswith(f"aux/{key}/"))
+        return m
+
     def prefetch(self, samples: list[Sample]) -> None:
         """Start auxiliary generation for an upcoming batch in the background."""
-        if not self.cfg.prefetch or self.cfg.aux_on_demand:
+        if not self.cfg.prefetch or self.cfg.on_demand:
             return
         ids = tuple(s.id for s in samples)
         for src in self.sources:
@@ -196,13 +252,14 @@ class RolloutCoordinator:
     def _requests(prompts: list[str], samples: list[Sample]) -> list[vb.Request]:
         return [vb.Request(prompt=p, images=s.load_images()) for p, s in zip(prompts, samples, strict=True)]
 
-    def _submit(self, requests: list[vb.Request], step: int):
+    def _submit(self, requests: list[vb.Request], step: int, rnd: int = 0):
+        """Policy sampling seeded by the step (and the dynamic-sampling round after the first)."""
         return self.policy.submit(
             requests,
             n=self.cfg.n,
             temperature=self.cfg.temperature,
             max_tokens=self.cfg.max_tokens,
-            seed=self.cfg.seed * 100003 + step,
+            seed=self.cfg.seed * 100003 + step + rnd * 1_000_003,
             ignore_eos=self.cfg.ignore_eos,
         )
 
@@ -243,86 +300,111 @@ class RolloutCoordinator:
             done = [[vb.Completion(**c) for c in comps] for comps in state["completions"]]
             self._early = EarlyRollout(state["step"], tuple(state["sample_ids"]), done=done)
 
-    def rollout(self, samples: list[Sample], step: int | None = None) -> tuple[list[Group], dict]:
+    def rollout(self, samples: list[Sample], step: int | None = None, more=None) -> tuple[list[Group], dict]:
         """Groups for ``samples``. ``step`` (default: the previous call's + 1) seeds policy sampling,
         so a resumed run samples what an uninterrupted one would have. The policy's actions come
-        from :meth:`start_early` when it was called for this step and these samples."""
+        from :meth:`start_early` when it was called for this step and these samples.
+
+        ``more`` (dynamic sampling, ``rollout.dynamic_sampling``): a function returning the next
+        batch of samples; while fewer than ``len(samples)`` groups have signal (tied groups are
+        dropped), another batch is rolled out, up to ``rollout.max_sample_rounds`` batches, and the
+        first ``len(samples)`` groups with signal are returned."""
         t0 = time.perf_counter()
         self._step = self._step + 1 if step is None else step
-        prompts = [self.prompt(s) for s in samples]
-        aux_futs = (
-            {}
-            if self.cfg.aux_on_demand
-            else {src.name: self._aux_future(src, samples) for src in self.sources}
+        timing = {"rollout": 0.0, "aux_wait": 0.0, "reward": 0.0}
+        rounds = [self._round(samples, 0, timing)]
+        kept = list(rounds[0].groups)
+        while more is not None and len(kept) < len(samples) and len(rounds) < self.cfg.max_sample_rounds:
+            batch = more()
+            if not batch:
+                break
+            rounds.append(self._round(batch, len(rounds), timing))
+            kept += rounds[-1].groups
+        groups = kept[: len(samples)]
+        candidates = [c for r in rounds for c in r.candidates]
+        self.last_candidates = [pair for r in rounds for pair in zip(r.samples, r.candidates, strict=True)]
+        metrics = self._metrics(
+            candidates,
+            groups,
+            sum(r.dropped for r in rounds),
+            sum(r.aux_wins for r in rounds),
+            [p for r in rounds for p in r.pass_rates],
         )
-        completions = self._take_early(samples, self._step)
-        early = completions is not None
-        if not early:
-            completions = self._submit(self._requests(prompts, samples), self._step).result()
-        t_policy = time.perf_counter() - t0
-
-        candidates: list[list[Action]] = []
-        for s, comps in zip(samples, completions, strict=True):
-            acts = []
-            for c in comps:
-                r = self.scorer.score(c.text, s)
-                acts.append(
-                    Action(
-                        source=POLICY,
-                        token_ids=list(c.token_ids),
-                        text=c.text,
-                        reward=r.total,
-                        accuracy=r.accuracy,
-                        format=r.format,
-                        sampling_logprobs=list(c.logprobs),
-                        truncated=c.finish_reason == "length",  # hit rollout.max_tokens, no end token
-                    )
-                )
-            candidates.append(acts)
-
-        t1 = time.perf_counter()
-        t_reward = t1 - t0 - t_policy
-        aux_texts: list[tuple[str, list[int], list[list[str]]]] = []  # (source, sample indices, texts)
-        if self.cfg.aux_on_demand:
-            need = [
-                i for i, acts in enumerate(candidates) if selection.pass_rate(acts) < self.cfg.pass_threshold
-            ]
-            sub = [samples[i] for i in need]
-            if sub:
-                futs = {src.name: self._pool.submit(self._aux, src, sub) for src in self.sources}
-                aux_texts = [(name, need, f.result()) for name, f in futs.items()]
-        else:
-            everyone = list(range(len(samples)))
-            aux_texts = [(name, everyone, f.result()) for name, f in aux_futs.items()]
-        t2 = time.perf_counter()
-        t_aux_wait = t2 - t1
-        for name, idx, texts_per_sample in aux_texts:
-            for i, texts in zip(idx, texts_per_sample, strict=True):
-                candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
-        t_reward += time.perf_counter() - t2
-
-        self.last_candidates = list(zip(samples, candidates, strict=True))
-        groups, dropped, aux_wins, pass_rates = [], 0, 0, []
-        for s, p, acts in zip(samples, prompts, candidates, strict=True):
-            pass_rates.append(selection.pass_rate(acts))
-            best = selection.best(acts)
-            aux_wins += int(best is not None and not best.is_policy and not selection.all_tied(acts))
-            chosen = selection.select(acts, self.cfg.selection, self.cfg.group_size, self.cfg.num_replace)
-            if self.cfg.drop_tied and selection.all_tied(chosen):
-                dropped += 1
-                continue
-            groups.append(Group(sample=s, prompt=p, actions=chosen))
-        metrics = self._metrics(candidates, groups, dropped, aux_wins, pass_rates)
+        metrics.update(self.cost_metrics())
         metrics.update(
             {
-                "rollout/one_step_off": float(early),  # 1: generated before the previous update
-                "timing/rollout": t_policy,  # with an early rollout: only the wait for its end
-                "timing/aux_wait": t_aux_wait,
-                "timing/reward": t_reward,  # scoring every candidate, re-tokenizing aux text
+                "rollout/one_step_off": float(rounds[0].early),  # 1: generated before the previous update
+                "rollout/sample_rounds": float(len(rounds)),
+                "rollout/prompts_drawn": float(sum(len(r.samples) for r in rounds)),
+                "rollout/groups_kept": float(len(groups)),
+                "rollout/groups_with_signal": float(len(kept)),
+                "timing/rollout": timing["rollout"],  # with an early rollout: only the wait for its end
+                "timing/aux_wait": timing["aux_wait"],  # on demand: the whole aux request
+                "timing/reward": timing["reward"],  # scoring every candidate, re-tokenizing aux text
                 "timing/rollout_total": time.perf_counter() - t0,
             }
         )
         return groups, metrics
+
+    def _round(self, samples: list[Sample], rnd: int, timing: dict) -> _Round:
+        """One batch of prompts: policy samples (round 0 may take the early rollout), auxiliary
+        actions (prefetched, or on demand where the policy's pass rate calls for them), scores and
+        the selected groups (tied ones dropped)."""
+        t0 = time.perf_counter()
+        prompts = [self.prompt(s) for s in samples]
+        aux_futs = (
+            {} if self.cfg.on_demand else {src.name: self._aux_future(src, samples) for src in self.sources}
+        )
+        completions = self._take_early(samples, self._step) if rnd == 0 else None
+        early = completions is not None
+        if not early:
+            completions = self._submit(self._requests(prompts, samples), self._step, rnd).result()
+        t1 = time.perf_counter()
+        candidates = [
+            [self._policy_action(c, s) for c in comps] for s, comps in zip(samples, completions, strict=True)
+        ]
+        t2 = time.perf_counter()
+        if self.cfg.on_demand:
+            need = [
+                i for i, acts in enumerate(candidates) if self.cfg.needs_guidance(selection.pass_rate(acts))
+            ]
+            sub = [samples[i] for i in need]
+            futs = {src.name: self._pool.submit(self._aux, src, sub) for src in self.sources} if sub else {}
+            aux_texts = [(name, need, f.result()) for name, f in futs.items()]
+        else:
+            everyone = list(range(len(samples)))
+            aux_texts = [(name, everyone, f.result()) for name, f in aux_futs.items()]
+        t3 = time.perf_counter()
+        for name, idx, texts_per_sample in aux_texts:
+            for i, texts in zip(idx, texts_per_sample, strict=True):
+                candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
+        out = _Round(samples=samples, candidates=candidates, early=early)
+        for s, p, acts in zip(samples, prompts, candidates, strict=True):
+            out.pass_rates.append(selection.pass_rate(acts))
+            best = selection.best(acts)
+            out.aux_wins += int(best is not None and not best.is_policy and not selection.all_tied(acts))
+            chosen = selection.select(acts, self.cfg.selection, self.cfg.group_size, self.cfg.num_replace)
+            if self.cfg.drop_tied and selection.all_tied(chosen):
+                out.dropped += 1
+                continue
+            out.groups.append(Group(sample=s, prompt=p, actions=chosen))
+        timing["rollout"] += t1 - t0
+        timing["aux_wait"] += t3 - t2
+        timing["reward"] += (t2 - t1) + (time.perf_counter() - t3)
+        return out
+
+    def _policy_action(self, c: vb.Completion, s: Sample) -> Action:
+        r = self.scorer.score(c.text, s)
+        return Action(
+            source=POLICY,
+            token_ids=list(c.token_ids),
+            text=c.text,
+            reward=r.total,
+            accuracy=r.accuracy,
+            format=r.format,
+            sampling_logprobs=list(c.logprobs),
+            truncated=c.finish_reason == "length",  # hit rollout.max_tokens, no end token
+        )
 
     def _metrics(self, candidates, groups, dropped, aux_wins, pass_rates) -> dict:
         m: dict[str, float] = {}
@@ -362,6 +444,19 @@ class RolloutCoordinator:
         self._pool.shutdown(wait=False, cancel_futures=True)
         for s in self.sources:
             s.shutdown()
+
+
+@dataclasses.dataclass
+class _Round:
+    """One batch of prompts rolled out (dynamic sampling may run several per step)."""
+
+    samples: list[Sample]
+    candidates: list[list[Action]]
+    early: bool = False
+    groups: list[Group] = dataclasses.field(default_factory=list)
+    dropped: int = 0
+    aux_wins: int = 0
+    pass_rates: list[float] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

@@ -64,12 +64,16 @@ class SourceConfig:
     backoff_s: float = 0.5
     # any source: a call that takes longer counts as hung
     call_timeout_s: float = 600.0
+    # any source: the price of 1,000 generated tokens, for aux/cost_usd/<name> (0: free or unknown)
+    price_per_1k_tokens: float = 0.0
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"aux.{self.name}.kind: unknown {self.kind!r}; known: {KINDS}")
         if self.k < 1 or self.replicas < 1:
             raise ValueError(f"aux.{self.name}: k and replicas must be >= 1")
+        if self.price_per_1k_tokens < 0:
+            raise ValueError(f"aux.{self.name}.price_per_1k_tokens must be >= 0")
         if self.kind in ("vllm", "hf") and not self.model:
             raise ValueError(f"aux.{self.name}.model: a {self.kind} source needs a model path or id")
         local = self.model.startswith(("/", "./", "../", "~"))  # otherwise a HF id or a tiny model name
