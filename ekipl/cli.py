@@ -29,7 +29,7 @@ def _models_build(args) -> int:
 def _plot(args) -> int:
     from ekipl.plot import plot_runs
 
-    print(plot_runs(args.run_dirs, args.out))
+    print(plot_runs(args.run_dirs, args.out, smoothing=args.smoothing))
     return 0
 
 
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     plot = sub.add_parser("plot", help="draw the curves of one or several runs to a PNG")
     plot.add_argument("run_dirs", nargs="+")
     plot.add_argument("--out", default="curves.png")
+    plot.add_argument(
+        "--smoothing", type=float, default=0.6, help="EMA weight of per-step curves, as W&B's (0: raw)"
+    )
     plot.set_defaults(fn=_plot)
 
     args = parser.parse_args(argv)

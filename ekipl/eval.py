@@ -8,7 +8,8 @@ exact counts, geometry choices/numbers/math equivalence, TRANCE partial credit p
   (``--format-rule``: ``strict`` or ``reason_rft``, see :mod:`ekipl.tasks.rewards`);
 * ``pass@1`` / ``pass@k`` -- from ``n`` samples at ``temperature`` per problem, with the unbiased
   estimator ``pass@k = E[1 - C(n - c, k) / C(n, k)]`` over problems, where ``c`` counts samples
-  with accuracy 1 (full marks).
+  with accuracy 1 (full marks); ``--k 1 2 4 8 16`` reports every k from the same n samples (n
+  defaults to the largest k): the reasoning boundary as a curve.
 
 Writes ``eval.json`` and ``eval.md`` (a Markdown table) to ``--out``, and every problem's greedy
 and sampled completions with their scores to ``--out``/``completions/<model>.<split>.jsonl`` (read
@@ -39,8 +40,9 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def summarize(greedy: list[tuple[float, float]], sampled: list[list[float]], k: int) -> dict:
-    """Split metrics from greedy (accuracy, format) pairs and per-problem sampled accuracies."""
+def summarize(greedy: list[tuple[float, float]], sampled: list[list[float]], k) -> dict:
+    """Split metrics from greedy (accuracy, format) pairs and per-problem sampled accuracies;
+    ``k``: one k or several, each reported as ``pass@k`` beside ``pass@1``."""
     n_prob = max(len(greedy), 1)
     out = {
         "problems": len(greedy),
@@ -50,12 +52,12 @@ def summarize(greedy: list[tuple[float, float]], sampled: list[list[float]], k: 
     if sampled:
         n = len(sampled[0])
         correct = [sum(a >= 1.0 for a in accs) for accs in sampled]
-        out["pass@1"] = sum(pass_at_k(n, c, 1) for c in correct) / len(sampled)
-        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(sampled)
+        for kk in sorted({1, *([k] if isinstance(k, int) else k)}):
+            out[f"pass@{kk}"] = sum(pass_at_k(n, c, kk) for c in correct) / len(sampled)
     return out
 
 
-def score_split(samples, greedy, sampled, k: int, scorer=None) -> tuple[dict, list[dict]]:
+def score_split(samples, greedy, sampled, k, scorer=None) -> tuple[dict, list[dict]]:
     """The split's metrics and one record per problem (its completions with their scores), from the
     greedy completion texts (one per sample) and the sampled ones (a list per sample, or empty).
     ``scorer``: the run's :class:`~ekipl.tasks.scorer.Scorer` (default: the built-in rewards)."""
@@ -99,7 +101,7 @@ def split_requests(processor, samples) -> list:
 
 
 def evaluate_split(
-    llm, processor, samples, k: int, n: int, temperature: float, max_tokens: int, seed=0, scorer=None
+    llm, processor, samples, k, n: int, temperature: float, max_tokens: int, seed=0, scorer=None
 ):
     """Greedy and sampled answers for ``samples`` from one engine: (metrics, per-problem records)."""
     from ekipl.engines import vllm_backend as vb
@@ -120,7 +122,7 @@ def evaluate_split(
 def evaluate(
     models: dict[str, str],
     splits: dict[str, list],
-    k: int = 4,
+    k: int | list[int] = 4,
     n: int | None = None,
     temperature: float = 1.0,
     max_tokens: int = 512,
@@ -140,7 +142,7 @@ def evaluate(
     from ekipl.engines import vllm_backend as vb
     from ekipl.models import hf
 
-    n = k if n is None else n
+    n = (k if isinstance(k, int) else max(k)) if n is None else n
     names = list(models)
     first = models[names[0]]
     llm = vb.start_engine(
@@ -220,8 +222,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default=None, help="the task when the rows do not say it")
     for col, default in (("prompt", "problem"), ("answer", "answer"), ("image", "image"), ("cot", "cot")):
         p.add_argument(f"--{col}-key", default=default, help=f"the {col} column (default {default})")
-    p.add_argument("--k", type=int, default=4, help="pass@k")
-    p.add_argument("--n", type=int, default=None, help="samples per problem (default k)")
+    p.add_argument("--k", type=int, nargs="+", default=[4], help="pass@k, for one k or several (1 2 4 8 16)")
+    p.add_argument("--n", type=int, default=None, help="samples per problem (default: the largest k)")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: the model's config)")
@@ -296,12 +298,14 @@ def main(argv: list[str] | None = None) -> int:
                 image_dir=Path(args.out) / "images",
             )
             splits[name] = list(ds)[: args.limit or None]
-        if args.n is not None and args.n < args.k:
-            raise DataError(f"--n {args.n} is smaller than --k {args.k}: pass@k needs n >= k samples")
+        if args.n is not None and args.n < max(args.k):
+            raise DataError(f"--n {args.n} is smaller than --k {max(args.k)}: pass@k needs n >= k samples")
+        if min(args.k) < 1:
+            raise DataError("--k must be >= 1")
         rows = evaluate(
             models,
             splits,
-            k=args.k,
+            k=args.k if len(args.k) > 1 else args.k[0],
             n=args.n,
             temperature=args.temperature,
             max_tokens=args.max_tokens,

@@ -30,6 +30,22 @@ def test_summarize_counts_only_full_marks_as_passes():
     assert "| m | id | 2 | 0.750 | 0.500 | 0.250 | 0.500 |" in md
 
 
+def test_pass_at_several_k_from_the_same_samples():
+    """The reasoning-boundary curve: pass@1, 2, 4 from 4 samples per problem."""
+    sampled = [[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 1.0]]
+    m = summarize([(0.0, 1.0)] * 3, sampled, k=[4, 2, 1])
+    want = {k: sum(pass_at_k(4, c, k) for c in (1, 0, 3)) / 3 for k in (1, 2, 4)}
+    assert {k: m[f"pass@{k}"] for k in (1, 2, 4)} == pytest.approx(want)
+    assert m["pass@1"] <= m["pass@2"] <= m["pass@4"] == pytest.approx(2 / 3)
+    assert summarize([(0.0, 1.0)] * 3, sampled, k=2).keys() == {
+        "problems",
+        "accuracy",
+        "format",
+        "pass@1",
+        "pass@2",
+    }
+
+
 def test_cli_bad_split_file_and_bad_k_exit_2(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")  # a model directory as far as the path check goes
     bad = tmp_path / "test.json"

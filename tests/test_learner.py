@@ -305,48 +305,64 @@ def test_zero3_on_two_gloo_ranks_matches_one_process(zero3, reference):
 
 
 @pytest.mark.slow
-def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batch, zero3, tiny_vlm):
-    """After an update and a sync, vLLM's log-probs of a fixed completion match the learner's (1e-3);
-    twice, because the second sync rewrites the first one's shared-memory buffer in place."""
+def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batch, zero3, tiny_vlm, tmp_path):
+    """After an update and a sync, vLLM's log-probs of a fixed completion match the learner's (1e-3),
+    after a one-image counting prompt and after a two-image TRANCE prompt (two image blocks, M-RoPE
+    positions across both); twice, because the second sync rewrites the first one's shared-memory
+    buffer in place."""
     import ray
+
+    from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.synth import make_dataset
 
     b, groups, proc = batch
     group = zero3[0]
     engine = policy_router.actors[0]
     g = groups[0]
-    images = g.sample.load_images()
-    enc = proc(text=[g.prompt], images=images, return_tensors="pt")
-    prompt_ids = enc["input_ids"][0].tolist()
     comp = g.actions[0].token_ids
-    ids = torch.tensor([prompt_ids + comp])
+    trance = load_task_file(make_dataset("trance", tmp_path, n_train=2, n_test=2, seed=0)["train"])[0]
+    assert len(trance.image_paths) == 2
+    two = proc.apply_chat_template(build_messages(trance), add_generation_prompt=True, tokenize=False)
+    prompts = []
+    for text, images in ((g.prompt, g.sample.load_images()), (two, trance.load_images())):
+        enc = proc(text=[text], images=images, return_tensors="pt")
+        prompts.append((enc, enc["input_ids"][0].tolist(), images))
+    assert prompts[1][0]["image_grid_thw"].shape[0] == 2
 
-    def learner_logprobs() -> torch.Tensor:
+    def learner_logprobs(enc, prompt_ids) -> torch.Tensor:
         model = hf.load_model(tiny_vlm).eval()
         model.load_state_dict(group.state_dict())
         with torch.no_grad():
             return hf.completion_logprobs(
                 model,
-                ids,
+                torch.tensor([prompt_ids + comp]),
                 len(prompt_ids),
                 pixel_values=enc["pixel_values"],
                 image_grid_thw=enc["image_grid_thw"],
             )[0]
 
-    def engine_logprobs() -> torch.Tensor:
+    def engine_logprobs(prompt_ids, images) -> torch.Tensor:
         return torch.tensor(ray.get(engine.score.remote(prompt_ids, comp, images)))
 
-    before = engine_logprobs()
+    before = [engine_logprobs(ids, images) for _, ids, images in prompts]
     paths = []
     for step in (1, 2):
         if step == 2:
             group.train_step(b)
         stats = group.sync_weights([engine])
         paths.append(group.export_weights()[0])
-        after, learner_lp = engine_logprobs(), learner_logprobs()
         assert stats["sync/bytes"] > 1e6 and stats["timing/weight_sync"] > 0
-        assert (before - learner_lp).abs().max() > 1e-2, f"update {step} should have moved these log-probs"
-        assert torch.allclose(after, learner_lp, atol=1e-3), (step, (after - learner_lp).abs().max())
-        before = after
+        for n, (enc, ids, images) in enumerate(prompts):
+            after, learner_lp = engine_logprobs(ids, images), learner_logprobs(enc, ids)
+            assert (before[n] - learner_lp).abs().max() > 1e-2, (
+                f"update {step} should have moved these log-probs"
+            )
+            assert torch.allclose(after, learner_lp, atol=1e-3), (
+                step,
+                n + 1,
+                (after - learner_lp).abs().max(),
+            )
+            before[n] = after
     assert paths[0] == paths[1], "weight sync should reuse one buffer, not write a file per sync"
 
 

@@ -156,6 +156,20 @@ def test_plot_draws_curves_of_several_runs(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+def test_plot_smooths_per_step_curves_with_a_debiased_ema():
+    from ekipl.plot import ema
+
+    assert ema([1.0, 1.0, 1.0], 0.6) == pytest.approx([1.0, 1.0, 1.0])  # debiased: no pull toward 0
+    got = ema([0.0, 1.0], 0.5)
+    assert got == pytest.approx([0.0, (0.5 * 0.0 * 0.5 + 0.5 * 1.0) / (1 - 0.25)])
+    assert ema([3.0, 1.0], 0.0) == [3.0, 1.0]
+    noisy = [1.0, 1.5] * 20
+    smooth = ema(noisy, 0.9)
+    assert max(smooth[10:]) - min(smooth[10:]) < 0.2 < max(noisy) - min(noisy)
+    with pytest.raises(ValueError, match="smoothing"):
+        ema([1.0], 1.0)
+
+
 def test_sampler_covers_each_row_once_per_epoch_and_peeking_does_not_advance():
     from ekipl.train import Sampler
 
