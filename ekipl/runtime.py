@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import shutil
 import sys
@@ -33,6 +34,8 @@ def resolve_model(path: str, seed: int = 0, key: str = "model.path") -> str:
     if path in WARM_STARTS:
         return str(build_warm(path, seed=seed))
     local = Path(path).expanduser()
+    if local.is_dir() and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
+        return merge_adapter(local, seed, key)
     if local.is_dir():
         if not (local / "config.json").is_file():
             raise ConfigError(f"{key}: {path} is a directory without a config.json (not a model)")
@@ -50,6 +53,31 @@ def resolve_model(path: str, seed: int = 0, key: str = "model.path") -> str:
         f"{key}: {path!r} is neither a model directory, a tiny model or warm-start name, nor a HF id "
         "in the local cache (fetch it first: huggingface-cli download ID)"
     )
+
+
+def merge_adapter(adapter_dir: Path, seed: int = 0, key: str = "model.path") -> str:
+    """A LoRA adapter directory (peft's layout, as ``export`` writes under ``policy/adapter``) merged
+    into its base model, once: ``<adapter_dir>/merged`` in ``save_pretrained``'s layout."""
+    out = adapter_dir / "merged"
+    if (out / "config.json").is_file():
+        return str(out)
+    from peft import PeftModel
+
+    from ekipl.models import hf
+
+    base_ref = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base_ref:
+        raise ConfigError(f"{key}: {adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    base = resolve_model(base_ref, seed, f"{key} (the adapter's base model)")
+    merged = PeftModel.from_pretrained(hf.load_model(base), str(adapter_dir)).merge_and_unload()
+    tmp = adapter_dir / ".merged.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    for f in Path(base).iterdir():  # the processor and tokenizer files
+        if f.is_file() and not f.name.endswith((".safetensors", ".bin")) and not (tmp / f.name).exists():
+            shutil.copy2(f, tmp / f.name)
+    os.replace(tmp, out)
+    return str(out)
 
 
 def check_family(path: str, key: str = "model.path") -> None:
@@ -264,7 +292,9 @@ def check_resources(run: RunConfig, sources, cluster: dict) -> None:
 def export_policy(learner, model_path: str, out: Path) -> None:
     """Write the trained policy in ``save_pretrained``'s layout (weights + config + processor)."""
     out.mkdir(parents=True, exist_ok=True)
-    learner.export_weights(str(out / "model.safetensors"))
+    learner.export_weights(str(out / "model.safetensors"))  # with LoRA: the merged weights
+    if learner.cfg.lora.enabled:  # and the adapters alone, in peft's layout
+        learner.export_adapter(str(out / "adapter"))
     src = Path(model_path)
     for f in src.iterdir():
         if (

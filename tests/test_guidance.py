@@ -151,7 +151,9 @@ def test_dynamic_sampling_stops_at_the_round_limit(gated_coordinator, counting_d
 def test_dynamic_sampling_fills_the_batch_and_a_resumed_run_is_step_equal(ray_local, tmp_path, reward_file):
     """GRPO with a reward that ties half the 2-sample groups: extra rounds fill the batch; a run
     resumed from step 2's checkpoint redoes step 3 as the uninterrupted run did (the sampler's
-    position, which the extra rounds move, is in the checkpoint)."""
+    position, which the extra rounds move, is in the checkpoint). The learner trains LoRA adapters
+    (learner.lora): its checkpoints hold the adapters alone, with their optimizer state, and the
+    resume is step-equal with them too."""
     from ekipl.train import run
 
     overrides = [
@@ -165,6 +167,8 @@ def test_dynamic_sampling_fills_the_batch_and_a_resumed_run_is_step_equal(ray_lo
         "rollout.max_sample_rounds=4",
         "rollout.max_tokens=12",
         "learner.world_size=1",  # resume equality does not need a second rank
+        "learner.lora.rank=4",
+        "learner.lr=1e-3",
         "trainer.steps=3",
         "trainer.save_every=1",
     ]
@@ -174,6 +178,11 @@ def test_dynamic_sampling_fills_the_batch_and_a_resumed_run_is_step_equal(ray_lo
     assert all(r["rollout/sample_rounds"] <= 4 and r["rollout/groups_kept"] <= 2 for r in got)
     assert any(r["rollout/sample_rounds"] > 1 for r in got), [r["rollout/sample_rounds"] for r in got]
     assert all(r["rollout/prompts_drawn"] == 2 * r["rollout/sample_rounds"] for r in got)
+    saved = torch.load(
+        ref / "checkpoints" / "step_000002" / "learner" / "ds" / "mp_rank_00_model_states.pt",
+        weights_only=False,
+    )["module"]
+    assert saved and all(".lora_A." in k or ".lora_B." in k for k in saved), sorted(saved)[:3]
     again = tmp_path / "again"
     shutil.copytree(ref, again)
     shutil.rmtree(again / "checkpoints" / "step_000003")

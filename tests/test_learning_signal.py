@@ -109,9 +109,14 @@ def random_update_effects(base_sd, norm, model, processor, traces, draws=4) -> t
     return worst
 
 
+# LoRA (learner.lora): only rank-8 adapters on the language model train, at LoRA's usual 10x lr
+LORA = ["learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=1e-3"]
+
+
 @pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
 def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
-    ray_local, policy_router, tiny_vlm, counting_data
+    ray_local, policy_router, tiny_vlm, counting_data, extra
 ):
     import ray
 
@@ -119,7 +124,7 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
     from ekipl.rollout.sources import DatasetSource, SourceConfig
     from ekipl.train import Hooks, ImageCheck, Sampler, _step
 
-    run_cfg, _ = to_run_config(compose(OVERRIDES))
+    run_cfg, _ = to_run_config(compose([*OVERRIDES, *extra]))
     processor = hf.load_processor(tiny_vlm)
     engine = policy_router.actors[0]
     base_file = str(tiny_vlm / "model.safetensors")

@@ -4,6 +4,33 @@ from __future__ import annotations
 
 import dataclasses
 
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass
+class LoraSettings:
+    rank: int = 0  # 0: full-parameter training
+    alpha: float = 16.0
+    dropout: float = 0.0
+    # module names (peft's target_modules) the adapters go on; the vision tower is never one of them
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    exclude_modules: str = r".*visual.*"
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, list):
+            self.target_modules = tuple(self.target_modules)
+        if self.rank < 0 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"learner.lora: rank must be >= 0, alpha > 0 and dropout in [0, 1); got rank={self.rank}, "
+                f"alpha={self.alpha}, dropout={self.dropout}"
+            )
+        if self.rank and not self.target_modules:
+            raise ValueError("learner.lora.target_modules: name at least one module")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
 
 @dataclasses.dataclass
 class LearnerConfig:
@@ -35,8 +62,16 @@ class LearnerConfig:
     num_gpus_per_worker: float = 0.0
     # Custom Ray resources each rank needs, e.g. {learner_node: 1} to keep ranks on labelled nodes.
     resources: dict[str, float] = dataclasses.field(default_factory=dict)
+    # LoRA (peft) on the language model; rank 0: full-parameter training. See ekipl.learner.lora.
+    lora: LoraSettings = dataclasses.field(default_factory=LoraSettings)
 
     def __post_init__(self):
+        if isinstance(self.lora, dict):
+            known = {f.name for f in dataclasses.fields(LoraSettings)}
+            unknown = sorted(set(self.lora) - known)
+            if unknown:
+                raise ValueError(f"learner.lora: unknown key(s) {unknown}; known: {sorted(known)}")
+            self.lora = LoraSettings(**self.lora)
         if self.world_size < 1:
             raise ValueError(f"learner.world_size must be >= 1, got {self.world_size}")
         if self.zero_stage not in (1, 2, 3):

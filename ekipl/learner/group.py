@@ -158,6 +158,10 @@ class LearnerGroup:
         on its node (default: rank 0's shared-memory weight buffer). Returns (path, bytes)."""
         return self._call("export_weights", [path] * self.cfg.world_size)[0]
 
+    def export_adapter(self, out_dir: str) -> str | None:
+        """With LoRA, the adapters in peft's layout under ``out_dir`` (rank 0 writes); else None."""
+        return self._call("export_adapter", [out_dir] * self.cfg.world_size)[0]
+
     def _node(self, actor) -> str:
         import ray
 

@@ -81,7 +81,7 @@ def _hidden_states(model, batch, pack: bool = False) -> torch.Tensor:
     """The body's last hidden states [B, L, H] (packed: [1, S, H]), through the model's own forward
     (so a DeepSpeed engine's hooks, ZeRO-3's parameter gathering among them, run as for any forward)
     with the LM head on no position at all (``logits_to_keep``: an empty index)."""
-    module = getattr(model, "module", model)
+    module = _transformers_model(model)
     seen = {}
 
     def keep_hidden(mod, args, out):  # returns None: the body's output goes on unchanged
@@ -114,6 +114,14 @@ def _dummy_image_hooks(module, batch) -> list:
     if not family.vision:  # a text-only model fed a VLM's batch (tests): nothing to run
         return []
     return family.dummy_image_hooks(module, batch.dummy_pixel_values, batch.dummy_grid_thw)
+
+
+def _transformers_model(model):
+    """The transformers model under a DeepSpeed engine and a peft wrapper (LoRA), either or both:
+    the body and the head are its own (the forward goes through the wrappers, so their hooks and
+    the adapters run)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _completion_hidden(model, batch, mask: torch.Tensor, pack: bool) -> torch.Tensor:
@@ -169,7 +177,7 @@ def chunked_logprobs(
     for i in range(0, n, step):
         h, t = hidden[i : i + step], targets[i : i + step]
         if grad:
-            lp, ent = checkpoint(_chunk, head, h, t, with_entropy, [0], use_reentrant=False)
+            lp, ent = checkpoint(_chunk, head, h, t, with_entropy, [0], use_reentrant=True)
         else:
             lp, ent = _chunk(head, h, t, with_entropy, [0])
         logps.append(lp)
@@ -184,7 +192,7 @@ def sequence_logprobs(model, batch, with_entropy: bool = False, chunk_tokens: in
     """log π(input_ids[:, t+1] | ...) at completion positions, shape [B, L-1] (0 elsewhere);
     optionally the policy's entropy there too. The LM head runs on completion positions only.
     ``pack``: the body runs on the rows packed into one, padding-free (:func:`packed_inputs`)."""
-    head = getattr(model, "module", model).lm_head
+    head = _transformers_model(model).lm_head
     mask = batch.completion_mask.bool()  # on the model's device, as the batch is
     hidden = _completion_hidden(model, batch, mask, pack)
     targets = batch.input_ids[:, 1:][mask]

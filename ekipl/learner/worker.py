@@ -194,6 +194,12 @@ class Learner:
                 p.requires_grad_(False)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if cfg.lora.enabled:  # adapters on the language model; the base (and the ViT) frozen
+            from ekipl.learner.lora import wrap
+
+            if cfg.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
+            model = wrap(model, cfg.lora)
         self._n_micro = 1
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
@@ -201,7 +207,8 @@ class Learner:
             config=cfg.deepspeed_config(self._n_micro),
         )
         self.ref = None
-        if objective.kl_coef > 0:  # β = 0 skips loading the reference entirely
+        if objective.kl_coef > 0 and not cfg.lora.enabled:  # β = 0 skips the reference entirely;
+            # with LoRA it is the same model with its adapters off (logprobs(reference=True))
             self.ref = hf.load_model(model_path, dtype=dtype).to(self.device).eval().requires_grad_(False)
 
     # -------------------------------------------------------------------------------------------
@@ -238,15 +245,19 @@ class Learner:
     ) -> torch.Tensor:
         """Log-probs [B, L-1] of this rank's rows (in row order), under the policy (or the frozen
         reference)."""
-        model = self.ref if reference else self.engine.module
+        import contextlib
+
+        adapters_off = reference and self.cfg.lora.enabled
+        model = self.engine.module if self.ref is None or not reference else self.ref
         out = torch.zeros(len(batch), batch.input_ids.shape[1] - 1)
-        for rows in self._plan(batch, plan):
-            if rows:
-                mb = self._to_device(batch.select(rows))
-                lp, _ = sequence_logprobs(
-                    model, mb, chunk_tokens=self.cfg.logits_chunk_tokens, pack=self.cfg.pack_sequences
-                )
-                out[rows, : lp.shape[1]] = lp.cpu()
+        with model.disable_adapter() if adapters_off else contextlib.nullcontext():
+            for rows in self._plan(batch, plan):
+                if rows:
+                    mb = self._to_device(batch.select(rows))
+                    lp, _ = sequence_logprobs(
+                        model, mb, chunk_tokens=self.cfg.logits_chunk_tokens, pack=self.cfg.pack_sequences
+                    )
+                    out[rows, : lp.shape[1]] = lp.cpu()
         return out
 
     def update(
@@ -348,25 +359,38 @@ class Learner:
         )
 
     # -------------------------------------------------------------------------------------------
+    def _units(self) -> list:
+        """What an export holds, under transformers names: every parameter, or with LoRA the merged
+        weights (:func:`ekipl.learner.lora.merged_units`)."""
+        from ekipl.learner.lora import Unit, merged_units
+
+        module = self.engine.module
+        if self.cfg.lora.enabled:
+            return merged_units(module)
+        return [Unit([p], [(n, p)], lambda n=n, p=p: [(n, p)]) for n, p in module.named_parameters()]
+
     def _gathered(self):
-        """Yield (name, full parameter) for every parameter; under ZeRO-3 the partitioned
+        """Yield (name, full tensor) for every weight of :meth:`_units`; under ZeRO-3 the partitioned
         parameters are gathered bucket by bucket (``sync_bucket_mb``), so no rank ever materialises
         more than one bucket beyond its shard. All ranks must iterate it together."""
         import deepspeed
 
         budget = self.cfg.sync_bucket_mb * 2**20
-        buckets: list[list[tuple[str, torch.nn.Parameter]]] = [[]]
+        buckets: list[list] = [[]]
         size = 0
-        for name, p in self.engine.module.named_parameters():
+        for unit in self._units():
             if size >= budget:
                 buckets.append([])
                 size = 0
-            buckets[-1].append((name, p))
-            size += (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+            buckets[-1].append(unit)
+            size += sum(
+                (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size() for p in unit.params
+            )
         for bucket in buckets:
-            params = [p for _, p in bucket]
+            params = [p for unit in bucket for p in unit.params]
             with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
-                yield from bucket
+                for unit in bucket:
+                    yield from unit.produce()
 
     def export_weights(self, path: str | None = None) -> tuple[str | None, int]:
         """Write the full weights as safetensors, on rank 0's node. Returns (path, bytes) on rank 0.
@@ -382,7 +406,7 @@ class Learner:
 
         buf = None
         if self.rank == 0:
-            layout = layout_of(list(self.engine.module.named_parameters()))
+            layout = layout_of([pair for unit in self._units() for pair in unit.names])
             buf = self._buffer
             if buf is None or buf.layout != layout:
                 buf = self._buffer = WeightBuffer(os.path.join(self.sync_dir, "weights.safetensors"), layout)
@@ -413,6 +437,43 @@ class Learner:
         os.replace(tmp, path)
         return path, sum(t.numel() * t.element_size() for t in full.values())
 
+    def export_adapter(self, out_dir: str) -> str | None:
+        """With LoRA: the adapters in peft's layout (``adapter_config.json``, ``adapter_model.safetensors``)
+        under ``out_dir``, written by rank 0 (all ranks gather them together). None without LoRA."""
+        if not self.cfg.lora.enabled:
+            return None
+        import deepspeed
+        from safetensors.torch import save_file
+
+        from ekipl.learner.lora import adapter_state
+
+        module = self.engine.module
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        with deepspeed.zero.GatheredParameters(trainable, enabled=self.cfg.zero_stage == 3):
+            state = adapter_state(module) if self.rank == 0 else {}
+        if self.rank != 0:
+            return None
+        os.makedirs(out_dir, exist_ok=True)
+        cfg = module.peft_config["default"]
+        cfg.base_model_name_or_path = self.model_path
+        cfg.save_pretrained(out_dir)
+        save_file(state, os.path.join(out_dir, "adapter_model.safetensors"))
+        return out_dir
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Trainable parameters and the elements of this rank's optimizer state (Adam's first
+        moment; 0 before the first step): with LoRA, the adapters' alone."""
+        module = self.engine.module
+        inner = getattr(self.engine.optimizer, "optimizer", self.engine.optimizer)
+        state = getattr(inner, "state", {})
+        return {
+            "trainable": sum(
+                getattr(p, "ds_numel", p.numel()) for p in module.parameters() if p.requires_grad
+            ),
+            "total": sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()),
+            "optimizer_elements": sum(s["exp_avg"].numel() for s in state.values() if "exp_avg" in s),
+        }
+
     def read_file(self, path: str) -> bytes:
         """A file's bytes (weights for engines on other nodes travel through Ray's object store)."""
         with open(path, "rb") as f:
@@ -425,12 +486,16 @@ class Learner:
         shutil.rmtree(self.sync_dir, ignore_errors=True)
 
     def save_checkpoint(self, path: str) -> None:
-        """DeepSpeed's checkpoint of this rank (module, ZeRO optimizer partition) under ``path``."""
-        self.engine.save_checkpoint(path, tag="ds", save_latest=False)
+        """DeepSpeed's checkpoint of this rank (module, ZeRO optimizer partition) under ``path``;
+        with LoRA the frozen base is left out (it is the model path's), only the adapters and their
+        optimizer state are written."""
+        lora = self.cfg.lora.enabled
+        self.engine.save_checkpoint(path, tag="ds", save_latest=False, exclude_frozen_parameters=lora)
 
     def load_checkpoint(self, path: str) -> None:
         """Restore what :meth:`save_checkpoint` wrote (the same world size and ZeRO stage)."""
-        load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=True)
+        strict = not self.cfg.lora.enabled  # LoRA: the checkpoint holds the adapters alone
+        load_path, _ = self.engine.load_checkpoint(path, tag="ds", load_module_strict=strict)
         if load_path is None:
             raise RuntimeError(f"DeepSpeed found no checkpoint under {path}")
 

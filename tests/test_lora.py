@@ -1,0 +1,153 @@
+"""LoRA in the learner (``learner.lora``, peft): only the adapters train and hold optimizer state, the
+vision tower is frozen, ZeRO-2 and ZeRO-3 on 2 ranks equal one process with peft and torch's AdamW,
+the merged weights reach the engine (its log-probs equal the learner's after a sync), the KL
+reference is the base with the adapters off, and the export holds the merged model and the adapter,
+which ``resolve_model`` (so ``ekipl.eval``) merges back."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_learner import ADAM_EPS, LR, advantages_for, make_groups
+
+from ekipl.algo import objective as O
+from ekipl.learner.config import LearnerConfig, LoraSettings
+from ekipl.learner.logprobs import full_logprobs
+from ekipl.models import hf
+
+LORA = LoraSettings(rank=4, alpha=8.0)
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_vlm, counting_data):
+    """The learner tests' batch: two groups of three actions, an aux action in each."""
+    from ekipl.learner.batch import collate
+
+    proc = hf.load_processor(tiny_vlm)
+    groups = make_groups(proc, counting_data)
+    return collate(groups, proc, advantages_for(groups)), groups, proc
+
+
+def test_only_the_language_models_adapters_train_and_the_merge_is_peft_s(tiny_vlm):
+    from ekipl.learner import lora
+
+    torch.manual_seed(0)
+    model = lora.wrap(hf.load_model(tiny_vlm), LORA)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert all(".language_model." in n for n in trainable) and not any(".visual." in n for n in trainable)
+    with torch.no_grad():  # B starts at zero (the merge would be the base): make it count
+        for n, p in model.named_parameters():
+            if ".lora_B." in n:
+                p.normal_()
+    merged = {n: t for u in lora.merged_units(model) for n, t in u.produce()}
+    want = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == want.keys()  # transformers names, no adapter left
+    assert max((merged[k] - want[k]).abs().max().item() for k in want) == 0.0
+    with pytest.raises(ValueError, match="learner.lora: rank must be >= 0"):
+        LearnerConfig(lora={"rank": -1})
+    with pytest.raises(ValueError, match=r"learner.lora: unknown key\(s\) \['r'\]"):
+        LearnerConfig(lora={"r": 8})
+
+
+def reference_lora_step(model_path, b, cfg: LearnerConfig):
+    """One update in one process: peft's adapters, torch's AdamW over them alone."""
+    from ekipl.learner import lora
+
+    torch.manual_seed(0)
+    model = lora.wrap(hf.load_model(model_path), cfg.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(
+        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+    )
+    with torch.no_grad():
+        old, _ = full_logprobs(model.eval(), b)
+    model.train()
+    logp, _ = full_logprobs(model, b)
+    loss, _ = O.policy_loss(
+        O.ObjectiveConfig(),
+        logp,
+        old,
+        b.advantages,
+        b.completion_mask,
+        b.is_aux,
+        max_len=int(b.completion_mask.sum(-1).max()),
+    )
+    loss.backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+    opt.step()
+    return {n: t.clone() for u in lora.merged_units(model) for n, t in u.produce()}, norm
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_weights(
+    ray_local, policy_router, batch, tiny_vlm, stage, tmp_path
+):
+    import ray
+
+    from ekipl.learner.group import LearnerGroup, shard_rows
+    from ekipl.runtime import export_policy, resolve_model
+
+    b, groups, proc = batch
+    cfg = LearnerConfig(
+        world_size=2, zero_stage=stage, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0, lora=LORA
+    )
+    group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig(kl_coef=0.1))
+    try:
+        before = group.state_dict()
+        metrics = group.train_step(b)
+        counts = group._call("parameter_counts")
+        after = group.state_dict()
+        # the KL reference: the same weights with the adapters off, i.e. the base model
+        shards, plans = group._shards(b)
+        ref_lp = group._call("logprobs", shards, plans, reference=True)
+        engine = policy_router.actors[0]
+        group.sync_weights([engine])
+        g = groups[0]
+        images = g.sample.load_images()
+        enc = proc(text=[g.prompt], images=images, return_tensors="pt")
+        prompt_ids, comp = enc["input_ids"][0].tolist(), g.actions[0].token_ids
+        engine_lp = torch.tensor(ray.get(engine.score.remote(prompt_ids, comp, images)))
+        policy = tmp_path / "policy"
+        export_policy(group, str(tiny_vlm), policy)
+    finally:
+        group.shutdown()
+    # only the adapters train: DeepSpeed's optimizer state covers them alone, on both ranks together
+    n_adapter = sum(c["trainable"] for c in counts[:1])
+    assert n_adapter == 16384 and sum(c["optimizer_elements"] for c in counts) in (n_adapter, 2 * n_adapter)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".language_model." in k and k.endswith("proj.weight") for k in changed)
+    assert not any(".visual." in k for k in changed)
+    # 2 ranks = one process (peft + torch AdamW)
+    want, norm = reference_lora_step(tiny_vlm, b, cfg)
+    assert metrics["actor/grad_norm"] == pytest.approx(norm, rel=1e-4)
+    worst = max((after[k] - want[k]).abs().max().item() for k in want)
+    assert worst < 1e-5, f"LoRA on ZeRO-{stage} differs from one process by {worst:.2e}"
+    # the reference log-probs are the base model's
+    base = hf.load_model(tiny_vlm).eval()
+    with torch.no_grad():
+        base_lp, _ = full_logprobs(base, b)
+    got = torch.zeros_like(base_lp)
+    for rows, lp in zip(shard_rows(len(b), 2), ref_lp, strict=True):
+        got[rows, : lp.shape[1]] = lp
+    m = b.completion_mask.bool()
+    assert torch.allclose(got[m], base_lp[m], atol=1e-5)
+    # the engine: the merged weights (its log-probs equal the learner's merged model's)
+    merged = hf.load_model(tiny_vlm).eval()
+    merged.load_state_dict(after)
+    with torch.no_grad():
+        learner_lp = hf.completion_logprobs(
+            merged,
+            torch.tensor([prompt_ids + comp]),
+            len(prompt_ids),
+            pixel_values=enc["pixel_values"],
+            image_grid_thw=enc["image_grid_thw"],
+        )[0]
+    assert torch.allclose(engine_lp, learner_lp, atol=1e-3), (engine_lp - learner_lp).abs().max()
+    # the export: the merged model, and the adapter, which resolve_model (ekipl.eval) merges back
+    assert (policy / "model.safetensors").is_file() and (policy / "adapter" / "adapter_config.json").is_file()
+    remerged = hf.load_model(resolve_model(str(policy / "adapter"))).state_dict()
+    assert max((remerged[k] - after[k]).abs().max().item() for k in after) < 1e-6
