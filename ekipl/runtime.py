@@ -158,13 +158,11 @@ def drop_overlong(ds, processor, run: RunConfig, name: str):
         n = prompt_length(processor, render_prompt(processor, s, run.rollout.system_prompt), s.image_paths)
         if n is not None and n > limit:
             if run.data.overlong == "error":
-                raise DataError(
+                raise DataError.of(
+                    s,
                     f"the prompt is {n} tokens, and model.max_model_len={run.model.max_model_len} leaves "
                     "no room for an answer (raise it, lower model.max_pixels, or data.overlong=drop)",
-                    file=s.source_file,
-                    row=s.row,
-                    row_id=s.id,
-                    field=run.data.prompt_key,
+                    run.data.prompt_key,
                 )
             bad.append(i)
     if bad:

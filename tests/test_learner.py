@@ -49,11 +49,29 @@ def advantages_for(groups):
     return O.group_advantages(r, gi, pol, "grpo")
 
 
+def make_batch(path, data):
+    """Two groups of three actions (an aux action in each), collated: (batch, groups, processor)."""
+    proc = hf.load_processor(path)
+    groups = make_groups(proc, data)
+    return collate(groups, proc, advantages_for(groups)), groups, proc
+
+
+def one_step(path, cfg: LearnerConfig, b, objective=None):
+    """A fresh LearnerGroup's one update of ``b``: (weights before, metrics, weights after)."""
+    from ekipl.learner.group import LearnerGroup
+
+    group = LearnerGroup(str(path), cfg, objective or O.ObjectiveConfig())
+    try:
+        before = group.state_dict()
+        metrics = group.train_step(b)
+        return before, metrics, group.state_dict()
+    finally:
+        group.shutdown()
+
+
 @pytest.fixture(scope="module")
 def batch(tiny_vlm, counting_data):
-    proc = hf.load_processor(tiny_vlm)
-    groups = make_groups(proc, counting_data)
-    return collate(groups, proc, advantages_for(groups)), groups, proc
+    return make_batch(tiny_vlm, counting_data)
 
 
 def test_collate_masks_padding_and_shares_the_prompt_image(batch):
@@ -176,8 +194,13 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
     last step's whole-batch metrics)."""
     torch.manual_seed(0)
     model = hf.load_model(model_path)
+    if cfg.lora.enabled:  # peft's adapters, AdamW over them alone
+        from ekipl.learner import lora
+
+        model = lora.wrap(model, cfg.lora)
+    params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
+        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
     )
     norms = []
     for b in batches:
@@ -196,8 +219,12 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
         )
         opt.zero_grad()
         loss.backward()
-        norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)))
         opt.step()
+    if cfg.lora.enabled:  # the merged weights, under transformers names, as the learner exports them
+        from ekipl.learner.lora import merged_units
+
+        return {n: t.clone() for u in merged_units(model) for n, t in u.produce()}, model, norms, metrics
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, model, norms, metrics
 
 
@@ -457,7 +484,6 @@ def test_learner_config_errors_name_the_key():
 @pytest.mark.slow
 def test_frozen_vision_tower_and_gradient_checkpointing(ray_local, batch, tiny_vlm):
     """freeze_vision leaves the ViT untouched while the language model trains (with checkpointing)."""
-    from ekipl.learner.group import LearnerGroup
 
     b, _, _ = batch
     cfg = LearnerConfig(
@@ -469,13 +495,7 @@ def test_frozen_vision_tower_and_gradient_checkpointing(ray_local, batch, tiny_v
         gradient_checkpointing=True,
         epochs=2,
     )
-    group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
-    try:
-        before = group.state_dict()
-        metrics = group.train_step(b)
-        after = group.state_dict()
-    finally:
-        group.shutdown()
+    before, metrics, after = one_step(tiny_vlm, cfg, b)
     vis = [k for k in before if ".visual." in k]
     lm = [k for k in before if ".language_model." in k]
     assert vis and lm
@@ -517,7 +537,7 @@ def test_mixed_text_and_image_rows_train_on_two_ranks(ray_local, model_root, cou
     dummy image both stages crash the ranks' collectives; with it added anywhere but where the
     family's image features enter (Qwen3-VL: the embeddings and its DeepStack layers), ZeRO-2
     reduces gradients that arrive in another order on each rank, and the update is off."""
-    from ekipl.learner.group import LearnerGroup, shard_rows
+    from ekipl.learner.group import shard_rows
     from ekipl.models.tiny import build_tiny
 
     path = build_tiny(model, seed=0, root=model_root)
@@ -526,13 +546,7 @@ def test_mixed_text_and_image_rows_train_on_two_ranks(ray_local, model_root, cou
     cfg = LearnerConfig(
         world_size=2, zero_stage=stage, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0
     )
-    group = LearnerGroup(str(path), cfg, O.ObjectiveConfig())
-    try:
-        before = group.state_dict()
-        metrics = group.train_step(b)
-        after = group.state_dict()
-    finally:
-        group.shutdown()
+    before, metrics, after = one_step(path, cfg, b)
     ref_sd, _, norms, _ = reference_step(path, [b], cfg, O.ObjectiveConfig())
     assert metrics["actor/grad_norm"] == pytest.approx(norms[-1], rel=1e-4)
     worst = max((after[k] - ref_sd[k]).abs().max().item() for k in ref_sd)

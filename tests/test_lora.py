@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_learner import ADAM_EPS, LR, advantages_for, make_groups
+from test_learner import ADAM_EPS, LR, make_batch, reference_step
 
 from ekipl.algo import objective as O
 from ekipl.learner.config import LearnerConfig, LoraSettings
@@ -22,12 +22,7 @@ LORA = LoraSettings(rank=4, alpha=8.0)
 
 @pytest.fixture(scope="module")
 def batch(tiny_vlm, counting_data):
-    """The learner tests' batch: two groups of three actions, an aux action in each."""
-    from ekipl.learner.batch import collate
-
-    proc = hf.load_processor(tiny_vlm)
-    groups = make_groups(proc, counting_data)
-    return collate(groups, proc, advantages_for(groups)), groups, proc
+    return make_batch(tiny_vlm, counting_data)
 
 
 def test_only_the_language_models_adapters_train_and_the_merge_is_peft_s(tiny_vlm):
@@ -50,35 +45,6 @@ def test_only_the_language_models_adapters_train_and_the_merge_is_peft_s(tiny_vl
         LearnerConfig(lora={"rank": -1})
     with pytest.raises(ValueError, match=r"learner.lora: unknown key\(s\) \['r'\]"):
         LearnerConfig(lora={"r": 8})
-
-
-def reference_lora_step(model_path, b, cfg: LearnerConfig):
-    """One update in one process: peft's adapters, torch's AdamW over them alone."""
-    from ekipl.learner import lora
-
-    torch.manual_seed(0)
-    model = lora.wrap(hf.load_model(model_path), cfg.lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(
-        params, lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps, weight_decay=cfg.weight_decay
-    )
-    with torch.no_grad():
-        old, _ = full_logprobs(model.eval(), b)
-    model.train()
-    logp, _ = full_logprobs(model, b)
-    loss, _ = O.policy_loss(
-        O.ObjectiveConfig(),
-        logp,
-        old,
-        b.advantages,
-        b.completion_mask,
-        b.is_aux,
-        max_len=int(b.completion_mask.sum(-1).max()),
-    )
-    loss.backward()
-    norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-    opt.step()
-    return {n: t.clone() for u in lora.merged_units(model) for n, t in u.produce()}, norm
 
 
 @pytest.mark.slow
@@ -122,7 +88,8 @@ def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_wei
     assert changed and all(".language_model." in k and k.endswith("proj.weight") for k in changed)
     assert not any(".visual." in k for k in changed)
     # 2 ranks = one process (peft + torch AdamW)
-    want, norm = reference_lora_step(tiny_vlm, b, cfg)
+    want, _, norms, _ = reference_step(tiny_vlm, [b], cfg, O.ObjectiveConfig())
+    norm = norms[-1]
     assert metrics["actor/grad_norm"] == pytest.approx(norm, rel=1e-4)
     worst = max((after[k] - want[k]).abs().max().item() for k in want)
     assert worst < 1e-5, f"LoRA on ZeRO-{stage} differs from one process by {worst:.2e}"

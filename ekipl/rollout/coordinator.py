@@ -101,13 +101,11 @@ def render_prompt(processor, sample: Sample, system_prompt: bool = False) -> str
     image_token = getattr(processor, "image_token", "<|image_pad|>")
     found = text.count(image_token)
     if found != len(sample.image_paths):
-        raise DataError(
+        raise DataError.of(
+            sample,
             f"the prompt has {found} image placeholders for {len(sample.image_paths)} images "
             "(does the problem text contain an image token?)",
-            file=sample.source_file,
-            row=sample.row,
-            row_id=sample.id,
-            field="problem",
+            "problem",
         )
     return text
 

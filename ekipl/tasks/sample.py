@@ -33,6 +33,11 @@ class DataError(ValueError):
         super().__init__(": ".join([", ".join(where), message]) if where else message)
         self.file, self.row, self.row_id, self.field = file, row, row_id, field
 
+    @classmethod
+    def of(cls, sample: Sample, message: str, field: str | None = None) -> DataError:
+        """The error for one loaded sample: its file, row and id."""
+        return cls(message, file=sample.source_file, row=sample.row, row_id=sample.id, field=field)
+
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
