@@ -17,7 +17,7 @@ backward and optimizer step (advantages 0, β 0, AdamW lr 1e-6, one optimizer st
 
 Variants, each in a fresh process:
 
-* ekipl: the trainer's own step (``ekipl.train._step``): the policy's vLLM engine in a Ray actor, one
+* ekipl: the trainer's own step (``ekipl.train.StepParts.run``): the policy's vLLM engine in a Ray actor, one
   DeepSpeed ZeRO-2 learner rank in a Ray actor with the token budget (2,560), weight sync; fp32.
 * TRL 1.16 GRPOTrainer in this process: transformers ``generate`` (its vLLM modes need CUDA), then its
   loop over 4 micro-batches of 4 rows; as it runs on this CPU (its LM head at every position,
@@ -87,7 +87,7 @@ def run_ekipl(a: argparse.Namespace) -> dict:
     from ekipl.models.tiny import build_tiny
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
-    from ekipl.train import Hooks, ImageCheck, Sampler, _step
+    from ekipl.train import ImageCheck, Sampler, StepParts
 
     lengths, path = draws(), str(build_tiny(MODEL))
     data, processor = samples(path, PROMPTS * (a.repeats + 1)), hf.load_processor(path)
@@ -123,7 +123,7 @@ def run_ekipl(a: argparse.Namespace) -> dict:
         coord = DrawnLengths(cfg.rollout, router, [], processor)
         sampler, images = Sampler(len(data), 0, False), ImageCheck(False)
         rows = [
-            _step(cfg, step, data, sampler, images, coord, learner, router, processor, Hooks())
+            StepParts(cfg, data, sampler, images, coord, learner, router, processor).run(step)
             for step in range(1, a.repeats + 2)
         ][1:]
         coord.shutdown()

@@ -6,7 +6,7 @@ One set of actors (a policy vLLM engine -- two, in fact: one alone with every co
 without auxiliary sources, one sharing the cores with the aux engine, as the trainer sets them up
 on CPU --, an auxiliary vLLM engine on the second tiny VLM, the recorded-trace source, 2 ZeRO-2
 learner ranks on gloo) runs the trainer's own step function
-(``ekipl.train._step``: prefetch -> rollout -> rewards/selection -> advantages -> update -> sync)
+(``ekipl.train.StepParts.run``: prefetch -> rollout -> rewards/selection -> advantages -> update -> sync)
 for every G in ``--groups`` with 0, 1 and 2 auxiliary sources (the aux VLM samples k = G/4 per
 prompt), 2 prompts per step. Each cell is the median of ``--repeats`` steps after one warm-up step.
 The overlap column is the step time over the same G's step time with no auxiliary source (goal
@@ -69,7 +69,7 @@ def main(argv: list[str]) -> int:
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
     from ekipl.rollout.sources import make_source
-    from ekipl.train import Hooks, ImageCheck, Sampler, _load_data, _step, resolve_model
+    from ekipl.train import ImageCheck, Sampler, StepParts, _load_data, resolve_model
 
     out = Path(tempfile.mkdtemp(prefix="ekipl-bench-step-"))
     base = ["+experiment=cpu_demo", "data.synthetic_size=32", f"trainer.output_dir={out}", "learner.lr=1e-6"]
@@ -132,10 +132,10 @@ def main(argv: list[str]) -> int:
             )
             coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, cache=None)
             sampler = Sampler(len(data), seed=g * 10 + len(srcs), shuffle=True)
-            images = ImageCheck(False)
+            parts = StepParts(cfg, data, sampler, ImageCheck(False), coord, learner, router, processor)
             steps = []
             for step in range(1, args.repeats + 2):
-                m = _step(cfg, step, data, sampler, images, coord, learner, router, processor, Hooks())
+                m = parts.run(step)
                 if m.get("actor/skipped_step") or m.get("trainer/skipped_step"):
                     raise RuntimeError(f"G={g}, {label}: step {step} was skipped (its sync untimed)")
                 if step > 1:  # the first step warms up the prefetch pipeline

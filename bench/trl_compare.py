@@ -5,7 +5,7 @@
 The same for both sides: the policy (a text-only Qwen2 built locally with random weights), the
 prompts (the synthetic counting problems' text), G=8 completions for each of 2 prompts per step,
 64 forced completion tokens (EOS ignored), β=0 (no reference model), AdamW at lr 1e-6, one update
-per step over all 16 completions, the format reward. ekipl runs its own step (``ekipl.train._step``:
+per step over all 16 completions, the format reward. ekipl runs its own step (``ekipl.train.StepParts.run``:
 a vLLM engine in a Ray actor, DeepSpeed ZeRO-2 learner ranks in Ray actors, weight sync) with 1 and
 with 2 learner ranks; TRL runs in this process with transformers ``generate`` (its vLLM paths need a
 GPU). Each figure is the median of ``--repeats`` steps after one warm-up step. TRL comes from the
@@ -67,14 +67,14 @@ def ekipl_config(world_size: int, one_step_off: bool = False):
 def run_steps(cfg, samples: list, router, learner, processor, repeats: int) -> list[dict]:
     """The trainer's step function ``repeats`` times after one warm-up step; their metrics."""
     from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.train import Hooks, ImageCheck, Sampler, _step
+    from ekipl.train import ImageCheck, Sampler, StepParts
 
     learner.sync_weights(router.actors)  # the engine may hold another learner's weights
     coord = RolloutCoordinator(cfg.rollout, router, [], processor)
     sampler, images = Sampler(len(samples), 0, True), ImageCheck(False)
     out = []
     for step in range(1, repeats + 2):
-        m = _step(cfg, step, samples, sampler, images, coord, learner, router, processor, Hooks())
+        m = StepParts(cfg, samples, sampler, images, coord, learner, router, processor).run(step)
         if step > 1:
             out.append(m)
     coord.shutdown()

@@ -154,6 +154,17 @@ class Trainer:
             resume_step=self.summary["start_step"],
             wandb_id=self.state["wandb_id"],
         )
+        self.parts = StepParts(
+            self.cfg,
+            self.data,
+            self.sampler,
+            self.images,
+            self.coord,
+            self.learner,
+            self.router,
+            self.processor,
+            self.hooks,
+        )
         self.ctx = {
             "router": self.router,
             "sources": self.sources,
@@ -266,19 +277,7 @@ class Trainer:
         """One step: the EKIPL step, then validation and samples when due, log, checkpoint, hooks."""
         t, summary, state = self.cfg.trainer, self.summary, self.state
         record: dict = {}
-        m = _step(
-            self.cfg,
-            step,
-            self.data,
-            self.sampler,
-            self.images,
-            self.coord,
-            self.learner,
-            self.router,
-            self.processor,
-            self.hooks,
-            record,
-        )
+        m = self.parts.run(step, record)
         skipped = m.get("trainer/skipped_step", 0.0) > 0
         summary["skipped_steps" if skipped else "steps"] += 1
         state["consecutive_skips"] = state["consecutive_skips"] + 1 if m.get("actor/skipped_step") else 0
@@ -394,60 +393,84 @@ def sample_rows(record: dict, candidates, n_groups: int) -> list[dict]:
     return rows
 
 
-def _step(
-    run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks, record=None
-) -> dict:
-    """One EKIPL step: rollout (aux prefetched ahead) -> advantages -> update -> weight sync.
-    ``record``, a dict, receives the selected actions and their advantages."""
-    from ekipl.algo.objective import group_advantages
-    from ekipl.learner.batch import collate
+@dataclasses.dataclass
+class StepParts:
+    """What one EKIPL step works with: the run's config and data, the sampler and the image check,
+    the rollout coordinator, the learner group, the policy router, the processor and the test hooks.
+    The :class:`Trainer` builds one in its setup; benchmarks and tests build one from their own
+    actors and call :meth:`run` as the trainer does."""
 
-    ts = time.perf_counter()
-    k = run_cfg.data.prompts_per_step
-    samples = images.filter([data[i] for i in sampler.take(k)])
-    upcoming = images.filter([data[i] for i in sampler.take(k, advance=False)])  # the next batch
-    coord.prefetch(upcoming)
-    if not samples:
-        log.warning("step %d: every sample of the batch had a bad image; skipped", step)
-        return {"trainer/skipped_step": 1.0, "data/bad_rows_skipped": float(len(images.bad))}
-    more = None
-    if run_cfg.rollout.dynamic_sampling:
+    cfg: RunConfig
+    data: object
+    sampler: Sampler
+    images: ImageCheck
+    coord: object
+    learner: object
+    router: object
+    processor: object
+    hooks: Hooks = dataclasses.field(default_factory=Hooks)
 
-        def more():  # dynamic sampling: the next batch (the one just prefetched), then prefetch again
-            batch = images.filter([data[i] for i in sampler.take(k)])
-            coord.prefetch(images.filter([data[i] for i in sampler.take(k, advance=False)]))
-            return batch
+    def _batch(self, advance: bool = True) -> list:
+        k = self.cfg.data.prompts_per_step
+        return self.images.filter([self.data[i] for i in self.sampler.take(k, advance=advance)])
 
-    groups, m = coord.rollout(samples, step=step, more=more)
-    if run_cfg.rollout.one_step_off and upcoming:
-        coord.start_early(upcoming, step + 1)  # with these weights, while the learner updates
-    m["data/bad_rows_skipped"] = float(len(images.bad))
-    if sum(len(g.actions) for g in groups) < run_cfg.learner.world_size:
-        m["trainer/skipped_step"] = 1.0
-        log.warning("step %d: after dropping tied groups, fewer actions than learner ranks; skipped", step)
+    def _more(self) -> list:
+        """Dynamic sampling's next round: the next batch (the one just prefetched), then prefetch."""
+        batch = self._batch()
+        self.coord.prefetch(self._batch(advance=False))
+        return batch
+
+    def run(self, step: int, record: dict | None = None) -> dict:
+        """One EKIPL step: rollout (aux prefetched ahead) -> advantages -> update -> weight sync.
+        ``record``, a dict, receives the selected actions and their advantages."""
+        ts = time.perf_counter()
+        samples, upcoming = self._batch(), self._batch(advance=False)  # this batch and the next
+        self.coord.prefetch(upcoming)
+        if not samples:
+            log.warning("step %d: every sample of the batch had a bad image; skipped", step)
+            return {"trainer/skipped_step": 1.0, "data/bad_rows_skipped": float(len(self.images.bad))}
+        more = self._more if self.cfg.rollout.dynamic_sampling else None
+        groups, m = self.coord.rollout(samples, step=step, more=more)
+        if self.cfg.rollout.one_step_off and upcoming:
+            self.coord.start_early(upcoming, step + 1)  # with these weights, while the learner updates
+        m["data/bad_rows_skipped"] = float(len(self.images.bad))
+        if sum(len(g.actions) for g in groups) < self.cfg.learner.world_size:
+            m["trainer/skipped_step"] = 1.0
+            log.warning(
+                "step %d: after dropping tied groups, fewer actions than learner ranks; skipped", step
+            )
+            return m
+        m.update(self._update(step, groups, record))
+        m["timing/step"] = time.perf_counter() - ts
+        m["perf/policy_tokens_per_s"] = m["rollout/policy_tokens"] / max(m["timing/rollout"], 1e-9)
         return m
-    rewards = torch.tensor([a.reward for g in groups for a in g.actions])
-    gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])
-    is_pol = torch.tensor([a.is_policy for g in groups for a in g.actions])
-    correct = torch.tensor([a.accuracy >= 1.0 - 1e-9 for g in groups for a in g.actions])
-    alg = run_cfg.algorithm
-    adv = group_advantages(rewards, gidx, is_pol, alg.advantage, alg.eps, alg.std, correct)
-    if record is not None:
-        record.update(actions=[a for g in groups for a in g.actions], advantages=adv.tolist())
-    batch = collate(groups, processor, adv)
-    if hooks.before_update is not None:
-        hooks.before_update(step, batch)
-    m.update(learner.train_step(batch))
-    if m.get("actor/skipped_step"):
-        # The weights did not change, so the engines are already in sync: nothing non-finite
-        # ever reaches them.
-        log.warning("step %d: non-finite loss or gradient; the optimizer step was skipped", step)
-        m["timing/weight_sync"] = 0.0
-    else:
-        m.update(learner.sync_weights(router.actors))
-    m["timing/step"] = time.perf_counter() - ts
-    m["perf/policy_tokens_per_s"] = m["rollout/policy_tokens"] / max(m["timing/rollout"], 1e-9)
-    return m
+
+    def _update(self, step: int, groups: list, record: dict | None) -> dict:
+        """Advantages, the learner's update and the weight sync for the step's groups."""
+        from ekipl.algo.objective import group_advantages
+        from ekipl.learner.batch import collate
+
+        actions = [a for g in groups for a in g.actions]
+        rewards = torch.tensor([a.reward for a in actions])
+        gidx = torch.tensor([i for i, g in enumerate(groups) for _ in g.actions])
+        is_pol = torch.tensor([a.is_policy for a in actions])
+        correct = torch.tensor([a.accuracy >= 1.0 - 1e-9 for a in actions])
+        alg = self.cfg.algorithm
+        adv = group_advantages(rewards, gidx, is_pol, alg.advantage, alg.eps, alg.std, correct)
+        if record is not None:
+            record.update(actions=actions, advantages=adv.tolist())
+        batch = collate(groups, self.processor, adv)
+        if self.hooks.before_update is not None:
+            self.hooks.before_update(step, batch)
+        m = self.learner.train_step(batch)
+        if m.get("actor/skipped_step"):
+            # The weights did not change, so the engines are already in sync: nothing non-finite
+            # ever reaches them.
+            log.warning("step %d: non-finite loss or gradient; the optimizer step was skipped", step)
+            m["timing/weight_sync"] = 0.0
+        else:
+            m.update(self.learner.sync_weights(self.router.actors))
+        return m
 
 
 def _check_compatible(run: RunConfig, saved: dict) -> None:

@@ -1,4 +1,4 @@
-"""The learning signal, end to end through the trainer's own step (``ekipl.train._step``).
+"""The learning signal, end to end through the trainer's own step (``ekipl.train.StepParts``).
 
 From a random-weight policy that never produces the answer format, EKIPL steps whose groups hold a
 recorded trace (the ``dataset`` source) must raise the policy's log-prob of those traces -- as the
@@ -71,7 +71,7 @@ def run_steps(run_cfg, model_path, data, router, processor, sources, negate: boo
     """STEPS of the trainer's step on a fresh learner: (metrics, the traces trained on, learner)."""
     from ekipl.learner.group import LearnerGroup
     from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.train import Hooks, ImageCheck, Sampler, _step
+    from ekipl.train import Hooks, ImageCheck, Sampler, StepParts
 
     def flip(step, batch):
         batch.advantages = -batch.advantages
@@ -80,13 +80,12 @@ def run_steps(run_cfg, model_path, data, router, processor, sources, negate: boo
     learner = LearnerGroup(model_path, run_cfg.learner, run_cfg.algorithm)
     coord = RolloutCoordinator(run_cfg.rollout, router, sources, processor)
     sampler, images = Sampler(len(data), 0, shuffle=False), ImageCheck(False)
+    parts = StepParts(run_cfg, data, sampler, images, coord, learner, router, processor, hooks)
     metrics, traces = [], []
     try:
         learner.ready()
         for step in range(1, STEPS + 1):
-            metrics.append(
-                _step(run_cfg, step, data, sampler, images, coord, learner, router, processor, hooks)
-            )
+            metrics.append(parts.run(step))
             for sample, acts in coord.last_candidates:
                 traces += [(sample, coord.prompt(sample), a) for a in acts if a.source == "dataset"]
     finally:
@@ -133,7 +132,7 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
 
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.sources import DatasetSource, SourceConfig
-    from ekipl.train import Hooks, ImageCheck, Sampler, _step
+    from ekipl.train import ImageCheck, Sampler, StepParts
 
     run_cfg, _ = to_run_config(compose([*OVERRIDES, *extra]))
     processor = hf.load_processor(tiny_vlm)
@@ -166,9 +165,8 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
         # GRPO alone, on the same prompts: the policy never produces the format, every action
         # scores 0, every group ties and is dropped, and the step is skipped.
         coord = RolloutCoordinator(run_cfg.rollout, policy_router, [], processor)
-        m = _step(
+        parts = StepParts(
             run_cfg,
-            1,
             data,
             Sampler(len(data), 0, False),
             ImageCheck(False),
@@ -176,8 +174,8 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
             None,
             policy_router,
             processor,
-            Hooks(),
         )
+        m = parts.run(1)
         coord._pool.shutdown(wait=True)
     finally:
         ray.get(engine.load_weights.remote(base_file))  # the shared engine goes back to the base weights
