@@ -240,8 +240,16 @@ def reference(batch, tiny_vlm):
 def train_one_step(tiny_vlm, b, stage):
     from ekipl.learner.group import LearnerGroup
 
+    # 5-row LM-head chunks: the ranks' micro-batches make different numbers of chunks (ZeRO-3 must
+    # still gather the head as often on every rank)
     cfg = LearnerConfig(
-        world_size=2, zero_stage=stage, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0
+        world_size=2,
+        zero_stage=stage,
+        lr=LR,
+        adam_eps=ADAM_EPS,
+        micro_batch_size=2,
+        grad_clip=1.0,
+        logits_chunk_tokens=5,
     )
     group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
     before = group.state_dict()

@@ -59,7 +59,14 @@ def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_wei
 
     b, groups, proc = batch
     cfg = LearnerConfig(
-        world_size=2, zero_stage=stage, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0, lora=LORA
+        world_size=2,
+        zero_stage=stage,
+        lr=LR,
+        adam_eps=ADAM_EPS,
+        micro_batch_size=2,
+        grad_clip=1.0,
+        lora=LORA,
+        logits_chunk_tokens=5,  # several LM-head chunks per micro-batch, each recomputed in the backward
     )
     group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig(kl_coef=0.1))
     try:

@@ -165,19 +165,36 @@ def _chunk(head, hidden: torch.Tensor, targets: torch.Tensor, with_entropy: bool
     return logp, (ent if with_entropy else None)
 
 
+def n_chunks(n_tokens: int, chunk_tokens: int) -> int:
+    """How many LM-head chunks :func:`chunked_logprobs` makes of ``n_tokens`` rows."""
+    return -(-n_tokens // chunk_tokens) if chunk_tokens > 0 else int(n_tokens > 0)
+
+
 def chunked_logprobs(
-    head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, with_entropy=False
+    head, hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int, with_entropy=False, min_chunks=0
 ):
     """log p(targets[n] | hidden[n]) for N rows of hidden states [N, H], ``chunk_tokens`` rows at a
-    time (0: all at once); returns (logp [N], entropy [N] or None)."""
+    time (0: all at once); returns (logp [N], entropy [N] or None).
+
+    ``min_chunks``: run the head at least this many times (the extra calls on no rows). Under ZeRO-3
+    every call of the head gathers its weight, a collective, so every rank must call it as often as
+    the others: the learner passes the most chunks any rank has in this micro-batch."""
     n = hidden.shape[0]
     step = chunk_tokens if chunk_tokens > 0 else max(n, 1)
     grad = torch.is_grad_enabled() and hidden.requires_grad
+    # A trained head (full fine-tuning) needs the non-reentrant checkpoint: the reentrant one runs a
+    # backward per chunk, and ZeRO-2 then reduces the head's gradient once per chunk ("gradient
+    # computed twice"). A frozen head (LoRA) needs the reentrant one: under ZeRO-3 the non-reentrant
+    # recompute reads the head's weight after ZeRO-3 released it (an empty tensor), while the
+    # reentrant one re-runs the head's forward, whose hooks gather it again.
+    frozen = not any(p.requires_grad for p in head.parameters())
     logps, ents = [], []
-    for i in range(0, n, step):
+    starts = list(range(0, n, step))
+    starts += [n] * max(0, min_chunks - len(starts))  # empty chunks: the head runs on no rows
+    for i in starts:
         h, t = hidden[i : i + step], targets[i : i + step]
         if grad:
-            lp, ent = checkpoint(_chunk, head, h, t, with_entropy, [0], use_reentrant=True)
+            lp, ent = checkpoint(_chunk, head, h, t, with_entropy, [0], use_reentrant=frozen)
         else:
             lp, ent = _chunk(head, h, t, with_entropy, [0])
         logps.append(lp)
@@ -188,15 +205,18 @@ def chunked_logprobs(
     return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
 
 
-def sequence_logprobs(model, batch, with_entropy: bool = False, chunk_tokens: int = 256, pack: bool = False):
+def sequence_logprobs(
+    model, batch, with_entropy: bool = False, chunk_tokens: int = 256, pack: bool = False, min_chunks: int = 0
+):
     """log π(input_ids[:, t+1] | ...) at completion positions, shape [B, L-1] (0 elsewhere);
     optionally the policy's entropy there too. The LM head runs on completion positions only.
-    ``pack``: the body runs on the rows packed into one, padding-free (:func:`packed_inputs`)."""
+    ``pack``: the body runs on the rows packed into one, padding-free (:func:`packed_inputs`).
+    ``min_chunks``: see :func:`chunked_logprobs`."""
     head = _transformers_model(model).lm_head
     mask = batch.completion_mask.bool()  # on the model's device, as the batch is
     hidden = _completion_hidden(model, batch, mask, pack)
     targets = batch.input_ids[:, 1:][mask]
-    lp, ent = chunked_logprobs(head, hidden, targets, chunk_tokens, with_entropy)
+    lp, ent = chunked_logprobs(head, hidden, targets, chunk_tokens, with_entropy, min_chunks)
     logp = torch.zeros(mask.shape, dtype=torch.float32, device=hidden.device)
     logp[mask] = lp
     if not with_entropy:

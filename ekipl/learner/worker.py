@@ -18,7 +18,7 @@ import torch
 from ekipl.algo import objective as O
 from ekipl.learner.batch import Batch
 from ekipl.learner.config import LearnerConfig
-from ekipl.learner.logprobs import require_packable, sequence_logprobs
+from ekipl.learner.logprobs import n_chunks, require_packable, sequence_logprobs
 from ekipl.models.families import family_of_model
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,22 @@ class Learner:
             self.ref = hf.load_model(model_path, dtype=dtype).to(self.device).eval().requires_grad_(False)
 
     # -------------------------------------------------------------------------------------------
+    def _zero3_group(self) -> bool:
+        return self.cfg.zero_stage == 3 and self.world_size > 1
+
+    def _head_chunks(self, mb: Batch) -> int:
+        """Under ZeRO-3 on several ranks: the most LM-head chunks any rank has in this micro-batch
+        (every rank must call the head as often, its gathers being collectives); else 0."""
+        if not self._zero3_group():
+            return 0
+        import torch.distributed as dist
+
+        n = torch.tensor(
+            [n_chunks(int(mb.completion_mask.sum()), self.cfg.logits_chunk_tokens)], device=self.device
+        )
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        return int(n.item())
+
     def _to_device(self, b: Batch) -> Batch:
         for f in (
             "input_ids",
@@ -252,11 +268,19 @@ class Learner:
         out = torch.zeros(len(batch), batch.input_ids.shape[1] - 1)
         with model.disable_adapter() if adapters_off else contextlib.nullcontext():
             for rows in self._plan(batch, plan):
+                if not rows and not self._zero3_group():
+                    continue
+                # ZeRO-3 on several ranks: a rank with an empty micro-batch still runs one (on row 0,
+                # its result unused), or the others would wait in its parameter gathers
+                mb = self._to_device(batch.select(rows or [0]))
+                lp, _ = sequence_logprobs(
+                    model,
+                    mb,
+                    chunk_tokens=self.cfg.logits_chunk_tokens,
+                    pack=self.cfg.pack_sequences,
+                    min_chunks=self._head_chunks(mb),
+                )
                 if rows:
-                    mb = self._to_device(batch.select(rows))
-                    lp, _ = sequence_logprobs(
-                        model, mb, chunk_tokens=self.cfg.logits_chunk_tokens, pack=self.cfg.pack_sequences
-                    )
                     out[rows, : lp.shape[1]] = lp.cpu()
         return out
 
@@ -325,6 +349,7 @@ class Learner:
             with_entropy=True,
             chunk_tokens=self.cfg.logits_chunk_tokens,
             pack=self.cfg.pack_sequences,
+            min_chunks=self._head_chunks(mb),
         )
         # π_old: the weights' log-probs before this step's first optimizer step. Every micro-batch of
         # the first epoch runs before that step, so its own detached log-probs are π_old, and no
