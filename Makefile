@@ -35,7 +35,8 @@ test: install
 demo: install
 	$(PY) -m ekipl.demo
 
-# EKIPL against GRPO in miniature, 3 seeds per arm (about 40 minutes on 2 cores): bench/LEARNING.md.
+# GRPO, GRPO with dynamic sampling, EKIPL and gated EKIPL in miniature, 3 seeds per arm (about an hour on
+# 2 cores; a finished run is kept, so rerunning resumes): bench/LEARNING.md.
 learn: install
 	$(PY) -m bench.learning
 
