@@ -231,10 +231,14 @@ def reference_step(model_path, batches, cfg: LearnerConfig, obj: O.ObjectiveConf
 @pytest.fixture(scope="module")
 def reference(batch, tiny_vlm):
     b, _, _ = batch
-    cfg = LearnerConfig(
-        world_size=2, zero_stage=2, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0
+    return reference_step(tiny_vlm, [b], two_ranks(2), O.ObjectiveConfig())
+
+
+def two_ranks(stage: int, **extra) -> LearnerConfig:
+    """The equality tests' learner: 2 ranks of ZeRO-``stage``, 2-row micro-batches, LR, ADAM_EPS."""
+    return LearnerConfig(
+        world_size=2, zero_stage=stage, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0, **extra
     )
-    return reference_step(tiny_vlm, [b], cfg, O.ObjectiveConfig())
 
 
 def train_one_step(tiny_vlm, b, stage):
@@ -242,15 +246,7 @@ def train_one_step(tiny_vlm, b, stage):
 
     # 5-row LM-head chunks: the ranks' micro-batches make different numbers of chunks (ZeRO-3 must
     # still gather the head as often on every rank)
-    cfg = LearnerConfig(
-        world_size=2,
-        zero_stage=stage,
-        lr=LR,
-        adam_eps=ADAM_EPS,
-        micro_batch_size=2,
-        grad_clip=1.0,
-        logits_chunk_tokens=5,
-    )
+    cfg = two_ranks(stage, logits_chunk_tokens=5)
     group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
     before = group.state_dict()
     metrics = group.train_step(b)
@@ -551,9 +547,7 @@ def test_mixed_text_and_image_rows_train_on_two_ranks(ray_local, model_root, cou
     path = build_tiny(model, seed=0, root=model_root)
     b = _mixed(path, counting_data)
     assert [sum(b.images[r] for r in rows) for rows in shard_rows(len(b), 2)] == [4, 0]
-    cfg = LearnerConfig(
-        world_size=2, zero_stage=stage, lr=LR, adam_eps=ADAM_EPS, micro_batch_size=2, grad_clip=1.0
-    )
+    cfg = two_ranks(stage)
     before, metrics, after = one_step(path, cfg, b)
     ref_sd, _, norms, _ = reference_step(path, [b], cfg, O.ObjectiveConfig())
     assert metrics["actor/grad_norm"] == pytest.approx(norms[-1], rel=1e-4)

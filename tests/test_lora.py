@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_learner import ADAM_EPS, LR, make_batch, reference_step
+from test_learner import make_batch, reference_step, two_ranks
 
 from ekipl.algo import objective as O
 from ekipl.learner.config import LearnerConfig, LoraSettings
@@ -58,16 +58,8 @@ def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_wei
     from ekipl.runtime import export_policy, resolve_model
 
     b, groups, proc = batch
-    cfg = LearnerConfig(
-        world_size=2,
-        zero_stage=stage,
-        lr=LR,
-        adam_eps=ADAM_EPS,
-        micro_batch_size=2,
-        grad_clip=1.0,
-        lora=LORA,
-        logits_chunk_tokens=5,  # several LM-head chunks per micro-batch, each recomputed in the backward
-    )
+    # several LM-head chunks per micro-batch, each recomputed in the backward
+    cfg = two_ranks(stage, lora=LORA, logits_chunk_tokens=5)
     group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig(kl_coef=0.1))
     try:
         before = group.state_dict()
