@@ -37,15 +37,36 @@ import sys
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
+
+
+def lora_lr() -> str:
+    """EKIPL with LoRA's learning rate: the one bench/lora_pilot.py picked on the train split's
+    reward (bench/results/lora_pilot.json, committed); never chosen on a test split."""
+    pilot = HERE / "results" / "lora_pilot.json"
+    if not pilot.is_file():
+        raise SystemExit(f"{pilot} is missing: run `python -m bench.lora_pilot` before the ekipl_lora arm")
+    return str(json.loads(pilot.read_text())["picked_lr"])
+
+
+LORA = ["learner.lora.rank=8", "learner.lora.alpha=16"]
+
+
 ARMS = {
     "grpo": ["algorithm=grpo", "aux=none"],
     "grpo_ds": ["algorithm=grpo", "aux=none", "rollout.dynamic_sampling=true"],
     "ekipl": [],
     "ekipl_gated": ["algorithm=ekipl_gated"],
     "ekipl_shaped": ["algorithm=ekipl_shaped"],
+    # ablations: where EKIPL's gain comes from
+    "ekipl_aux_only": ["~aux.dataset"],  # external actions that are sometimes wrong, no traces
+    "ekipl_traces_only": ["~aux.aux_model"],  # the recorded (always right) traces only
+    "sft_traces": [],  # continued CoT-SFT on the traces: same steps, prompts and lr (run_sft)
+    # LoRA rank 8 on the language model's projections, the vision tower frozen
+    "ekipl_lora": LORA,  # + learner.lr=lora_lr() (arm_overrides)
 }
 DEFAULT_ARMS = ["grpo", "grpo_ds", "ekipl", "ekipl_gated"]
-HERE = Path(__file__).resolve().parent
+ABLATIONS = ["ekipl_aux_only", "ekipl_traces_only", "sft_traces"]
 BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
 
 
@@ -58,9 +79,10 @@ def finished(run_dir: Path, steps: int) -> float | None:
     return float(info["seconds"]) if info.get("steps") == steps else None
 
 
-def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str]) -> float:
+def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str], overrides=None) -> float:
     """One training run as a user runs it; returns its wall time in seconds. A run that already
-    finished with the same steps is kept (its recorded time is returned); a partial one is redone."""
+    finished with the same steps is kept (its recorded time is returned); a partial one is redone.
+    ``overrides`` replace the arm's own (bench/lora_pilot.py's candidates)."""
     run_dir = out / arm / f"seed{seed}"
     kept = finished(run_dir, steps)
     if kept is not None:
@@ -68,27 +90,64 @@ def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str]) -> flo
         return kept
     if run_dir.exists():
         shutil.rmtree(run_dir)
-    cmd = [
-        sys.executable,
-        "-m",
-        "ekipl.train",
-        "+experiment=learn_counting",
-        *ARMS[arm],
-        f"trainer.seed={seed}",
-        f"trainer.steps={steps}",
-        f"trainer.output_dir={run_dir}",
-        "trainer.log_samples_every=5",
-        "logger.mode=offline",
-        *extra,
-    ]
+    common = [f"trainer.seed={seed}", f"trainer.steps={steps}", f"trainer.output_dir={run_dir}"]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    if arm == "sft_traces":
+        cmds = sft_commands(run_dir, common, extra)
+    else:
+        cmds = [
+            [
+                sys.executable, "-m", "ekipl.train", "+experiment=learn_counting",
+                *(arm_overrides(arm) if overrides is None else overrides), *common,
+                "trainer.log_samples_every=5", "logger.mode=offline", *extra,
+            ]
+        ]  # fmt: skip
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if run_dir.is_dir():
+            with open(run_dir / "console.log", "a") as f:
+                f.write(r.stdout + r.stderr)
+        if r.returncode != 0:
+            raise RuntimeError(f"{arm} seed {seed} failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
     took = time.perf_counter() - t0
-    (run_dir / "console.log").write_text(r.stdout + r.stderr) if run_dir.is_dir() else None
-    if r.returncode != 0:
-        raise RuntimeError(f"{arm} seed {seed} failed ({' '.join(cmd)}):\n{r.stderr[-3000:]}")
-    (run_dir / "done.json").write_text(json.dumps({"steps": steps, "seconds": took, "cmd": cmd}))
+    if arm == "sft_traces":
+        sft_metrics(run_dir, steps)
+    (run_dir / "done.json").write_text(json.dumps({"steps": steps, "seconds": took, "cmd": cmds[0]}))
     return took
+
+
+def arm_overrides(arm: str) -> list[str]:
+    return [*ARMS[arm], f"learner.lr={lora_lr()}"] if arm == "ekipl_lora" else ARMS[arm]
+
+
+def sft_commands(run_dir: Path, common: list[str], extra: list[str]) -> list[list[str]]:
+    """The continued-SFT control: ``ekipl.sft`` from the RL arms' warm start on the same prompts
+    (same sampler, seed and steps) with the RL arms' learning rate, then ``ekipl.eval`` (greedy, the
+    validation's scoring and token budget) on the warm start and the result, on the same splits."""
+    sft_extra = [x for x in extra if not x.startswith("trainer.eval_every=")]
+    data = run_dir / "data" / "counting"
+    return [
+        [sys.executable, "-m", "ekipl.sft", "+experiment=learn_counting", *common, "logger.mode=offline",
+         *sft_extra],
+        [sys.executable, "-m", "ekipl.eval", "--model", "warm=learn-qwen2-vl-sft",
+         "--model", f"sft={run_dir / 'policy'}", "--split", f"id={data / 'test_id.json'}",
+         "--split", f"ood={data / 'test_ood.json'}", "--k", "1", "--max-tokens", "128",
+         "--out", str(run_dir / "eval")],
+    ]  # fmt: skip
+
+
+def sft_metrics(run_dir: Path, steps: int) -> None:
+    """The SFT run's validation rows in the RL runs' metrics keys (step 0: the warm start), appended
+    to its metrics.jsonl so the tables read every arm alike."""
+    rows = json.loads((run_dir / "eval" / "eval.json").read_text())
+    lines = []
+    for model, step in (("warm", 0), ("sft", steps)):
+        row = {"step": step}
+        for r in (r for r in rows if r["model"] == model):
+            row |= {f"val/{r['split']}/{k}": r[k] for k in ("accuracy", "format", "problems")}
+        lines.append(json.dumps(row) + "\n")
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.writelines(lines)
 
 
 def load_rows(run_dir: Path) -> list[dict]:
