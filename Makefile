@@ -69,7 +69,7 @@ gpu-carry: $(BENCH_STAMP)
 	$(TOOLS)/bin/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PY) \
 	  --implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl \
 	  $$(cd $(SITE) && ls -d pydantic-*.dist-info pydantic_core-*.dist-info annotated_types-*.dist-info \
-	     typing_inspection-*.dist-info trl-*.dist-info datasets-*.dist-info dill-*.dist-info \
+	     typing_inspection-*.dist-info trl-*.dist-info peft-*.dist-info datasets-*.dist-info dill-*.dist-info \
 	     multiprocess-*.dist-info | sed -E 's/-([^-]+)\.dist-info$$/==\1/')
 	du -sh .gpu
 

@@ -52,8 +52,8 @@ from pathlib import Path
 
 import torch
 
-from bench.learner import cuda_sync as _sync
 from bench.learner import run_part
+from bench.trainers import cuda_sync as _sync
 
 
 def resolve_model(name: str) -> str:

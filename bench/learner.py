@@ -58,10 +58,13 @@ from pathlib import Path
 
 import torch
 
+from bench.trainers import cuda_sync, grpo_config, step_clock
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "bench-qwen2-151k"
 GPU_MODEL = "bench-qwen2-vl-2b-lm"
 PROMPT_LEN = 320
+LORA_RANK = 8  # learner.lora.rank in the LoRA rows (alpha 16, the default targets: attention + MLP)
 BUDGET = 2560  # tokens (rows x longest row) per micro-batch: 4 micro-batches here, as 4 rows each
 # A TRL row's "ref" names the ratio column it is the reference of; where two rows share one, a row
 # is compared with the one of its own gradient checkpointing.
@@ -82,6 +85,12 @@ CPU_VARIANTS = {
     "TRL GRPOTrainer, the same + gradient checkpointing": dict(
         kind="trl", ckpt=True, compact=True, ref="TRL compl."
     ),
+    # LoRA as it runs at scale: with gradient checkpointing, against the rows above that have it
+    f"ekipl: LoRA r={LORA_RANK} (peft), token budget {BUDGET:,} + gradient checkpointing": dict(
+        kind="ekipl", full=False, budget=BUDGET, ckpt=True, lora=LORA_RANK
+    ),
+    f"TRL GRPOTrainer + peft LoRA r={LORA_RANK} (peft_config), completion positions only + gradient "
+    "checkpointing": dict(kind="trl", ckpt=True, compact=True, lora=LORA_RANK, ref="TRL LoRA"),
 }
 # On a GPU: everything with gradient checkpointing (TRL's default); TRL's head is its Triton kernel.
 GPU_VARIANTS = {  # in order of importance: a run cut short keeps the first
@@ -90,6 +99,12 @@ GPU_VARIANTS = {  # in order of importance: a run cut short keeps the first
     ),
     "TRL GRPOTrainer, its defaults: fp32 weights, bf16 autocast, 4-row micro-batches": dict(
         kind="trl", ckpt=True, compact=True, dtype="float32", ref="TRL"
+    ),
+    f"ekipl: LoRA r={LORA_RANK} (peft), token budget {BUDGET:,} + gradient checkpointing": dict(
+        kind="ekipl", full=False, budget=BUDGET, ckpt=True, lora=LORA_RANK
+    ),
+    f"TRL GRPOTrainer + peft LoRA r={LORA_RANK}, its defaults otherwise": dict(
+        kind="trl", ckpt=True, compact=True, dtype="float32", lora=LORA_RANK, ref="TRL LoRA"
     ),
     "ekipl before: full logits, 4-row micro-batches": dict(kind="ekipl", full=True, budget=0, ckpt=True),
     "TRL GRPOTrainer, bf16 weights (AdamW state in bf16 too)": dict(
@@ -157,12 +172,6 @@ def make_batch(seed=0, prompts=2, group=8, prompt_len=PROMPT_LEN, vocab=1000):
     return batch, lengths
 
 
-def cuda_sync() -> None:
-    """Wait for the GPU's queued work, where there is one (before reading a clock)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -207,7 +216,6 @@ def run_trl(name: str, a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOTrainer
 
-    from bench.trl_compare import grpo_config, step_clock
     from ekipl.models.tiny import build_tiny
 
     v, cuda = variants()[name], torch.cuda.is_available()
@@ -245,7 +253,15 @@ def run_trl(name: str, a: argparse.Namespace) -> dict:
         use_cpu=not cuda,
         bf16=cuda,
     )
+    peft_config = None
+    if v.get("lora"):
+        from peft import LoraConfig
+
+        from ekipl.learner.config import DEFAULT_TARGETS
+
+        peft_config = LoraConfig(r=v["lora"], lora_alpha=16, target_modules=list(DEFAULT_TARGETS))
     trainer = Prepared(
+        peft_config=peft_config,
         model=AutoModelForCausalLM.from_pretrained(path, dtype=v.get("dtype", "float32")),
         reward_funcs=[lambda completions, **kw: [0.0] * len(completions)],
         args=args,
@@ -265,13 +281,16 @@ def run_trl(name: str, a: argparse.Namespace) -> dict:
         "padding_frac": rows * width / (sum(lengths) + rows * PROMPT_LEN) - 1,
         "micro_batches": rows // 4,
         "threads": torch.get_num_threads(),
+        "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "tokens": sum(lengths) + rows * PROMPT_LEN,
+        "completion_tokens": sum(lengths),
     }
 
 
 def run_ekipl(name: str, a: argparse.Namespace) -> dict:
     import ekipl.learner.worker as worker
     from ekipl.algo.objective import ObjectiveConfig
-    from ekipl.learner.config import LearnerConfig
+    from ekipl.learner.config import LearnerConfig, LoraSettings
     from ekipl.models.tiny import build_tiny
 
     v = variants()[name]
@@ -288,6 +307,7 @@ def run_ekipl(name: str, a: argparse.Namespace) -> dict:
         gradient_checkpointing=v.get("ckpt", False),
         pack_sequences=v.get("pack", False),
         bf16=torch.cuda.is_available(),
+        lora=LoraSettings(rank=v.get("lora", 0), alpha=16.0),
     )
     learner = worker.Learner(0, 1, path, cfg, ObjectiveConfig(), seed=0)
     learner.setup(*learner.rendezvous())
@@ -309,6 +329,9 @@ def run_ekipl(name: str, a: argparse.Namespace) -> dict:
         "padding_frac": metrics["actor/padding_frac"],
         "micro_batches": len(plan),
         "threads": torch.get_num_threads(),
+        "trainable": learner.parameter_counts()["trainable"],
+        "tokens": int(batch.attention_mask.sum()),
+        "completion_tokens": int(batch.completion_mask.sum()),
     }
 
 
@@ -353,7 +376,8 @@ def run_variants(module: str, names, shared: list[str]) -> tuple[list[dict], lis
 def run_all(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Every variant of this bench."""
     shared = ["--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)]
-    return run_variants("bench.learner", variants(), shared)
+    names = [n for n in variants() if not a.only or any(o in n for o in a.only)]
+    return run_variants("bench.learner", names, shared)
 
 
 def _reference(row: dict, column: str, rows: list[dict]) -> dict | None:
@@ -386,8 +410,9 @@ def table(a: argparse.Namespace, rows: list[dict]) -> str:
         f"tokens (mean {statistics.mean(lengths):.0f}); one rank, {where}. Ratio columns: against the TRL "
         f"row named ({', '.join(columns)}).",
         "",
-        f"| learner | micro-batches | step s | vs before | {vs} | {memory} | vs before | {vs} | padding |",
-        "|---" * (7 + 2 * len(columns)) + "|",
+        f"| learner | micro-batches | trainable params | step s | vs before | {vs} | {memory} | vs before | "
+        f"{vs} | padding |" + (" MFU |" if cuda else ""),
+        "|---" * (8 + 2 * len(columns) + cuda) + "|",
     ]
     before = next((r for r in rows if v[r["variant"]].get("full")), None)
     for r in rows:
@@ -396,11 +421,58 @@ def table(a: argparse.Namespace, rows: list[dict]) -> str:
         def ratios(key, r=r, refs=refs):
             return " | ".join(f"{r[key] / b[key]:.2f}x" if b else "-" for b in refs)
 
+        mfu = f" {model_flops(model, r) / r['update_s'] / bf16_peak():.1%} |" if cuda else ""
         lines.append(
-            f"| {r['variant']} | {r['micro_batches']} | {r['update_s']:.2f} | {ratios('update_s')} | "
-            f"{r['peak_mib']:.0f} | {ratios('peak_mib')} | {r['padding_frac']:.1%} |"
+            f"| {r['variant']} | {r['micro_batches']} | {r.get('trainable', 0) / 1e6:.2f}M | "
+            f"{r['update_s']:.2f} | {ratios('update_s')} | {r['peak_mib']:.0f} | {ratios('peak_mib')} | "
+            f"{r['padding_frac']:.1%} |{mfu}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + lora_summary(rows))
+
+
+def lora_summary(rows: list[dict]) -> list[str]:
+    """LoRA against the full learner with the same micro-batching (the issue's bar: peak memory
+    <= 0.35x, step time no worse)."""
+    v = variants()
+
+    def like(r, lora):  # ekipl's learner, token budget, no packing, with or without LoRA
+        c = v[r["variant"]]
+        return c["kind"] == "ekipl" and c["budget"] and not c.get("pack") and bool(c.get("lora")) == lora
+
+    lora = next((r for r in rows if like(r, True)), None)
+    ckpt = v[lora["variant"]].get("ckpt", False) if lora else None
+    full = next((r for r in rows if like(r, False) and v[r["variant"]].get("ckpt", False) == ckpt), None)
+    if not (lora and full):
+        return []
+    return [
+        "",
+        f"LoRA r={LORA_RANK} against the full learner (token budget {BUDGET:,}, the same micro-batches and "
+        "checkpointing): "
+        f"peak memory {lora['peak_mib'] / full['peak_mib']:.2f}x, "
+        f"step time {lora['update_s'] / full['update_s']:.2f}x, "
+        f"trainable parameters {lora['trainable'] / full['trainable']:.4f}x.",
+    ]
+
+
+BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12}  # dense bf16 FLOP/s, per the data sheets
+
+
+def bf16_peak() -> float:
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK.items() if k in name), float("nan"))
+
+
+def model_flops(model: str, row: dict) -> float:
+    """Matmul FLOPs of one step's forward and backward, 6 per parameter per token (model FLOPs, the
+    MFU convention): the body at every position, the LM head at completion positions (what the
+    learner computes); the same numerator for every row, so MFU compares as throughput (LoRA skips
+    the frozen weights' gradients, about a third of them)."""
+    from ekipl.models.tiny import spec_for
+
+    t = spec_for(model)
+    h, kv = t.hidden_size, t.num_kv_heads * t.head_dim
+    body = t.num_layers * (2 * h * h + 2 * h * kv + 3 * h * t.intermediate_size)
+    return 6.0 * (body * row["tokens"] + t.vocab_rows * h * row["completion_tokens"])
 
 
 def main(argv=None) -> int:
@@ -409,6 +481,9 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=GPU_MODEL if torch.cuda.is_available() else MODEL)
     ap.add_argument("--prompts", type=int, default=2, help="prompts of G=8 sequences each (a GPU takes more)")
     ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    ap.add_argument(
+        "--only", nargs="+", default=None, help="run the variants whose names contain one of these"
+    )
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # run one, in this process
     ap.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

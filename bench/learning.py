@@ -310,14 +310,14 @@ def tables(summary: list[dict], steps: int, eval_every: int, problems: int) -> s
     return "\n".join(lines)
 
 
-def write_markdown(text: str, path: Path) -> None:
+def write_markdown(text: str, path: Path, begin: str = BEGIN, end: str = END) -> None:
     """Replace the part between the markers; the hand-written analysis around it stays."""
-    old = path.read_text() if path.is_file() else f"# Learning\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in old:
-        old += f"\n{BEGIN}\n{END}\n"
-    head, rest = old.split(BEGIN, 1)
-    tail = rest.split(END, 1)[1] if END in rest else ""
-    path.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    old = path.read_text() if path.is_file() else f"# Learning\n\n{begin}\n{end}\n"
+    if begin not in old:
+        old += f"\n{begin}\n{end}\n"
+    head, rest = old.split(begin, 1)
+    tail = rest.split(end, 1)[1] if end in rest else ""
+    path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
 def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:

@@ -161,7 +161,7 @@ def run_trl(name: str, a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
     from trl import GRPOTrainer
 
-    from bench.trl_compare import grpo_config, step_clock
+    from bench.trainers import grpo_config, step_clock
     from ekipl.models.tiny import build_tiny
     from ekipl.tasks.prompts import build_messages
 

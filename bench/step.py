@@ -17,7 +17,9 @@ The overlap column is the step time over the same G's step time with no auxiliar
 policy's samples are scored, so prefetch cannot hide them). For G = 4 (``--groups``' first), with
 the recorded traces alone and with the aux VLM alone, the step with prefetched actions against the
 same step with every prompt asked on demand (``rollout.gate_threshold=1``: the gate's worst case,
-every prompt failed); the ratio column is on demand over prefetched.
+every prompt failed); the ratio column is on demand over prefetched. The third row per source
+starts the requests at the batch's prefetch for the prompts that needed guidance at their last visit
+(``rollout.gate_prefetch``): 8 prompts, an untimed first epoch, then every timed step revisits.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+GUIDED_PROMPTS = 8
 PARTS = [
     ("aux wait", "timing/aux_wait"),
     ("rollout", "timing/rollout"),
@@ -103,7 +106,12 @@ def main(argv: list[str]) -> int:
                 for mode, gate, router in (
                     ("prefetched", "rollout.gate_threshold=null", shared),
                     ("on demand", "rollout.gate_threshold=1.0", shared),
+                    ("on demand, started at the last visit", "rollout.gate_threshold=1.0", shared),
                 )
+            ]
+            cells = [
+                (*c[:4], [*c[4], "rollout.gate_prefetch=true"] if c[1].endswith("last visit") else c[4])
+                for c in cells
             ]
             sources["aux_b"].cfg.k = k
         else:
@@ -131,17 +139,23 @@ def main(argv: list[str]) -> int:
                 )
             )
             coord = RolloutCoordinator(cfg.rollout, router, srcs, processor, cache=None)
-            sampler = Sampler(len(data), seed=g * 10 + len(srcs), shuffle=True)
+            # --guidance: 8 prompts, so every timed step revisits prompts of the untimed first epoch
+            sampler = Sampler(
+                GUIDED_PROMPTS if args.guidance else len(data), seed=g * 10 + len(srcs), shuffle=True
+            )
             parts = StepParts(cfg, data, sampler, ImageCheck(False), coord, learner, router, processor)
+            warm = GUIDED_PROMPTS // 2 if args.guidance else 1  # 2 prompts per step
             steps = []
-            for step in range(1, args.repeats + 2):
+            for step in range(1, args.repeats + warm + 1):
                 m = parts.run(step)
                 if m.get("actor/skipped_step") or m.get("trainer/skipped_step"):
                     raise RuntimeError(f"G={g}, {label}: step {step} was skipped (its sync untimed)")
-                if step > 1:  # the first step warms up the prefetch pipeline
+                if step > warm:  # the first step(s) warm up the prefetch pipeline
                     steps.append(m)
+                elif step == warm:
+                    before = m
             coord._pool.shutdown(wait=True)
-            row = {"G": g, "aux": label}
+            row = {"G": g, "aux": label, "served_early": served_early(before, steps[-1])}
             for _, key in PARTS:
                 row[key] = statistics.median(m.get(key, 0.0) for m in steps)
             tokens = statistics.median(m["rollout/policy_tokens"] for m in steps)
@@ -172,14 +186,29 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def served_early(first: dict, last: dict) -> float | None:
+    """The share of the timed steps' guided prompts whose answers were started at the prefetch
+    (cumulative counters, after the warm-up against after the last step)."""
+    if "aux/gate_prefetched" not in last:
+        return None
+    early = last["aux/gate_prefetched"] - first["aux/gate_prefetched"]
+    late = last["aux/gate_on_demand"] - first["aux/gate_on_demand"]
+    return early / max(1.0, early + late)
+
+
 def guidance_table(results: list[dict]) -> str:
-    head = "| G | source, guidance | " + " | ".join(name + " s" for name, _ in PARTS) + " | vs prefetched |"
-    lines = [head, "|---|---|" + "---|" * (len(PARTS) + 1)]
+    head = (
+        "| G | source, guidance | "
+        + " | ".join(name + " s" for name, _ in PARTS)
+        + " | vs prefetched | guided prompts started early |"
+    )
+    lines = [head, "|---|---|" + "---|" * (len(PARTS) + 2)]
     base = {r["aux"].split(",")[0]: r["timing/step"] for r in results if r["aux"].endswith("prefetched")}
     for r in results:
         cells = [f"{r[key]:.3f}" for _, key in PARTS]
         ratio = r["timing/step"] / base[r["aux"].split(",")[0]]
-        lines.append(f"| {r['G']} | {r['aux']} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+        early = "-" if r["served_early"] is None else f"{r['served_early']:.0%}"
+        lines.append(f"| {r['G']} | {r['aux']} | " + " | ".join(cells) + f" | {ratio:.2f}x | {early} |")
     return "\n".join(lines)
 
 

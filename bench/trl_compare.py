@@ -18,8 +18,9 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from bench.trainers import grpo_config, step_clock
 
 ROOT = Path(__file__).resolve().parent.parent
 G, PROMPTS, TOKENS, LR = 8, 2, 64, 1e-6
@@ -120,47 +121,6 @@ def _user_text(sample) -> str:
 
     content = build_messages(sample)[-1]["content"]
     return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
-
-
-def step_clock():
-    """A TrainerCallback recording each optimizer step's start and end, and a function returning
-    the steps' wall times."""
-    from transformers import TrainerCallback
-
-    from bench.learner import cuda_sync
-
-    stamps: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            cuda_sync()
-            stamps.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kw):
-            cuda_sync()
-            stamps.append(time.perf_counter())
-
-    return Clock(), lambda: [b - a for a, b in zip(stamps[::2], stamps[1::2], strict=True)]
-
-
-def grpo_config(**kw):
-    """TRL's GRPOConfig as ekipl's side runs: constant lr, β 0, one update per batch, on the CPU in
-    fp32, no saving, logging or progress bars; ``kw`` sets the rest."""
-    from trl import GRPOConfig
-
-    common = dict(
-        output_dir=tempfile.mkdtemp(prefix="ekipl-bench-trl-out-"),
-        lr_scheduler_type="constant",
-        beta=0.0,
-        num_iterations=1,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        bf16=False,
-        seed=0,
-        disable_tqdm=True,
-    )
-    return GRPOConfig(**{**common, **kw})
 
 
 def trl_steps(model: str, samples: list, repeats: int) -> list[float]:

@@ -237,6 +237,7 @@ class Trainer:
         self.state.update(consecutive_skips=saved["consecutive_skips"], wandb_id=saved.get("wandb_id"))
         if self.cfg.rollout.one_step_off:
             self.coord.restore_early(saved.get("early_rollout"))
+        self.coord.restore_gate(saved.get("gate_pass_rates"))
         self.summary["start_step"] = saved["step"]
         if self.cache is not None:
             missing = [k for k in saved.get("aux_cache_keys", []) if self.cache.get(k) is None]
@@ -326,6 +327,7 @@ class Trainer:
             "wandb_id": self.metrics_log.run_id,
             "aux_cache_keys": cache.keys() if cache is not None else [],
             "early_rollout": coord.early_state(),  # one-step-off: the next step's actions, already sampled
+            "gate_pass_rates": coord.gate_state(),  # rollout.gate_prefetch's memory of the last visits
             "world_size": run_cfg.learner.world_size,
             "zero_stage": run_cfg.learner.zero_stage,
             "dataset_size": sampler.n,

@@ -126,6 +126,36 @@ def test_the_gate_asks_no_aux_for_a_solved_prompt_and_counts_what_guidance_costs
 
 
 @pytest.mark.slow
+def test_gate_prefetch_starts_guidance_for_prompts_that_failed_their_last_visit(
+    gated_coordinator, counting_data
+):
+    samples = [counting_data[0], counting_data[1]]
+    failed = gated_coordinator("failed", gate_threshold=0.0, gate_prefetch=True)
+    failed.prefetch(samples)  # never seen: nothing starts early
+    _, m = failed.rollout(samples, step=1)
+    assert (m["aux/gate_prefetched"], m["aux/gate_on_demand"], m["aux/requests_total"]) == (0.0, 2.0, 2.0)
+    failed.prefetch(samples)  # both failed at their visit: their traces are asked now
+    assert len(failed._started) == 2
+    _, m = failed.rollout(samples, step=2)
+    assert (m["aux/gate_prefetched"], m["aux/gate_on_demand"], m["aux/requests_total"]) == (2.0, 2.0, 4.0)
+    assert [[a.text for a in acts if not a.is_policy] for _, acts in failed.last_candidates] == [
+        [s.cot] for s in samples
+    ]
+    assert failed.gate_state() == {s.id: 0.0 for s in samples}
+    # a resumed run remembers the visits; a prompt solved now lets its early answer go, still paid for
+    solved = gated_coordinator("solved", gate_threshold=0.0, gate_prefetch=True)
+    solved.restore_gate({samples[0].id: 0.0, samples[1].id: 1.0})
+    solved.prefetch(samples)
+    _, m = solved.rollout(samples, step=1)
+    assert (m["aux/gate_prefetched"], m["aux/gate_unused"], m["aux/requests_total"]) == (0.0, 1.0, 1.0)
+    assert all(a.is_policy for _, acts in solved.last_candidates for a in acts)
+    with pytest.raises(ValueError, match="rollout.gate_prefetch"):
+        from ekipl.rollout.coordinator import RolloutConfig
+
+        RolloutConfig(gate_prefetch=True)
+
+
+@pytest.mark.slow
 def test_dynamic_sampling_stops_at_the_round_limit(gated_coordinator, counting_data):
     coord = gated_coordinator("failed", selection="topg", max_sample_rounds=3, dynamic_sampling=True)
     batches = iter(

@@ -50,6 +50,9 @@ class EngineSpec:
     min_pixels: int | None = None
     max_pixels: int | None = None
     mm_cache_gb: float = 0.0
+    # vLLM's own LoRA serving (enable_lora; one adapter at a time, of at most this rank); 0: off.
+    # ekipl syncs merged weights instead (bench/vllm_lora.py measures both ways).
+    max_lora_rank: int = 0
 
 
 @dataclasses.dataclass
@@ -152,6 +155,8 @@ def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
         kwargs["distributed_executor_backend"] = "uni"
     if spec.enable_weight_sync:
         kwargs["worker_extension_cls"] = f"{__name__}.WeightSyncExtension"
+    if spec.max_lora_rank:
+        kwargs.update(enable_lora=True, max_lora_rank=spec.max_lora_rank, max_loras=1)
     return kwargs
 
 
@@ -205,9 +210,25 @@ def per_request(value, n: int, name: str) -> list:
     return values
 
 
-def generate(llm, requests: Sequence[Request], params, seed: int | None = None) -> list[list[Completion]]:
+_ADAPTER_IDS: dict[str, int] = {}
+
+
+def _lora_request(adapter: str | None):
+    if adapter is None:
+        return None
+    from vllm.lora.request import LoRARequest
+
+    lora_id = _ADAPTER_IDS.setdefault(adapter, len(_ADAPTER_IDS) + 1)
+    return LoRARequest(f"adapter-{lora_id}", lora_id, adapter)
+
+
+def generate(
+    llm, requests: Sequence[Request], params, seed: int | None = None, adapter: str | None = None
+) -> list[list[Completion]]:
     """Generate ``params.n`` completions for each request; outputs are in request order. ``params``:
-    one ``SamplingParams`` for every request, or a list of one per request.
+    one ``SamplingParams`` for every request, or a list of one per request. ``adapter``: a peft
+    adapter directory served through vLLM's LoRA support (``EngineSpec.max_lora_rank``); a new
+    directory is a new adapter (loaded at its first use, the last one evicted).
 
     ``seed`` makes the call reproducible on its own: the same requests with the same seed give the
     same samples, whatever the engine generated before (so a resumed run matches an uninterrupted
@@ -219,7 +240,9 @@ def generate(llm, requests: Sequence[Request], params, seed: int | None = None) 
         import torch
 
         torch.manual_seed(seed)
-    outs = llm.generate([r.to_vllm() for r in requests], params, use_tqdm=False)
+    outs = llm.generate(
+        [r.to_vllm() for r in requests], params, use_tqdm=False, lora_request=_lora_request(adapter)
+    )
     result = []
     for out in outs:
         group = []

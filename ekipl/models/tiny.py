@@ -148,6 +148,19 @@ TINY_MODELS: dict[str, TinySpec] = {
         num_kv_heads=2,
         tie_embeddings=True,
     ),
+    # Qwen2-VL-2B's language model scaled down at its proportions (bench/learner.py's LoRA rows on
+    # CPU): embeddings 15% of the 41M parameters (2B: 233M of 1.54B), the MLP 5.8x as wide as the
+    # body (8960/1536), 6 query heads per KV head, tied embeddings.
+    "bench-qwen2-2b-shape": TinySpec(
+        vision=False,
+        vocab_rows=16384,
+        hidden_size=384,
+        intermediate_size=2240,
+        num_layers=12,
+        num_heads=6,
+        num_kv_heads=1,
+        tie_embeddings=True,
+    ),
     "bench-qwen2-100m": TinySpec(
         vision=False, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4
     ),

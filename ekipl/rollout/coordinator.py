@@ -53,6 +53,11 @@ class RolloutConfig:
     # Gated guidance: query aux only for prompts whose policy pass rate is at or below this (0: every
     # policy sample failed); on demand, after the policy's samples are scored. None: off.
     gate_threshold: float | None = None
+    # On-demand guidance, its latency hidden: at a batch's prefetch, start the auxiliary requests for
+    # the prompts that needed guidance at their last visit (an epoch ago); a prompt that needs it now
+    # and was not started is asked on demand. Answers started for a prompt that no longer needs them
+    # are not used (they are counted as requests, and kept in the action cache).
+    gate_prefetch: bool = False
     # Dynamic sampling (DAPO; verl's filter_groups): while fewer than the batch's prompts have groups
     # with signal, roll out the next batch of prompts too, up to max_sample_rounds batches in all;
     # the first groups with signal, up to the batch's prompts, train.
@@ -76,6 +81,11 @@ class RolloutConfig:
             raise ValueError("rollout.max_sample_rounds must be >= 1")
         if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:
             raise ValueError(f"rollout.gate_threshold must be in [0, 1] (or null), got {self.gate_threshold}")
+        if self.gate_prefetch and not self.on_demand:
+            raise ValueError(
+                "rollout.gate_prefetch: only with on-demand guidance (rollout.gate_threshold or "
+                "rollout.aux_on_demand); prefetched guidance is already started early"
+            )
         if self.dynamic_sampling and self.one_step_off:
             raise ValueError(
                 "rollout.dynamic_sampling: not with rollout.one_step_off (the early rollout is of the "
@@ -144,6 +154,9 @@ class RolloutCoordinator:
         self._cost_lock = threading.Lock()
         self._step = 0
         self._early: EarlyRollout | None = None
+        self._last_pass: dict[str, float] = {}  # sample id -> its policy pass rate at the last visit
+        self._started: dict[tuple[str, str], tuple[Future, int]] = {}  # gate_prefetch: (source, id)
+        self.gate_counts = {"prefetched": 0, "on_demand": 0, "unused": 0}
         self.last_candidates: list[tuple[Sample, list[Action]]] = []  # the last rollout's, scored
 
     # ------------------------------------------------------------------------------------------
@@ -214,14 +227,68 @@ class RolloutCoordinator:
         return m
 
     def prefetch(self, samples: list[Sample]) -> None:
-        """Start auxiliary generation for an upcoming batch in the background."""
-        if not self.cfg.prefetch or self.cfg.on_demand:
+        """Start auxiliary generation for an upcoming batch in the background (on demand, with
+        ``rollout.gate_prefetch``: for the prompts that needed guidance at their last visit)."""
+        if not self.cfg.prefetch:
+            return
+        if self.cfg.on_demand:
+            if self.cfg.gate_prefetch:
+                self._start_likely(samples)
             return
         ids = tuple(s.id for s in samples)
         for src in self.sources:
             key = (src.name, ids)
             if key not in self._pending:
                 self._pending[key] = self._pool.submit(self._aux, src, samples)
+
+    def _start_likely(self, samples: list[Sample]) -> None:
+        likely = [
+            s
+            for s in samples
+            if s.id in self._last_pass
+            and self.cfg.needs_guidance(self._last_pass[s.id])
+            and not any((src.name, s.id) in self._started for src in self.sources)
+        ]
+        if likely:
+            for src in self.sources:
+                fut = self._pool.submit(self._aux, src, likely)
+                for j, s in enumerate(likely):
+                    self._started[(src.name, s.id)] = (fut, j)
+
+    def _guidance(self, samples: list[Sample], need: list[int]) -> list[tuple[str, list[int], list]]:
+        """On-demand auxiliary texts for ``samples[i]``, ``i`` in ``need``: those started at the
+        prefetch (``gate_prefetch``) are taken, the rest are asked now, every source at once. Started
+        answers of the other samples are let go (counted ``unused``)."""
+        wanted = {samples[i].id for i in need}
+        plans = []
+        for src in self.sources:
+            held = {
+                s.id: self._started.pop((src.name, s.id))
+                for s in samples
+                if (src.name, s.id) in self._started
+            }
+            self.gate_counts["unused"] += sum(sid not in wanted for sid in held)
+            rest = [samples[i] for i in need if samples[i].id not in held]
+            plans.append((src, held, rest, self._pool.submit(self._aux, src, rest) if rest else None))
+        out = []
+        for src, held, rest, fut in plans:
+            fresh = iter(fut.result() if fut is not None else [])
+            texts = []
+            for i in need:
+                sid = samples[i].id
+                texts.append(held[sid][0].result()[held[sid][1]] if sid in held else next(fresh))
+            self.gate_counts["prefetched"] += len(need) - len(rest)
+            self.gate_counts["on_demand"] += len(rest)
+            out.append((src.name, need, texts))
+        return out
+
+    def gate_state(self) -> dict[str, float]:
+        """The policy pass rate per prompt at its last visit (``gate_prefetch``'s memory), for a
+        checkpoint: a resumed run starts the same requests early."""
+        return dict(self._last_pass)
+
+    def restore_gate(self, state: dict[str, float] | None) -> None:
+        self._last_pass = dict(state or {})
 
     def _aux_future(self, src: Source, samples: list[Sample]) -> Future:
         return self._pending.pop((src.name, tuple(s.id for s in samples)), None) or self._pool.submit(
@@ -329,6 +396,8 @@ class RolloutCoordinator:
             [p for r in rounds for p in r.pass_rates],
         )
         metrics.update(self.cost_metrics())
+        if self.cfg.gate_prefetch:  # cumulative: guided prompts served early / asked late, answers let go
+            metrics.update({f"aux/gate_{k}": float(v) for k, v in self.gate_counts.items()})
         metrics.update(
             {
                 "rollout/one_step_off": float(rounds[0].early),  # 1: generated before the previous update
@@ -366,9 +435,8 @@ class RolloutCoordinator:
             need = [
                 i for i, acts in enumerate(candidates) if self.cfg.needs_guidance(selection.pass_rate(acts))
             ]
-            sub = [samples[i] for i in need]
-            futs = {src.name: self._pool.submit(self._aux, src, sub) for src in self.sources} if sub else {}
-            aux_texts = [(name, need, f.result()) for name, f in futs.items()]
+            aux_texts = self._guidance(samples, need) if need or self._started else []
+            aux_texts = [t for t in aux_texts if t[1]]
         else:
             everyone = list(range(len(samples)))
             aux_texts = [(name, everyone, f.result()) for name, f in aux_futs.items()]
@@ -377,6 +445,8 @@ class RolloutCoordinator:
             for i, texts in zip(idx, texts_per_sample, strict=True):
                 candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
         out = _Round(samples=samples, candidates=candidates, early=early)
+        for s, comps in zip(samples, candidates, strict=True):
+            self._last_pass[s.id] = selection.pass_rate(comps)  # the policy's own samples
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
             out.pass_rates.append(selection.pass_rate(acts))
             best = selection.best(acts)
