@@ -184,10 +184,12 @@ def chunked_logprobs(
     grad = torch.is_grad_enabled() and hidden.requires_grad
     # A trained head (full fine-tuning) needs the non-reentrant checkpoint: the reentrant one runs a
     # backward per chunk, and ZeRO-2 then reduces the head's gradient once per chunk ("gradient
-    # computed twice"). A frozen head (LoRA) needs the reentrant one: under ZeRO-3 the non-reentrant
-    # recompute reads the head's weight after ZeRO-3 released it (an empty tensor), while the
-    # reentrant one re-runs the head's forward, whose hooks gather it again.
-    frozen = not any(p.requires_grad for p in head.parameters())
+    # computed twice"). A frozen head (LoRA) partitioned by ZeRO-3 needs the reentrant one: the
+    # non-reentrant recompute reads the head's weight after ZeRO-3 released it (an empty tensor),
+    # while the reentrant one re-runs the head's forward, whose hooks gather it again. Elsewhere the
+    # non-reentrant one: the reentrant one made a LoRA step 3.4x slower on CPU (bench/learner.py).
+    params = list(head.parameters())
+    frozen = not any(p.requires_grad for p in params) and any(hasattr(p, "ds_id") for p in params)
     logps, ents = [], []
     starts = list(range(0, n, step))
     starts += [n] * max(0, min_chunks - len(starts))  # empty chunks: the head runs on no rows
