@@ -104,16 +104,49 @@ def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_wei
     # the engine: the merged weights (its log-probs equal the learner's merged model's)
     merged = hf.load_model(tiny_vlm).eval()
     merged.load_state_dict(after)
-    with torch.no_grad():
-        learner_lp = hf.completion_logprobs(
-            merged,
-            torch.tensor([prompt_ids + comp]),
-            len(prompt_ids),
-            pixel_values=enc["pixel_values"],
-            image_grid_thw=enc["image_grid_thw"],
-        )[0]
+
+    def scored(model):
+        with torch.no_grad():
+            return hf.completion_logprobs(
+                model,
+                torch.tensor([prompt_ids + comp]),
+                len(prompt_ids),
+                pixel_values=enc["pixel_values"],
+                image_grid_thw=enc["image_grid_thw"],
+            )[0]
+
+    learner_lp = scored(merged)
     assert torch.allclose(engine_lp, learner_lp, atol=1e-3), (engine_lp - learner_lp).abs().max()
+    # the other way in: the exported adapter alone, served by vLLM's own LoRA support on the base
+    # (which the update moved far enough for an ignored adapter to fail the comparison)
+    base_comp = scored(base)
+    assert (base_comp - learner_lp).abs().max() > 1e-2
+    served = torch.tensor(serve_adapter(tiny_vlm, policy / "adapter", prompt_ids, comp, g.sample.image_paths))
+    assert torch.allclose(served, learner_lp, atol=1e-3), (served - learner_lp).abs().max()
     # the export: the merged model, and the adapter, which resolve_model (ekipl.eval) merges back
     assert (policy / "model.safetensors").is_file() and (policy / "adapter" / "adapter_config.json").is_file()
     remerged = hf.load_model(resolve_model(str(policy / "adapter"))).state_dict()
     assert max((remerged[k] - after[k]).abs().max().item() for k in after) < 1e-6
+
+
+SERVE = """
+import json, sys
+from PIL import Image
+from ekipl.engines import vllm_backend as vb
+base, adapter, prompt, comp, paths = json.loads(sys.argv[1])
+llm = vb.start_engine(vb.EngineSpec(model=base, dtype="float32", max_lora_rank=8))
+print(json.dumps(vb.score(llm, prompt, comp, [Image.open(p).convert("RGB") for p in paths], adapter=adapter)))
+"""
+
+
+def serve_adapter(base, adapter, prompt_ids, comp, image_paths) -> list[float]:
+    """The engine's log-probs of ``comp`` with ``adapter`` served through vLLM's LoRA support, in a
+    process of its own (one vLLM engine per process on CPU)."""
+    import json
+    import subprocess
+    import sys
+
+    args = json.dumps([str(base), str(adapter), prompt_ids, comp, [str(p) for p in image_paths]])
+    r = subprocess.run([sys.executable, "-c", SERVE, args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])

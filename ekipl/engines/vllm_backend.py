@@ -261,8 +261,15 @@ def generate(
     return result
 
 
-def score(llm, prompt_token_ids: Sequence[int], completion_ids: Sequence[int], images: Sequence[Any] = ()):
-    """Log-probs that the engine's current weights give ``completion_ids`` after the prompt."""
+def score(
+    llm,
+    prompt_token_ids: Sequence[int],
+    completion_ids: Sequence[int],
+    images: Sequence[Any] = (),
+    adapter: str | None = None,
+):
+    """Log-probs that the engine's current weights (with ``adapter``: served through vLLM's LoRA
+    support, see :func:`generate`) give ``completion_ids`` after the prompt."""
     from vllm import SamplingParams
 
     prompt = list(prompt_token_ids)
@@ -273,7 +280,7 @@ def score(llm, prompt_token_ids: Sequence[int], completion_ids: Sequence[int], i
     ids = prompt + list(completion_ids)
     req = Request(prompt_token_ids=ids, images=images)
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
-    (out,) = llm.generate([req.to_vllm()], params, use_tqdm=False)
+    (out,) = llm.generate([req.to_vllm()], params, use_tqdm=False, lora_request=_lora_request(adapter))
     full, plp = list(out.prompt_token_ids), out.prompt_logprobs
     n = len(completion_ids)
     if full[len(full) - n :] != list(completion_ids):
