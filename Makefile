@@ -35,10 +35,12 @@ test: install
 demo: install
 	$(PY) -m ekipl.demo
 
-# GRPO, GRPO with dynamic sampling, EKIPL and gated EKIPL in miniature, 3 seeds per arm (about an hour on
-# 2 cores; a finished run is kept, so rerunning resumes): bench/LEARNING.md.
+# GRPO, GRPO with dynamic sampling, EKIPL, gated EKIPL, EKIPL with LoRA and the ablations in miniature,
+# 3 seeds per arm, then pass@1-16 of every final policy (about two hours on 2 cores; finished runs
+# and evaluations are kept, so rerunning resumes): bench/LEARNING.md.
 learn: install
 	$(PY) -m bench.learning
+	$(PY) -m bench.boundary
 
 lint: install
 	$(VENV)/bin/ruff check ekipl tests bench launch

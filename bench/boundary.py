@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.learning import HERE, mean_std
+from bench.learning import DEFAULT_ARMS, HERE, mean_std
 
 KS = [1, 2, 4, 8, 16]
 BEGIN, END = "<!-- boundary:begin (bench/boundary.py writes this part) -->", "<!-- boundary:end -->"
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from bench.learning import write_markdown
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arms", nargs="+", default=["grpo", "grpo_ds", "ekipl", "ekipl_gated"])
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="outputs/learning", help="make learn's runs (--out there)")
     ap.add_argument("--out", default="outputs/boundary")

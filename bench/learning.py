@@ -9,6 +9,10 @@ Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.tr
   the recorded trace, plain PPO-clip;
 * ``ekipl_gated``:  external actions only where every policy sample failed, replacing failed ones,
   the gated advantage rule (``algorithm=ekipl_gated``);
+* ``ekipl_lora``:   EKIPL with LoRA (rank 8, the vision tower frozen), its lr from bench/lora_pilot.py;
+* ablations, where EKIPL's gain comes from: ``ekipl_aux_only`` (the auxiliary model alone, right
+  only sometimes: the paper's setting), ``ekipl_traces_only`` (the always-right traces alone) and
+  ``sft_traces`` (continued CoT-SFT on the traces, same prompts, steps and lr: no RL at all);
 * ``ekipl_shaped``: the paper's groups with LUFFY's policy shaping on auxiliary tokens (not run by
   default any more: its result is in LEARNING.md).
 
@@ -65,8 +69,8 @@ ARMS = {
     # LoRA rank 8 on the language model's projections, the vision tower frozen
     "ekipl_lora": LORA,  # + learner.lr=lora_lr() (arm_overrides)
 }
-DEFAULT_ARMS = ["grpo", "grpo_ds", "ekipl", "ekipl_gated"]
 ABLATIONS = ["ekipl_aux_only", "ekipl_traces_only", "sft_traces"]
+DEFAULT_ARMS = ["grpo", "grpo_ds", "ekipl", "ekipl_gated", "ekipl_lora", *ABLATIONS]
 BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
 
 
