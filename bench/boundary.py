@@ -48,10 +48,27 @@ def evaluate_arm(arm: str, models: dict[str, str], data: Path, out: Path, max_to
     return rows
 
 
-def table(results: dict[str, list[dict]]) -> str:
+def chance_rows(data: Path) -> list[dict]:
+    """What guessing gives: k independent uniform draws from the split's own answer set (m distinct
+    answers: pass@k = 1 - (1 - 1/m)^k), and always the split's most common answer (pass@1 only)."""
+    import collections
+
+    rows = []
+    for split in ("id", "ood"):
+        answers = [str(r["answer"]) for r in json.loads((data / f"test_{split}.json").read_text())]
+        m = len(set(answers))
+        row = {"split": split, "model": f"uniform guess over the {m} answers"}
+        row |= {f"pass@{k}": 1 - (1 - 1 / m) ** k for k in KS}
+        majority = collections.Counter(answers).most_common(1)[0][1] / len(answers)
+        rows += [row, {"split": split, "model": "majority answer", "pass@1": majority}]
+    return rows
+
+
+def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> str:
     lines = [
         f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits; "
-        "mean ± std over the arm's seeds (the warm start: one model).",
+        "mean ± std over the arm's seeds (the warm start: one model); the last rows are what guessing "
+        "gives on the same splits.",
         "",
         "| arm | split | " + " | ".join(f"pass@{k}" for k in KS) + " |",
         "|---|---|" + "---|" * len(KS),
@@ -61,10 +78,13 @@ def table(results: dict[str, list[dict]]) -> str:
             mine = [r for r in rows if r["split"] == split]
             cells = [mean_std([r[f"pass@{k}"] for r in mine]) for k in KS]
             lines.append(f"| {arm} | {split.upper()} | " + " | ".join(cells) + " |")
+    for r in chance or []:
+        cells = [f"{r[f'pass@{k}']:.3f}" if f"pass@{k}" in r else "-" for k in KS]
+        lines.append(f"| {r['model']} | {r['split'].upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: Path) -> None:
+def plot(results: dict[str, list[dict]], path: Path, chance: list[dict]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,6 +97,8 @@ def plot(results: dict[str, list[dict]], path: Path) -> None:
             mu = [statistics.mean(r[f"pass@{k}"] for r in mine) for k in KS]
             sd = [statistics.stdev([r[f"pass@{k}"] for r in mine]) if len(mine) > 1 else 0.0 for k in KS]
             ax.errorbar(KS, mu, yerr=sd, marker="o", ms=3, capsize=2, label=arm)
+        guess = next(r for r in chance if r["split"] == split and "pass@2" in r)
+        ax.plot(KS, [guess[f"pass@{k}"] for k in KS], "k--", lw=1, label=guess["model"])
         ax.set_xscale("log", base=2)
         ax.set_xticks(KS, [str(k) for k in KS])
         ax.set_title(f"held-out {split.upper()}: pass@k", fontsize=9)
@@ -111,9 +133,10 @@ def main(argv=None) -> int:
             print(f"[boundary] {arm}: no final policy at {missing}; left out", flush=True)
             continue
         results[arm] = evaluate_arm(arm, models, data, out, args.max_tokens)
-    text = table(results)
+    chance = chance_rows(data)
+    text = table(results, chance)
     write_markdown(text, Path(args.md), BEGIN, END)
-    plot(results, Path(args.png))
+    plot(results, Path(args.png), chance)
     print(text)
     return 0
 
