@@ -284,8 +284,8 @@ class RolloutCoordinator:
 
     def gate_state(self) -> dict[str, float]:
         """The policy pass rate per prompt at its last visit (``gate_prefetch``'s memory), for a
-        checkpoint: a resumed run starts the same requests early."""
-        return dict(self._last_pass)
+        checkpoint: a resumed run starts the same requests early. Empty without gate_prefetch."""
+        return dict(self._last_pass) if self.cfg.gate_prefetch else {}
 
     def restore_gate(self, state: dict[str, float] | None) -> None:
         self._last_pass = dict(state or {})
