@@ -335,6 +335,19 @@ def test_zero3_on_two_gloo_ranks_matches_one_process(zero3, reference):
     check_against_reference(3, before, metrics, after, reference)
 
 
+def completion_logprobs(model, enc, prompt_ids: list[int], comp: list[int]) -> torch.Tensor:
+    """The HF model's log-probs of ``comp`` after an encoded image prompt (``enc``: the processor's
+    output for it), to compare with an engine's."""
+    with torch.no_grad():
+        return hf.completion_logprobs(
+            model,
+            torch.tensor([prompt_ids + comp]),
+            len(prompt_ids),
+            pixel_values=enc["pixel_values"],
+            image_grid_thw=enc["image_grid_thw"],
+        )[0]
+
+
 @pytest.mark.slow
 def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batch, zero3, tiny_vlm, tmp_path):
     """After an update and a sync, vLLM's log-probs of a fixed completion match the learner's (1e-3),
@@ -363,14 +376,7 @@ def test_weight_sync_makes_the_engine_agree_with_the_learner(policy_router, batc
     def learner_logprobs(enc, prompt_ids) -> torch.Tensor:
         model = hf.load_model(tiny_vlm).eval()
         model.load_state_dict(group.state_dict())
-        with torch.no_grad():
-            return hf.completion_logprobs(
-                model,
-                torch.tensor([prompt_ids + comp]),
-                len(prompt_ids),
-                pixel_values=enc["pixel_values"],
-                image_grid_thw=enc["image_grid_thw"],
-            )[0]
+        return completion_logprobs(model, enc, prompt_ids, comp)
 
     def engine_logprobs(prompt_ids, images) -> torch.Tensor:
         return torch.tensor(ray.get(engine.score.remote(prompt_ids, comp, images)))

@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from test_learner import make_batch, reference_step, two_ranks
+from test_learner import completion_logprobs, make_batch, reference_step, two_ranks
 
 from ekipl.algo import objective as O
 from ekipl.learner.config import LearnerConfig, LoraSettings
@@ -105,21 +105,11 @@ def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_wei
     merged = hf.load_model(tiny_vlm).eval()
     merged.load_state_dict(after)
 
-    def scored(model):
-        with torch.no_grad():
-            return hf.completion_logprobs(
-                model,
-                torch.tensor([prompt_ids + comp]),
-                len(prompt_ids),
-                pixel_values=enc["pixel_values"],
-                image_grid_thw=enc["image_grid_thw"],
-            )[0]
-
-    learner_lp = scored(merged)
+    learner_lp = completion_logprobs(merged, enc, prompt_ids, comp)
     assert torch.allclose(engine_lp, learner_lp, atol=1e-3), (engine_lp - learner_lp).abs().max()
     # the other way in: the exported adapter alone, served by vLLM's own LoRA support on the base
     # (which the update moved far enough for an ignored adapter to fail the comparison)
-    base_comp = scored(base)
+    base_comp = completion_logprobs(base, enc, prompt_ids, comp)
     assert (base_comp - learner_lp).abs().max() > 1e-2
     served = torch.tensor(serve_adapter(tiny_vlm, policy / "adapter", prompt_ids, comp, g.sample.image_paths))
     assert torch.allclose(served, learner_lp, atol=1e-3), (served - learner_lp).abs().max()

@@ -285,7 +285,7 @@ class RolloutCoordinator:
     def gate_state(self) -> dict[str, float]:
         """The policy pass rate per prompt at its last visit (``gate_prefetch``'s memory), for a
         checkpoint: a resumed run starts the same requests early. Empty without gate_prefetch."""
-        return dict(self._last_pass) if self.cfg.gate_prefetch else {}
+        return dict(self._last_pass)
 
     def restore_gate(self, state: dict[str, float] | None) -> None:
         self._last_pass = dict(state or {})
@@ -445,8 +445,10 @@ class RolloutCoordinator:
             for i, texts in zip(idx, texts_per_sample, strict=True):
                 candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
         out = _Round(samples=samples, candidates=candidates, early=early)
-        for s, comps in zip(samples, candidates, strict=True):
-            self._last_pass[s.id] = selection.pass_rate(comps)  # the policy's own samples
+        if self.cfg.gate_prefetch:  # its memory of the visits: the policy's own pass rate
+            self._last_pass.update(
+                (s.id, selection.pass_rate(c)) for s, c in zip(samples, candidates, strict=True)
+            )
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
             out.pass_rates.append(selection.pass_rate(acts))
             best = selection.best(acts)
