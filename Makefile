@@ -35,11 +35,13 @@ test: install
 demo: install
 	$(PY) -m ekipl.demo
 
-# GRPO, GRPO with dynamic sampling, EKIPL, gated EKIPL, EKIPL with LoRA and the ablations in miniature,
-# 3 seeds per arm, then pass@1-16 of every final policy (about two hours on 2 cores; finished runs
-# and evaluations are kept, so rerunning resumes): bench/LEARNING.md.
+# GRPO, GRPO with dynamic sampling, EKIPL, gated EKIPL, EKIPL with LoRA and the ablations in miniature
+# on counting, GRPO and EKIPL on geometry and TRANCE (the paper's three families), 3 seeds per arm,
+# then pass@1-16 of every counting policy (about three hours on 2 cores; finished runs and
+# evaluations are kept, so rerunning resumes): bench/LEARNING.md.
 learn: install
 	$(PY) -m bench.learning
+	$(PY) -m bench.families
 	$(PY) -m bench.boundary
 
 lint: install

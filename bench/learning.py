@@ -83,10 +83,13 @@ def finished(run_dir: Path, steps: int) -> float | None:
     return float(info["seconds"]) if info.get("steps") == steps else None
 
 
-def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str], overrides=None) -> float:
+def run_arm(
+    arm: str, seed: int, out: Path, steps: int, extra: list[str], overrides=None, experiment="learn_counting"
+) -> float:
     """One training run as a user runs it; returns its wall time in seconds. A run that already
     finished with the same steps is kept (its recorded time is returned); a partial one is redone.
-    ``overrides`` replace the arm's own (bench/lora_pilot.py's candidates)."""
+    ``overrides`` replace the arm's own (bench/lora_pilot.py's candidates); ``experiment`` is the
+    family's preset (bench/families.py)."""
     run_dir = out / arm / f"seed{seed}"
     kept = finished(run_dir, steps)
     if kept is not None:
@@ -101,7 +104,7 @@ def run_arm(arm: str, seed: int, out: Path, steps: int, extra: list[str], overri
     else:
         cmds = [
             [
-                sys.executable, "-m", "ekipl.train", "+experiment=learn_counting",
+                sys.executable, "-m", "ekipl.train", f"+experiment={experiment}",
                 *(arm_overrides(arm) if overrides is None else overrides), *common,
                 "trainer.log_samples_every=5", "logger.mode=offline", *extra,
             ]
@@ -324,7 +327,8 @@ def write_markdown(text: str, path: Path, begin: str = BEGIN, end: str = END) ->
     path.write_text(f"{head}{begin}\n{text}\n{end}{tail}")
 
 
-def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
+def plot(families: dict[str, dict[str, dict[int, list[dict]]]], path: Path) -> None:
+    """The curves, one row of panels per task family ({family: {arm: {seed: rows}}}), mean ± std."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,34 +340,37 @@ def plot(runs: dict[str, dict[int, list[dict]]], path: Path) -> None:
         ("reward/policy/mean", "policy reward (train, accuracy + format)"),
         ("select/ratio/policy", "share of policy actions in the groups"),
     ]
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4))
-    for ax, (key, title) in zip(axes, keys, strict=True):
-        for arm, seeds in runs.items():
-            curves = [curve(rows, key) for rows in seeds.values()]
-            curves = [c for c in curves if c]
-            if not curves:
-                continue
-            n = min(len(c) for c in curves)
-            xs = [p[0] for p in curves[0][:n]]
-            ys = [[c[i][1] for c in curves] for i in range(n)]
-            mu = [statistics.mean(y) for y in ys]
-            sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
-            (line,) = ax.plot(xs, mu, marker="o" if key.startswith("val/") else None, ms=3, label=arm)
-            ax.fill_between(
-                xs,
-                [m - s for m, s in zip(mu, sd, strict=True)],
-                [m + s for m, s in zip(mu, sd, strict=True)],
-                color=line.get_color(),
-                alpha=0.15,
-            )
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"mean ± std over {len(next(iter(runs.values())))} seeds", fontsize=9)
+    fig, axes = plt.subplots(
+        len(families), len(keys), figsize=(4.2 * len(keys), 3.4 * len(families)), squeeze=False
+    )
+    for row, (family, runs) in zip(axes, families.items(), strict=True):
+        for ax, (key, title) in zip(row, keys, strict=True):
+            for arm, seeds in runs.items():
+                plot_arm(ax, arm, [curve(rows, key) for rows in seeds.values()], key.startswith("val/"))
+            ax.set_title(f"{family}: {title}", fontsize=9)
+            ax.set_xlabel("step", fontsize=8)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    seeds = sorted({len(s) for runs in families.values() for s in runs.values()})
+    fig.suptitle(f"mean ± std over {'/'.join(map(str, seeds))} seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_arm(ax, arm: str, curves: list[list[tuple[int, float]]], markers: bool) -> None:
+    """One arm's mean curve over its seeds, with a ± std band."""
+    curves = [c for c in curves if c]
+    if not curves:
+        return
+    n = min(len(c) for c in curves)
+    xs = [p[0] for p in curves[0][:n]]
+    ys = [[c[i][1] for c in curves] for i in range(n)]
+    mu = [statistics.mean(y) for y in ys]
+    sd = [statistics.stdev(y) if len(y) > 1 else 0.0 for y in ys]
+    (line,) = ax.plot(xs, mu, marker="o" if markers else None, ms=3, label=arm)
+    lo, hi = [m - s for m, s in zip(mu, sd, strict=True)], [m + s for m, s in zip(mu, sd, strict=True)]
+    ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
 
 
 def main(argv=None) -> int:
@@ -420,7 +427,7 @@ def main(argv=None) -> int:
     text = tables(summary, args.steps, args.eval_every, problems)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_markdown(text, Path(args.md))
-    plot(runs, Path(args.png))
+    plot({"counting": runs}, Path(args.png))
     print(text)
     print(f"\n[learn] {args.md}, {args.png}; runs under {out} (final policies in <arm>/seed<k>/policy)")
     print(f"[learn] done in {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)

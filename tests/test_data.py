@@ -82,6 +82,42 @@ def test_ood_split_is_shifted(synth):
     assert views <= {"left", "right"} and views
 
 
+def test_geometry_reads_the_figure_and_its_letters_are_uniform(tmp_path):
+    """The figure decides the formula (the question's text is the same for every figure); ID has
+    rectangles and right triangles, OOD only parallelograms; the choice letters are uniform."""
+    from ekipl.tasks.synth import GEOMETRY_ID, GEOMETRY_OOD
+
+    paths = make_dataset("geometry", tmp_path, n_train=400, n_test=40, seed=3)
+    figures, letters = {}, []
+    for split, path in paths.items():
+        rows = json.loads(path.read_text())
+        figures[split] = {r["cot"].split("The figure is a ")[1].split(" with")[0] for r in rows}
+        assert {r["problem"].split(". Find")[0].split(" are ")[0] for r in rows} == {
+            "In the figure the labelled lengths"
+        }
+        letters += [r["answer"] for r in rows if r["answer"] in "ABCD"]
+    assert figures["train"] == figures["test_id"] == set(GEOMETRY_ID)
+    assert figures["test_ood"] == set(GEOMETRY_OOD)
+    counts = [letters.count(ch) for ch in "ABCD"]
+    assert len(letters) > 150 and max(counts) / len(letters) < 0.33 and min(counts) / len(letters) > 0.17
+
+
+def test_trance_ood_changes_the_view_not_the_text(synth):
+    """One transformation per row, with values from Reason-RFT's sets; the OOD split's text is the
+    ID splits' own, and its final state is the ID rendering mirrored."""
+    from ekipl.tasks.rewards import parse_steps
+    from ekipl.tasks.synth import TRANCE_OBJECTS
+
+    texts = set()
+    for split in ("train", "test_id", "test_ood"):
+        for r in json.loads((synth / "trance" / f"{split}.json").read_text()):
+            texts.add(r["problem"])
+            ((func, obj, value),) = parse_steps(r["answer"])
+            assert value in prompts.TRANCE_FUNCTIONS[func] and int(obj) < TRANCE_OBJECTS
+            assert (r["view"] in ("left", "right")) == (split == "test_ood")
+    assert texts == {"What transformations happened?"}
+
+
 def test_cli_data_make(tmp_path, capsys):
     assert (
         cli(["data", "make", "--task", "counting", "--out", str(tmp_path), "--n-train", "3", "--n-test", "2"])

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import random
 from pathlib import Path
 
@@ -52,6 +51,9 @@ MATERIALS = ("rubber", "metal")
 # Colour/shape pairs held out of the ID splits; the OOD split always contains at least one.
 HELD_OUT = {("cylinder", "purple"), ("sphere", "cyan"), ("cube", "yellow")}
 SPLITS = ("train", "test_id", "test_ood")
+# Each generator's version: a change to what a task generates bumps it, so the warm starts trained
+# on its rows (ekipl.warm, cached by recipe) are rebuilt. 2: the learnable geometry and TRANCE.
+VERSIONS = {"counting": 1, "geometry": 2, "trance": 2}
 
 
 def _rng(seed: int, *parts) -> random.Random:
@@ -167,98 +169,123 @@ def _counting(rng: random.Random, ood: bool):
     return row, [_render(objects)]
 
 
+# Geometry: the figure is read off the image (which figure it is decides the formula); the question's
+# text gives the two labelled lengths, as Geometry3K's do, and is the same for every figure.
+_FIGURES = {
+    # name: (polygon in the 160x120 frame, the two lengths, the area from them, its formula)
+    "rectangle": ([(25, 25), (135, 25), (135, 95), (25, 95)], "sides {a} and {b}", "{a} * {b}"),
+    "right triangle": ([(25, 95), (135, 95), (25, 25)], "legs {a} and {b}", "{a} * {b} / 2"),
+    # OOD: a figure family never seen in training (base and height: the rectangle's formula)
+    "parallelogram": ([(50, 25), (145, 25), (110, 95), (15, 95)], "base {a} and height {b}", "{a} * {b}"),
+}
+GEOMETRY_ID = ("rectangle", "right triangle")
+GEOMETRY_OOD = ("parallelogram",)
+
+
+def _choices(rng: random.Random, value: float, a: int, b: int) -> tuple[list[str], str]:
+    """Four options with the answer's letter drawn uniformly; the distractors are what the other
+    formulas (and near misses) give, so reading the figure is what picks the right one."""
+    text = f"{value:g}"
+    pool = [a * b, a * b / 2, a + b, 2 * (a + b), value + 1, value - 1, value + 2, value * 2]
+    wrong = []
+    for v in pool:
+        t = f"{round(v, 2):g}"
+        if v > 0 and t != text and t not in wrong:
+            wrong.append(t)
+    wrong = rng.sample(wrong, 3)
+    pos = rng.randrange(4)
+    return wrong[:pos] + [text] + wrong[pos:], "ABCD"[pos]
+
+
 def _geometry(rng: random.Random, ood: bool):
+    name = rng.choice(GEOMETRY_OOD if ood else GEOMETRY_ID)
+    poly, lengths, formula = _FIGURES[name]
+    a, b = rng.randint(2, 6), rng.randint(2, 6)
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    if ood:
-        a, b = rng.randint(8, 30), rng.randint(8, 30)
-        d.rectangle([20, 20, 140, 100], outline=(0, 0, 0), width=2)
-        d.line([20, 100, 140, 20], fill=(0, 0, 200))
-        d.text((70, 102), f"{a}", fill=(0, 0, 0))
-        d.text((143, 55), f"{b}", fill=(0, 0, 0))
-        if rng.random() < 0.5:
-            value, what = math.hypot(a, b), "the length of the diagonal"
-            think = f"The diagonal of the {a} by {b} rectangle is sqrt({a}^2 + {b}^2)"
-        else:
-            value, what = 2 * (a + b), "the perimeter of the rectangle"
-            think = f"The perimeter of a {a} by {b} rectangle is 2 * ({a} + {b})"
-        question = f"The rectangle has sides {a} and {b}. Find {what}."
+    d.polygon(poly, fill=(190, 210, 250), outline=(0, 0, 0), width=3)
+    if name == "parallelogram":
+        d.line([(50, 25), (50, 95)], fill=(0, 0, 200), width=2)  # the height
+        d.text((52, 55), f"{b}", fill=(0, 0, 0))
     else:
-        a, b = rng.randint(3, 12), rng.randint(3, 12)
-        d.polygon([(20, 100), (140, 100), (20, 20)], outline=(0, 0, 0), width=2)
-        d.rectangle([20, 90, 30, 100], outline=(0, 0, 0))
-        d.text((75, 102), f"{a}", fill=(0, 0, 0))
-        d.text((6, 55), f"{b}", fill=(0, 0, 0))
-        if rng.random() < 0.5:
-            value, what = math.hypot(a, b), "the length of the hypotenuse"
-            think = f"By the Pythagorean theorem the hypotenuse is sqrt({a}^2 + {b}^2)"
-        else:
-            value, what = a * b / 2, "the area of the triangle"
-            think = f"The area of a right triangle with legs {a} and {b} is {a} * {b} / 2"
-        question = f"In the right triangle the legs are {a} and {b}. Find {what}."
-    value = round(value, 2)
+        d.text((12, 55), f"{b}", fill=(0, 0, 0))
+    if name == "right triangle":
+        d.rectangle([25, 85, 35, 95], outline=(0, 0, 0))
+    d.text((75, 102), f"{a}", fill=(0, 0, 0))
+    value = a * b / 2 if name == "right triangle" else a * b
     text = f"{value:g}"
+    question = f"In the figure the labelled lengths are {a} and {b}. Find the area of the figure."
+    given, product = lengths.format(a=a, b=b), formula.format(a=a, b=b)
+    think = f"The figure is a {name} with {given}, so its area is {product} = {text}"
     if rng.random() < 0.4:  # multiple choice
-        options = {text}
-        while len(options) < 4:
-            options.add(f"{round(value * rng.uniform(0.5, 1.6) + rng.randint(1, 3), 2):g}")
-        opts = sorted(options, key=float)
-        letter = "ABCD"[opts.index(text)]
+        opts, letter = _choices(rng, value, a, b)
         question += " Choices: " + " ".join(f"({ch}) {o}" for ch, o in zip("ABCD", opts, strict=True))
         answer = letter
-        think += f" = {text}, which is option {letter}."
+        think += f", which is option {letter}."
     else:
         answer = text
-        think += f" = {text}."
+        think += "."
     row = {"problem": question, "answer": answer, "cot": f"<think>{think}</think><answer>{answer}</answer>"}
     return row, [img]
 
 
-_MOVES = {"left": (-22, 0), "right": (22, 0), "front": (0, 18), "behind": (0, -18)}
+# TRANCE: two objects, indexed from left to right in the initial state, and one
+# transformation among four functions; the values are drawn from Reason-RFT's sets.
+TRANCE_COLORS = ("red", "blue", "green", "yellow")
+TRANCE_OBJECTS = 2
+_MOVES = {"left": (-30, 0), "right": (30, 0), "front": (0, 24), "behind": (0, -24)}
+_TRANCE_FUNCS = ("change_color", "change_size", "change_shape", "change_position")
+assert all(v in TRANCE_FUNCTIONS["change_color"] for v in TRANCE_COLORS)
+assert all(v in TRANCE_FUNCTIONS["change_position"] for v in _MOVES)
+
+
+def _trance_object(rng: random.Random) -> dict:
+    return {
+        "shape": rng.choice(SHAPES),
+        "color": rng.choice(TRANCE_COLORS),
+        "size": rng.choice(["small", "large"]),
+        "material": "rubber",
+    }
+
+
+def _transform(rng: random.Random, obj: dict) -> tuple[str, str]:
+    func = rng.choice(_TRANCE_FUNCS)
+    if func == "change_position":
+        moves = []
+        for value, (dx, dy) in sorted(_MOVES.items()):
+            x, y = obj["x"] + dx, obj["y"] + dy
+            if 16 <= x <= W - 16 and 16 <= y <= H - 16:
+                moves.append((value, x, y))
+        value, obj["x"], obj["y"] = rng.choice(moves)
+        return func, value
+    attr = func.removeprefix("change_")
+    pool = {"color": TRANCE_COLORS, "size": ("small", "large"), "shape": SHAPES}[attr]
+    value = rng.choice([v for v in pool if v != obj[attr]])
+    obj[attr] = value
+    return func, value
 
 
 def _trance(rng: random.Random, ood: bool):
-    n = rng.randint(3, 5)
-    objects = [_random_object(rng, True) for _ in range(n)]
-    for o in objects:
-        o["size"] = rng.choice(["small", "medium", "large"])
-        o["material"] = rng.choice(["rubber", "metal", "glass"])
+    objects = [_trance_object(rng) for _ in range(TRANCE_OBJECTS)]
     _place(rng, objects)
+    objects.sort(key=lambda o: o["x"])
     final = [dict(o) for o in objects]
-    steps, touched = [], set()
-    for _ in range(rng.randint(1, 3)):
-        func = rng.choice(sorted(TRANCE_FUNCTIONS))
-        idx = rng.randrange(n)
-        if (idx, func) in touched:
-            continue
-        touched.add((idx, func))
-        obj = final[idx]
-        if func == "change_position":
-            value = rng.choice(sorted(_MOVES))
-            dx, dy = _MOVES[value]
-            obj["x"] = min(max(obj["x"] + dx, 16), W - 16)
-            obj["y"] = min(max(obj["y"] + dy, 16), H - 16)
-        else:
-            attr = func.removeprefix("change_")
-            choices = [
-                v for v in TRANCE_FUNCTIONS[func] if v != obj[attr] and (attr != "color" or v in COLORS)
-            ]
-            value = rng.choice(choices)
-            obj[attr] = value
-        steps.append(f"{func}({idx}, {value})")
+    idx = rng.randrange(len(objects))
+    func, value = _transform(rng, final[idx])
     view = rng.choice(["left", "right"]) if ood else "center"
-    question = "What transformations happened?"
-    if ood:
-        question += f" The final state is shown from the {view} view."
-    answer = ", ".join(steps)
-    think = "Comparing each indexed object between the two states: " + "; ".join(steps) + "."
+    answer = f"{func}({idx}, {value})"
+    o = objects[idx]
+    change = {"change_shape": "is a {v}", "change_position": "moved {v}"}.get(func, "is {v}").format(v=value)
+    the = f"the {o['size']} {o['color']} {o['shape']}"
+    think = f"Object {idx}, {the}, {change} in the final state, so the answer is {answer}."
     row = {
-        "problem": question,
+        # the same text in every split: the OOD shift is the view alone (the final state mirrored)
+        "problem": "What transformations happened?",
         "answer": answer,
         "cot": f"<think>{think}</think><answer>{answer}</answer>",
         "view": view,
     }
-    return row, [_render(objects, labels=True), _render(final, labels=not ood, mirror=ood)]
+    return row, [_render(objects, labels=True), _render(final, mirror=ood)]
 
 
 GENERATORS = {"counting": _counting, "geometry": _geometry, "trance": _trance}

@@ -1,0 +1,218 @@
+"""`make learn`, the paper's table in miniature: GRPO against EKIPL on Reason-RFT's three task
+families (visual counting, structure perception, spatial transformation), ID and OOD.
+
+Each family has its own CoT-SFT warm start and its own stronger auxiliary model (``ekipl.warm``:
+``learn-qwen2-vl-<family>-sft`` and ``-aux``; counting's are ``learn-qwen2-vl-sft`` and ``-aux``),
+and its preset (``conf/experiment/learn_<family>.yaml``: learn_counting's settings on that family's
+synthetic rows). Arms: ``grpo`` and ``ekipl`` (the paper's recipe), over the same seeds. Counting's
+runs are bench/learning.py's own (``<out>/<arm>/seed<k>``, kept, not redone); the other families'
+go under ``<out>/<family>/<arm>/seed<k>``. Finished runs are kept: rerunning resumes the batch.
+
+Writes LEARNING.md's main table between its markers, in the paper's layout (per family: ID, OOD
+and their mean; a warm-start row; every cell mean ± std over the seeds), what guessing scores on
+each split beside it, the three claims per family, and the curves, one row per family, to
+bench/learning.png.
+
+    .venv/bin/python -m bench.families [--seeds 0 1 2] [--families counting geometry trance]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+from pathlib import Path
+
+from bench.learning import (
+    DEFAULT_ARMS,
+    HERE,
+    curve,
+    load_rows,
+    mean_std,
+    plot,
+    run_arm,
+    steps_to_reach,
+    write_markdown,
+)
+
+FAMILIES = ("counting", "geometry", "trance")
+ARMS = ("grpo", "ekipl")
+NAMES = {"counting": "counting", "geometry": "structure perception", "trance": "spatial transformation"}
+WARM = {f: (f"learn-qwen2-vl-{f}-sft", f"learn-qwen2-vl-{f}-aux") for f in FAMILIES if f != "counting"}
+WARM["counting"] = ("learn-qwen2-vl-sft", "learn-qwen2-vl-aux")
+BEGIN, END = "<!-- families:begin (bench/families.py writes this part) -->", "<!-- families:end -->"
+
+
+def family_root(out: Path, family: str) -> Path:
+    """Where a family's arms live: counting's are bench/learning.py's own runs."""
+    return out if family == "counting" else out / family
+
+
+def guessing(data: Path, task: str) -> dict[str, dict[str, float]]:
+    """What guessing scores on each test split, under the validation's own scoring (TRANCE: partial
+    credit): a uniform draw from the split's answers of the row's kind (a choice letter or not), and
+    always the kind's most common answer."""
+    from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.rewards import EVAL_ACCURACY
+
+    score = EVAL_ACCURACY[task]
+    out = {}
+    for split in ("id", "ood"):
+        rows = list(load_task_file(data / f"test_{split}.json"))
+        kinds = collections.defaultdict(list)
+        for s in rows:
+            kinds[s.answer in ("A", "B", "C", "D")].append(s.answer)
+
+        def pred(text: str) -> str:
+            return f"<think>guess</think><answer>{text}</answer>"
+
+        uniform = statistics.mean(
+            statistics.mean(score(pred(a), s) for a in set(kinds[s.answer in ("A", "B", "C", "D")]))
+            for s in rows
+        )
+        top = {k: collections.Counter(v).most_common(1)[0][0] for k, v in kinds.items()}
+        majority = statistics.mean(score(pred(top[s.answer in ("A", "B", "C", "D")]), s) for s in rows)
+        out[split] = {"uniform": uniform, "majority": majority}
+    return out
+
+
+def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, list[float]]]:
+    """Per arm: the warm start's and the final ID/OOD accuracy per seed, their means, and the steps
+    to GRPO's final ID accuracy (the mean over GRPO's seeds)."""
+    grpo_final = statistics.mean(curve(rows, "val/id/accuracy")[-1][1] for rows in runs["grpo"].values())
+    out = {}
+    for arm, seeds in runs.items():
+        s: dict[str, list] = collections.defaultdict(list)
+        for rows in seeds.values():
+            for split in ("id", "ood"):
+                points = curve(rows, f"val/{split}/accuracy")
+                s[f"start_{split}"].append(points[0][1])
+                s[f"final_{split}"].append(points[-1][1])
+            s["start_mean"].append((s["start_id"][-1] + s["start_ood"][-1]) / 2)
+            s["final_mean"].append((s["final_id"][-1] + s["final_ood"][-1]) / 2)
+            s["format"].append(curve(rows, "val/id/format")[-1][1])
+            s["reach"].append(steps_to_reach(curve(rows, "val/id/accuracy"), grpo_final))
+        s["grpo_final"] = [grpo_final]
+        out[arm] = dict(s)
+    return out
+
+
+def diff(a: list[float], b: list[float]) -> str:
+    """The difference of two arms' means, ± its standard error (independent seeds)."""
+    se = (
+        (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+        if min(len(a), len(b)) > 1
+        else 0
+    )
+    return f"{statistics.mean(a) - statistics.mean(b):+.3f} ± {se:.3f}"
+
+
+def reach_text(reach: list[int | None]) -> str:
+    got = [r for r in reach if r is not None]
+    return f"{statistics.mean(got):.1f} ({len(got)}/{len(reach)} seeds)" if got else f"never (0/{len(reach)})"
+
+
+def tables(summary: dict[str, dict], chance: dict[str, dict], steps: int, problems: dict[str, int]) -> str:
+    fams = list(summary)
+    head = " | ".join(f"{NAMES[f]} ID | {NAMES[f]} OOD | {NAMES[f]} mean" for f in fams)
+    rows = [("warm start (CoT-SFT)", "grpo", "start"), ("GRPO", "grpo", "final"), ("EKIPL", "ekipl", "final")]
+    lines = [
+        f"Held-out greedy accuracy after {steps} steps (TRANCE: partial credit, the paper's metric), "
+        "mean ± std over seeds; problems per split: "
+        + ", ".join(f"{NAMES[f]} {problems[f]}" for f in fams)
+        + ". The warm-start row is step 0's validation of the GRPO runs.",
+        "",
+        f"| model | {head} |",
+        "|---|" + "---|" * (3 * len(fams)),
+    ]
+    for label, arm, when in rows:
+        cells = [mean_std(summary[f][arm][f"{when}_{k}"]) for f in fams for k in ("id", "ood", "mean")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    for kind, label in (("uniform", "uniform guess (the row's kind)"), ("majority", "majority answer")):
+        cells = []
+        for f in fams:
+            i, o = chance[f]["id"][kind], chance[f]["ood"][kind]
+            cells += [f"{i:.3f}", f"{o:.3f}", f"{(i + o) / 2:.3f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "The three claims per family: EKIPL − GRPO (± the standard error of the difference over "
+        "independent seeds), the ID format, and the first validated step at which an arm reaches GRPO's "
+        "final ID accuracy (GRPO's mean over its seeds; a seed that never does is counted apart):",
+        "",
+        "| family | EKIPL − GRPO, ID | EKIPL − GRPO, OOD | ID format, GRPO / EKIPL | GRPO's steps to its "
+        "final ID | EKIPL's steps to GRPO's final ID |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in fams:
+        g, e = summary[f]["grpo"], summary[f]["ekipl"]
+        lines.append(
+            f"| {NAMES[f]} | {diff(e['final_id'], g['final_id'])} | {diff(e['final_ood'], g['final_ood'])} | "
+            f"{mean_std(g['format'])} / {mean_std(e['format'])} | {reach_text(g['reach'])} | "
+            f"{reach_text(e['reach'])} |"
+        )
+    return "\n".join(lines)
+
+
+def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
+    """What the plot shows: every family's arms, and on counting every bench/learning.py arm run."""
+    if "counting" not in runs:
+        return runs
+    done = [a for a in DEFAULT_ARMS if all((out / a / f"seed{s}" / "done.json").is_file() for s in seeds)]
+    counting = {a: {s: load_rows(out / a / f"seed{s}") for s in seeds} for a in done}
+    return {**runs, "counting": counting or runs["counting"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--out", default="outputs/learning")
+    ap.add_argument("--md", default=str(HERE / "LEARNING.md"))
+    ap.add_argument("--png", default=str(HERE / "learning.png"))
+    ap.add_argument("--report-only", action="store_true", help="tables and curves from existing runs")
+    ap.add_argument("extra", nargs="*", help="Hydra overrides for every run")
+    args = ap.parse_args(argv)
+    out, extra = Path(args.out), [f"trainer.eval_every={args.eval_every}", *args.extra]
+    t_all = time.perf_counter()
+    if not args.report_only:
+        from ekipl.runtime import resolve_model
+
+        for family in args.families:
+            for name in WARM[family]:  # built once, cached by recipe and model seed
+                print(f"[families] warm start {name}: {resolve_model(name, 0)}", flush=True)
+        for seed in args.seeds:  # seed-major: a partial batch still compares every family
+            for family in args.families:
+                for arm in ARMS:
+                    root = family_root(out, family)
+                    took = run_arm(arm, seed, root, args.steps, extra, experiment=f"learn_{family}")
+                    acc = curve(load_rows(root / arm / f"seed{seed}"), "val/id/accuracy")
+                    print(
+                        f"[families] {family} {arm} seed {seed}: {took / 60:.1f} min, val ID "
+                        + " ".join(f"{s}:{v:.2f}" for s, v in acc)
+                        + f" (elapsed {(time.perf_counter() - t_all) / 60:.1f} min)",
+                        flush=True,
+                    )
+    runs, summary, chance, problems = {}, {}, {}, {}
+    for family in args.families:
+        root = family_root(out, family)
+        runs[family] = {arm: {s: load_rows(root / arm / f"seed{s}") for s in args.seeds} for arm in ARMS}
+        summary[family] = summarize(runs[family])
+        data = root / "grpo" / f"seed{args.seeds[0]}" / "data" / family
+        chance[family] = guessing(data, family)
+        problems[family] = int(curve(runs[family]["grpo"][args.seeds[0]], "val/id/problems")[0][1])
+    text = tables(summary, chance, args.steps, problems)
+    (out / "families.json").write_text(json.dumps({"summary": summary, "chance": chance}, indent=1))
+    write_markdown(text, Path(args.md), BEGIN, END)
+    plot(curves_of(runs, out, args.seeds), Path(args.png))
+    print(text)
+    print(f"[families] done in {(time.perf_counter() - t_all) / 60:.1f} min", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
