@@ -15,7 +15,7 @@ def model_root(tmp_path_factory):
     """Where tiny models are built: $EKIPL_CACHE if set (fast re-runs), else a session temp dir."""
     if os.environ.get("EKIPL_CACHE"):
         return None  # build_tiny's default: $EKIPL_CACHE/models
-    return tmp_path_factory.mktemp("models")
+    return tmp_path_factory.mktemp("models", numbered=False)  # EKIPL_CACHE=its parent finds them
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,10 @@ def test_sft_without_traces_is_a_data_error(tmp_path, red_image):
 
 
 @pytest.mark.slow
-def test_sft_warm_start_lowers_the_trace_nll_exports_a_policy_and_is_cached(tmp_path, monkeypatch):
+def test_sft_warm_start_lowers_the_trace_nll_exports_a_policy_and_is_cached(tmp_path, monkeypatch, tiny_vlm):
     """A warm start runs ``python -m ekipl.sft`` once (the traces' NLL falls, the export loads); the
-    next use is the cached directory; a changed recipe is a new build."""
+    next use is the cached directory; a changed recipe, or a changed generator of its rows, is a new
+    build."""
     import json
 
     from ekipl import warm
@@ -33,7 +34,8 @@ def test_sft_warm_start_lowers_the_trace_nll_exports_a_policy_and_is_cached(tmp_
     # the whole 4-row set every step, so the NLL must fall
     recipe = warm.WarmStart(base="tiny-qwen2-vl", steps=4, prompts_per_step=4, data_size=4, lr=1e-3)
     monkeypatch.setitem(warm.WARM_STARTS, "test-warm", recipe)
-    monkeypatch.setenv("EKIPL_CACHE", str(tmp_path / "cache"))  # the SFT subprocess builds its base here
+    # the SFT subprocess resolves its base where the session built it
+    monkeypatch.setenv("EKIPL_CACHE", str(tiny_vlm.parent.parent))
     path = warm.build_warm("test-warm", root=tmp_path)
     assert json.loads((path / "ekipl_warm.json").read_text())["recipe"]["steps"] == 4
     nll = [json.loads(x)["actor/nll"] for x in (path / "sft_metrics.jsonl").read_text().splitlines()]
@@ -46,5 +48,9 @@ def test_sft_warm_start_lowers_the_trace_nll_exports_a_policy_and_is_cached(tmp_
     assert (path / "model.safetensors").stat().st_mtime_ns == stamp
     changed = warm.WarmStart(base="tiny-qwen2-vl", steps=5)
     assert warm._digest("test-warm", changed, 0) not in path.name  # a new recipe is a new build
+    from ekipl.tasks import synth
+
+    monkeypatch.setitem(synth.VERSIONS, "counting", synth.VERSIONS["counting"] + 1)
+    assert warm._digest("test-warm", recipe, 0) not in path.name  # new rows: a new build
     with pytest.raises(ValueError, match="unknown warm start 'nope'"):
         warm.build_warm("nope", root=tmp_path)
