@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.learning import (
     DEFAULT_ARMS,
-    HERE,
+    batch_args,
     curve,
     load_rows,
     mean_std,
@@ -166,16 +166,8 @@ def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap = batch_args(argparse.ArgumentParser())
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    ap.add_argument("--steps", type=int, default=60)
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--out", default="outputs/learning")
-    ap.add_argument("--md", default=str(HERE / "LEARNING.md"))
-    ap.add_argument("--png", default=str(HERE / "learning.png"))
-    ap.add_argument("--report-only", action="store_true", help="tables and curves from existing runs")
-    ap.add_argument("extra", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args(argv)
     out, extra = Path(args.out), [f"trainer.eval_every={args.eval_every}", *args.extra]
     t_all = time.perf_counter()

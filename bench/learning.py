@@ -373,10 +373,9 @@ def plot_arm(ax, arm: str, curves: list[list[tuple[int, float]]], markers: bool)
     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser()
+def batch_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every `make learn` batch takes (bench/families.py's too)."""
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--out", default="outputs/learning")
@@ -384,6 +383,12 @@ def main(argv=None) -> int:
     ap.add_argument("--png", default=str(HERE / "learning.png"))
     ap.add_argument("--report-only", action="store_true", help="tables and curves from existing runs")
     ap.add_argument("extra", nargs="*", help="Hydra overrides for every run")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = batch_args(argparse.ArgumentParser())
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     args = ap.parse_args(argv)
     out = Path(args.out)
     if "grpo" not in args.arms:

@@ -1,0 +1,64 @@
+"""bench/families.py's arithmetic: what guessing scores per split (under the validation's own
+scoring), and the paper-layout table from runs' metrics rows."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import families
+
+
+def _split(root, name, task, answers, red_image):
+    red_image.save(root / "x.png")
+    rows = [{"id": f"{name}{i}", "task": task, "image": "x.png", "problem": "q", "answer": a}
+            for i, a in enumerate(answers)]  # fmt: skip
+    (root / f"test_{name}.json").write_text(json.dumps(rows))
+
+
+@pytest.mark.parametrize(
+    "task, answers, uniform, majority",
+    [
+        # exact counts: a uniform draw from {1, 2} is right half the time; always "1": 2 of 3
+        ("counting", ["1", "1", "2"], 0.5, 2 / 3),
+        # letters and numbers are guessed within their own kind: {A, B} for the letter rows, {6}
+        ("geometry", ["A", "B", "6"], (0.5 + 0.5 + 1.0) / 3, (1.0 + 0.0 + 1.0) / 3),
+        # TRANCE's partial credit: the other row's step shares no function, so it scores 0
+        ("trance", ["change_color(0, red)", "change_size(1, large)"], 0.5, 0.5),
+    ],
+)
+def test_guessing_scores_a_uniform_draw_and_the_majority_answer(
+    tmp_path, red_image, task, answers, uniform, majority
+):
+    for split in ("id", "ood"):
+        _split(tmp_path, split, task, answers, red_image)
+    got = families.guessing(tmp_path, task)
+    assert got["id"] == got["ood"] == {"uniform": pytest.approx(uniform), "majority": pytest.approx(majority)}
+
+
+def _rows(id_acc, ood_acc):
+    metrics = {"val/id/format": 1.0, "val/id/problems": 4}
+    pairs = enumerate(zip(id_acc, ood_acc, strict=True))
+    return [{"step": 10 * i, "val/id/accuracy": a, "val/ood/accuracy": o, **metrics} for i, (a, o) in pairs]
+
+
+def test_the_paper_table_has_the_warm_start_both_arms_guessing_and_the_claims():
+    runs = {
+        "grpo": {0: _rows([0.2, 0.3, 0.4], [0.1, 0.1, 0.2]), 1: _rows([0.2, 0.2, 0.2], [0.1, 0.2, 0.2])},
+        "ekipl": {0: _rows([0.2, 0.5, 0.6], [0.1, 0.3, 0.3]), 1: _rows([0.2, 0.3, 0.4], [0.1, 0.1, 0.1])},
+    }
+    summary = families.summarize(runs)
+    assert summary["grpo"]["grpo_final"] == [pytest.approx(0.3)]
+    assert summary["ekipl"]["final_mean"] == [pytest.approx(0.45), pytest.approx(0.25)]
+    assert summary["grpo"]["reach"] == [10, None] and summary["ekipl"]["reach"] == [10, 10]
+    chance = {"id": {"uniform": 0.1, "majority": 0.25}, "ood": {"uniform": 0.2, "majority": 0.5}}
+    text = families.tables({"geometry": summary}, {"geometry": chance}, 20, {"geometry": 4})
+    lines = text.splitlines()
+    assert "| warm start (CoT-SFT) | 0.200 ± 0.000 | 0.100 ± 0.000 | 0.150 ± 0.000 |" in lines
+    assert "| GRPO | 0.300 ± 0.141 | 0.200 ± 0.000 | 0.250 ± 0.071 |" in lines
+    assert "| majority answer | 0.250 | 0.500 | 0.375 |" in lines
+    (claims,) = [x for x in lines if x.startswith("| structure perception |")]
+    # EKIPL - GRPO on ID: 0.5 - 0.3, its standard error sqrt(0.02/2 + 0.02/2) = 0.141
+    assert claims.startswith("| structure perception | +0.200 ± 0.141 | +0.000 ± 0.100 |")
+    assert claims.endswith("| 10.0 (1/2 seeds) | 10.0 (2/2 seeds) |")
