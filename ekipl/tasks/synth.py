@@ -229,14 +229,13 @@ def _geometry(rng: random.Random, ood: bool):
     return row, [img]
 
 
-# TRANCE: two objects, indexed from left to right in the initial state, and one
-# transformation among four functions; the values are drawn from Reason-RFT's sets.
+# TRANCE: two objects, indexed from left to right in the initial state, and one transformation of
+# three attribute functions (colour among four, size, shape), its values from Reason-RFT's sets. The
+# trace describes each state, as counting's describes its scene, then compares the descriptions.
 TRANCE_COLORS = ("red", "blue", "green", "yellow")
 TRANCE_OBJECTS = 2
-_MOVES = {"left": (-30, 0), "right": (30, 0), "front": (0, 24), "behind": (0, -24)}
-_TRANCE_FUNCS = ("change_color", "change_size", "change_shape", "change_position")
+_TRANCE_FUNCS = ("change_color", "change_size", "change_shape")
 assert all(v in TRANCE_FUNCTIONS["change_color"] for v in TRANCE_COLORS)
-assert all(v in TRANCE_FUNCTIONS["change_position"] for v in _MOVES)
 
 
 def _trance_object(rng: random.Random) -> dict:
@@ -250,19 +249,17 @@ def _trance_object(rng: random.Random) -> dict:
 
 def _transform(rng: random.Random, obj: dict) -> tuple[str, str]:
     func = rng.choice(_TRANCE_FUNCS)
-    if func == "change_position":
-        moves = []
-        for value, (dx, dy) in sorted(_MOVES.items()):
-            x, y = obj["x"] + dx, obj["y"] + dy
-            if 16 <= x <= W - 16 and 16 <= y <= H - 16:
-                moves.append((value, x, y))
-        value, obj["x"], obj["y"] = rng.choice(moves)
-        return func, value
     attr = func.removeprefix("change_")
     pool = {"color": TRANCE_COLORS, "size": ("small", "large"), "shape": SHAPES}[attr]
     value = rng.choice([v for v in pool if v != obj[attr]])
     obj[attr] = value
     return func, value
+
+
+def _state(objects: list[dict]) -> str:
+    return " and ".join(
+        f"object {i} is a {o['size']} {o['color']} {o['shape']}" for i, o in enumerate(objects)
+    )
 
 
 def _trance(rng: random.Random, ood: bool):
@@ -274,10 +271,10 @@ def _trance(rng: random.Random, ood: bool):
     func, value = _transform(rng, final[idx])
     view = rng.choice(["left", "right"]) if ood else "center"
     answer = f"{func}({idx}, {value})"
-    o = objects[idx]
-    change = {"change_shape": "is a {v}", "change_position": "moved {v}"}.get(func, "is {v}").format(v=value)
-    the = f"the {o['size']} {o['color']} {o['shape']}"
-    think = f"Object {idx}, {the}, {change} in the final state, so the answer is {answer}."
+    think = (
+        f"In the initial state {_state(objects)}. In the final state {_state(final)}. Object {idx} "
+        f"changed its {func.removeprefix('change_')}, so the answer is {answer}."
+    )
     row = {
         # the same text in every split: the OOD shift is the view alone (the final state mirrored)
         "problem": "What transformations happened?",
