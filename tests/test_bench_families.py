@@ -62,3 +62,13 @@ def test_the_paper_table_has_the_warm_start_both_arms_guessing_and_the_claims():
     # EKIPL - GRPO on ID: 0.5 - 0.3, its standard error sqrt(0.02/2 + 0.02/2) = 0.141
     assert claims.startswith("| structure perception | +0.200 ± 0.141 | +0.000 ± 0.100 |")
     assert claims.endswith("| 10.0 (1/2 seeds) | 10.0 (2/2 seeds) |")
+
+
+@pytest.mark.parametrize("family", ["geometry", "trance"])
+def test_a_family_preset_has_its_own_models_and_grpo_drops_every_auxiliary_source(family):
+    from runs import compose
+
+    cfg = compose([f"+experiment=learn_{family}"])
+    assert (cfg.model.path, cfg.data.synthetic_task) == (f"learn-qwen2-vl-{family}-sft", family)
+    assert cfg.aux.aux_model.model == f"learn-qwen2-vl-{family}-aux" and cfg.aux.dataset.kind == "dataset"
+    assert dict(compose([f"+experiment=learn_{family}", "algorithm=grpo", "aux=none"]).aux) == {}
