@@ -48,7 +48,8 @@ WARM_STARTS: dict[str, WarmStart] = {
     "learn-qwen2-vl-aux": WarmStart(base="learn-qwen2-vl-sft", steps=600),
     # The same pair for the other two families (structure perception and spatial transformation), on
     # each family's own synthetic rows (bench/learning.py's three families); the auxiliary model is
-    # trained twice as long, not three times, to keep every warm start within 5 minutes on 2 cores.
+    # trained twice as long, not three times: 3 minutes a build on 2 cores for geometry, 6 for
+    # TRANCE (two images a row).
     **{
         f"learn-qwen2-vl-{task}-{kind}": WarmStart(base=base, task=task, steps=300)
         for task in ("geometry", "trance")

@@ -12,11 +12,13 @@ Tasks and their OOD shifts:
 
 * ``counting`` (CLEVR-Math style): 3-6 objects; "Subtract all red cubes. How many objects are
   left?". OOD: 7-10 objects and colour/shape pairs never seen in training (Super-CLEVR's role).
-* ``geometry`` (numeric and multiple choice): right triangles with labelled legs, asking for the
-  hypotenuse or the area. OOD: rectangles asking for a diagonal or perimeter, larger sides
-  (Geometry3K's role).
-* ``trance``: an initial and a final scene of indexed objects and the transformations between them.
-  OOD: the final scene rendered from the left or right view (mirrored).
+* ``geometry`` (structure perception; numeric and multiple choice): the area of the figure from
+  its two labelled lengths (2-6), in the same words for every figure, so the figure decides the
+  formula: rectangles and right triangles. OOD: parallelograms, a figure family never seen in
+  training (Geometry3K's role). Choice letters are uniform; distractors are the other formulas'.
+* ``trance``: an initial and a final scene of two indexed objects and one attribute transformation
+  between them; the trace describes both states. OOD: the final scene rendered from the left or
+  right view (mirrored), with the ID question text.
 
 Each sample's RNG is seeded from (seed, task, split, index), and PNGs carry no metadata, so the same
 seed gives byte-identical files.
@@ -172,7 +174,7 @@ def _counting(rng: random.Random, ood: bool):
 # Geometry: the figure is read off the image (which figure it is decides the formula); the question's
 # text gives the two labelled lengths, as Geometry3K's do, and is the same for every figure.
 _FIGURES = {
-    # name: (polygon in the 160x120 frame, the two lengths, the area from them, its formula)
+    # name: (polygon in the 160x120 frame, what the two lengths are, the area's formula)
     "rectangle": ([(25, 25), (135, 25), (135, 95), (25, 95)], "sides {a} and {b}", "{a} * {b}"),
     "right triangle": ([(25, 95), (135, 95), (25, 25)], "legs {a} and {b}", "{a} * {b} / 2"),
     # OOD: a figure family never seen in training (base and height: the rectangle's formula)
