@@ -17,7 +17,8 @@ from ekipl.config import ConfigError, to_run_config
 PRESETS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-CPU_PRESETS = ("cpu_demo", "learn_counting", "own_task")  # tiny models, data of their own
+# tiny models, data of their own
+CPU_PRESETS = ("cpu_demo", "learn_counting", "learn_geometry", "learn_trance", "own_task")
 
 
 @pytest.mark.parametrize("preset", PRESETS)
