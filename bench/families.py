@@ -29,6 +29,7 @@ from bench.learning import (
     DEFAULT_ARMS,
     batch_args,
     curve,
+    finished,
     load_rows,
     mean_std,
     plot,
@@ -122,6 +123,8 @@ def tables(summary: dict[str, dict], chance: dict[str, dict], steps: int, proble
         f"Held-out greedy accuracy after {steps} steps (TRANCE: partial credit, the paper's metric), "
         "mean ± std over seeds; problems per split: "
         + ", ".join(f"{NAMES[f]} {problems[f]}" for f in fams)
+        + "; seeds per arm: "
+        + ", ".join(f"{NAMES[f]} {len(summary[f]['grpo']['final_id'])}" for f in fams)
         + ". The warm-start row is step 0's validation of the GRPO runs.",
         "",
         f"| model | {head} |",
@@ -192,11 +195,14 @@ def main(argv=None) -> int:
     runs, summary, chance, problems = {}, {}, {}, {}
     for family in args.families:
         root = family_root(out, family)
-        runs[family] = {arm: {s: load_rows(root / arm / f"seed{s}") for s in args.seeds} for arm in ARMS}
+        # the seeds whose runs finished (a partial batch reports what it has, and says so)
+        seeds = [s for s in args.seeds if all(finished(root / a / f"seed{s}", args.steps) for a in ARMS)]
+        if not seeds:
+            raise SystemExit(f"{family}: no seed has finished runs of every arm under {root}")
+        runs[family] = {arm: {s: load_rows(root / arm / f"seed{s}") for s in seeds} for arm in ARMS}
         summary[family] = summarize(runs[family])
-        data = root / "grpo" / f"seed{args.seeds[0]}" / "data" / family
-        chance[family] = guessing(data, family)
-        problems[family] = int(curve(runs[family]["grpo"][args.seeds[0]], "val/id/problems")[0][1])
+        chance[family] = guessing(root / "grpo" / f"seed{seeds[0]}" / "data" / family, family)
+        problems[family] = int(curve(runs[family]["grpo"][seeds[0]], "val/id/problems")[0][1])
     text = tables(summary, chance, args.steps, problems)
     (out / "families.json").write_text(json.dumps({"summary": summary, "chance": chance}, indent=1))
     write_markdown(text, Path(args.md), BEGIN, END)
