@@ -37,7 +37,7 @@ demo: install
 
 # GRPO, GRPO with dynamic sampling, EKIPL, gated EKIPL, EKIPL with LoRA and the ablations in miniature
 # on counting, GRPO and EKIPL on geometry and TRANCE (the paper's three families), 3 seeds per arm,
-# then pass@1-16 of every counting policy (about three hours on 2 cores; finished runs and
+# then pass@1-16 of every counting policy (about four hours on 2 cores; finished runs and
 # evaluations are kept, so rerunning resumes): bench/LEARNING.md.
 learn: install
 	$(PY) -m bench.learning
