@@ -49,18 +49,17 @@ def evaluate_arm(arm: str, models: dict[str, str], data: Path, out: Path, max_to
 
 
 def chance_rows(data: Path) -> list[dict]:
-    """What guessing gives: k independent uniform draws from the split's own answer set (m distinct
-    answers: pass@k = 1 - (1 - 1/m)^k), and always the split's most common answer (pass@1 only)."""
-    import collections
+    """What guessing gives: k independent uniform draws from the split's own answers (a row whose
+    draw is right with probability p: pass@k = 1 - (1 - p)^k), and always the split's most common
+    answer (pass@1 only); bench/families.py's guessing, on the counting splits."""
+    from bench.families import guess_scores
 
     rows = []
     for split in ("id", "ood"):
-        answers = [str(r["answer"]) for r in json.loads((data / f"test_{split}.json").read_text())]
-        m = len(set(answers))
+        uniform, majority, m = guess_scores(data, "counting", split)
         row = {"split": split, "model": f"uniform guess over the {m} answers"}
-        row |= {f"pass@{k}": 1 - (1 - 1 / m) ** k for k in KS}
-        majority = collections.Counter(answers).most_common(1)[0][1] / len(answers)
-        rows += [row, {"split": split, "model": "majority answer", "pass@1": majority}]
+        row |= {f"pass@{k}": statistics.mean(1 - (1 - p) ** k for p in uniform) for k in KS}
+        rows += [row, {"split": split, "model": "majority answer", "pass@1": statistics.mean(majority)}]
     return rows
 
 

@@ -51,31 +51,37 @@ def family_root(out: Path, family: str) -> Path:
     return out if family == "counting" else out / family
 
 
-def guessing(data: Path, task: str) -> dict[str, dict[str, float]]:
-    """What guessing scores on each test split, under the validation's own scoring (TRANCE: partial
-    credit): a uniform draw from the split's answers of the row's kind (a choice letter or not), and
-    always the kind's most common answer."""
+def guess_scores(data: Path, task: str, split: str) -> tuple[list[float], list[float], int]:
+    """What guessing scores on each row of test split ``split``, under the validation's own scoring
+    (TRANCE: partial credit): a uniform draw from the split's distinct answers of the row's kind (a
+    choice letter or not: ``prompts.is_choice``), expected; always the kind's most common answer;
+    and the number of distinct answers."""
     from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.prompts import is_choice
     from ekipl.tasks.rewards import EVAL_ACCURACY
 
     score = EVAL_ACCURACY[task]
+    rows = list(load_task_file(data / f"test_{split}.json"))
+    kinds = collections.defaultdict(list)
+    for s in rows:
+        kinds[is_choice(s)].append(s.answer)
+    answers = {k: sorted(set(v)) for k, v in kinds.items()}
+    top = {k: collections.Counter(v).most_common(1)[0][0] for k, v in kinds.items()}
+
+    def said(text: str) -> str:
+        return f"<think>guess</think><answer>{text}</answer>"
+
+    uniform = [statistics.mean(score(said(a), s) for a in answers[is_choice(s)]) for s in rows]
+    majority = [score(said(top[is_choice(s)]), s) for s in rows]
+    return uniform, majority, sum(len(v) for v in answers.values())
+
+
+def guessing(data: Path, task: str) -> dict[str, dict[str, float]]:
+    """Per test split, the mean over its rows of :func:`guess_scores`."""
     out = {}
     for split in ("id", "ood"):
-        rows = list(load_task_file(data / f"test_{split}.json"))
-        kinds = collections.defaultdict(list)
-        for s in rows:
-            kinds[s.answer in ("A", "B", "C", "D")].append(s.answer)
-
-        def pred(text: str) -> str:
-            return f"<think>guess</think><answer>{text}</answer>"
-
-        uniform = statistics.mean(
-            statistics.mean(score(pred(a), s) for a in set(kinds[s.answer in ("A", "B", "C", "D")]))
-            for s in rows
-        )
-        top = {k: collections.Counter(v).most_common(1)[0][0] for k, v in kinds.items()}
-        majority = statistics.mean(score(pred(top[s.answer in ("A", "B", "C", "D")]), s) for s in rows)
-        out[split] = {"uniform": uniform, "majority": majority}
+        uniform, majority, _ = guess_scores(data, task, split)
+        out[split] = {"uniform": statistics.mean(uniform), "majority": statistics.mean(majority)}
     return out
 
 

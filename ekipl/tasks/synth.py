@@ -48,7 +48,7 @@ COLORS = {
     "yellow": (255, 238, 51),
 }
 SHAPES = ("cube", "sphere", "cylinder")
-SIZES = {"small": 9, "medium": 12, "large": 15}
+SIZES = {"small": 9, "large": 15}
 MATERIALS = ("rubber", "metal")
 # Colour/shape pairs held out of the ID splits; the OOD split always contains at least one.
 HELD_OUT = {("cylinder", "purple"), ("sphere", "cyan"), ("cube", "yellow")}
@@ -107,8 +107,6 @@ def _draw_object(d: ImageDraw.ImageDraw, obj: dict, label: str | None = None) ->
         d.ellipse([x - r, y - r, x + r, y - r + 8], fill=fill, outline=(30, 30, 30))
     if obj["material"] == "metal":
         d.ellipse([x - r // 2, y - r // 2, x - r // 2 + 4, y - r // 2 + 4], fill=(255, 255, 255))
-    elif obj["material"] == "glass":
-        d.line([x - r, y + r, x + r, y - r], fill=(230, 230, 230))
     if label is not None:
         d.text((x + r - 2, y - r - 10), label, fill=(255, 255, 255))
 
