@@ -67,9 +67,8 @@ def trace_logprobs_hf(model, processor, traces) -> torch.Tensor:
     return summary(per_trace)
 
 
-def run_steps(run_cfg, model_path, data, router, processor, sources, negate: bool):
-    """STEPS of the trainer's step on a fresh learner: (metrics, the traces trained on, learner)."""
-    from ekipl.learner.group import LearnerGroup
+def run_steps(run_cfg, learner, data, router, processor, sources, negate: bool):
+    """STEPS of the trainer's step: (metrics, the traces trained on)."""
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.train import Hooks, ImageCheck, Sampler, StepParts
 
@@ -77,20 +76,18 @@ def run_steps(run_cfg, model_path, data, router, processor, sources, negate: boo
         batch.advantages = -batch.advantages
 
     hooks = Hooks(before_update=flip if negate else None)
-    learner = LearnerGroup(model_path, run_cfg.learner, run_cfg.algorithm)
     coord = RolloutCoordinator(run_cfg.rollout, router, sources, processor)
     sampler, images = Sampler(len(data), 0, shuffle=False), ImageCheck(False)
     parts = StepParts(run_cfg, data, sampler, images, coord, learner, router, processor, hooks)
     metrics, traces = [], []
     try:
-        learner.ready()
         for step in range(1, STEPS + 1):
             metrics.append(parts.run(step))
             for sample, acts in coord.last_candidates:
                 traces += [(sample, coord.prompt(sample), a) for a in acts if a.source == "dataset"]
     finally:
         coord._pool.shutdown(wait=True)
-    return metrics, traces, learner
+    return metrics, traces
 
 
 def random_update_effects(
@@ -126,10 +123,11 @@ LORA = ["learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=1e-3"]
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
 def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
-    ray_local, policy_router, tiny_vlm, counting_data, extra
+    ray_local, policy_router, tiny_vlm, counting_data, extra, tmp_path
 ):
     import ray
 
+    from ekipl.learner.group import LearnerGroup
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.sources import DatasetSource, SourceConfig
     from ekipl.train import ImageCheck, Sampler, StepParts
@@ -143,16 +141,20 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
     model = hf.load_model(tiny_vlm).eval()
     base_sd = {k: v.clone() for k, v in model.state_dict().items()}
     runs = {}
+    # One learner for both runs: the negated run starts from its step-0 checkpoint (the resume path:
+    # the base weights and an empty optimizer state), as a fresh learner would.
+    learner = LearnerGroup(str(tiny_vlm), run_cfg.learner, run_cfg.algorithm)
     try:
+        learner.ready()
+        learner.save_checkpoint(str(tmp_path / "step0"))
         for negate in (False, True):
             ray.get(engine.load_weights.remote(base_file))  # each run starts from the base weights
-            metrics, traces, learner = run_steps(
-                run_cfg, str(tiny_vlm), data, policy_router, processor, traces_src, negate
-            )
+            if negate:
+                learner.load_checkpoint(str(tmp_path / "step0"))
+            metrics, traces = run_steps(run_cfg, learner, data, policy_router, processor, traces_src, negate)
             after = trace_logprobs_engine(engine, processor, traces)  # synced after the last step
             trained = learner.state_dict()
             changed = {k for k in base_sd if not torch.equal(trained[k], base_sd[k])}
-            learner.shutdown()
             norm = float(torch.sqrt(sum(((trained[k] - base_sd[k]) ** 2).sum() for k in base_sd)))
             runs[negate] = dict(metrics=metrics, traces=traces, after=after, norm=norm, changed=changed)
         ray.get(engine.load_weights.remote(base_file))
@@ -178,6 +180,7 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
         m = parts.run(1)
         coord._pool.shutdown(wait=True)
     finally:
+        learner.shutdown()
         ray.get(engine.load_weights.remote(base_file))  # the shared engine goes back to the base weights
     assert m["trainer/skipped_step"] == 1.0 and m["reward/policy/mean"] == 0.0
     assert m["rollout/dropped_groups"] == run_cfg.data.prompts_per_step

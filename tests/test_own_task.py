@@ -356,7 +356,8 @@ def test_the_own_task_example_trains_on_two_zero3_ranks_and_evaluates(
     """README's "Your own task": examples/own_task's parquet (mixed image and text rows, embedded
     images), its reward file and the own_task preset (2 ZeRO-3 ranks, an image budget below the
     processor's default), through ``python -m ekipl.train``'s entry; then ``ekipl.eval`` on the
-    exported policy with the same reward function."""
+    exported policy with the same reward function, and on the base model loaded into the same
+    engine."""
     from ekipl.eval import main as eval_main
     from ekipl.train import main
 
@@ -392,6 +393,8 @@ def test_the_own_task_example_trains_on_two_zero3_ranks_and_evaluates(
         [
             "--model",
             f"trained={out / 'policy'}",
+            "--model",
+            "base=tiny-qwen2-vl",  # loaded into the first model's engine
             "--split",
             f"test={data['test']}",
             "--task",
@@ -412,5 +415,7 @@ def test_the_own_task_example_trains_on_two_zero3_ranks_and_evaluates(
         ]
     )
     assert code == 0, capsys.readouterr().err
-    (row,) = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert row["problems"] == 4 and 0.0 <= row["accuracy"] <= 1.0
+    table = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert [(r["model"], r["split"]) for r in table] == [("trained", "test"), ("base", "test")]
+    assert all(r["problems"] == 4 and 0.0 <= r["accuracy"] <= 1.0 for r in table)
+    assert "| base | test |" in (tmp_path / "eval" / "eval.md").read_text()

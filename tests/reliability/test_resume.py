@@ -1,10 +1,16 @@
 """Crash and resume, end to end: the driver is killed (SIGKILL, whole process group) mid-run, the
 resumed run then loses a learner rank, and a second resume finishes the plan. Every step of the
 patched-together run must match an uninterrupted run with the same seed (which also shows that two
-runs with the same seed agree)."""
+runs with the same seed agree).
+
+The run samples one step off (``rollout.one_step_off``: each step from the second on uses actions
+sampled during the previous step, and a checkpoint carries them, so each resume redoes its first
+step as the run did) and validates in the loop (before training and every 3 steps), a schedule the
+resumes keep; the sampled groups are logged every step."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -25,16 +31,47 @@ KEYS = (
     "reward/dataset/mean",
     "select/ratio/policy",
     "rollout/policy_tokens",
+    "rollout/one_step_off",
     "actor/pg_loss",
     "actor/entropy",
     "actor/clip_frac",
 )
+ONE_STEP_OFF = [
+    "rollout.one_step_off=true",
+    "trainer.eval_before_train=true",
+    "trainer.eval_every=3",
+    "trainer.eval_limit=2",
+    "trainer.eval_k=2",
+    "trainer.log_samples_every=1",
+]
 
 
 def _same(a: dict, b: dict, step: int) -> None:
+    if step == 0:  # validation before training: no step was taken
+        assert a.keys() == b.keys(), step
+        return
     for k in KEYS:
         assert k in a and k in b, (step, k)
         assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7), f"step {step}, {k}: {a[k]} != {b[k]}"
+
+
+def _samples(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "samples.jsonl").read_text().splitlines()]
+
+
+def _check_reference(ref: dict, ref_dir) -> None:
+    """One step off from step 2 on; validation at steps 0, 3 and 6; samples logged every step,
+    with advantages exactly where the action was selected."""
+    assert sorted(ref) == list(range(STEPS + 1))
+    assert [ref[s]["rollout/one_step_off"] for s in range(1, STEPS + 1)] == [0.0] + [1.0] * (STEPS - 1)
+    assert [s for s in ref if "val/id/accuracy" in ref[s]] == [0, 3, 6]
+    assert ref[0]["val/id/problems"] == 2 and "val/ood/pass@2" in ref[3]
+    assert (ref_dir / "val" / "step_000003.id.jsonl").is_file()
+    samples = _samples(ref_dir)
+    assert sorted({x["step"] for x in samples}) == list(range(1, STEPS + 1))
+    assert {x["source"] for x in samples} == {"policy", "dataset"}
+    for x in samples:
+        assert (x["advantage"] is not None) == x["selected"]
 
 
 @pytest.mark.slow
@@ -44,7 +81,8 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
     # 1. The driver, in its own process (and its own local Ray), killed once step 2 is saved. A
     # watcher thread does the kill, so the uninterrupted reference runs here meanwhile.
     out = tmp_path / "run"
-    overrides = [*SMALL, f"trainer.steps={STEPS}", "trainer.save_every=1", f"trainer.output_dir={out}"]
+    plan = [*SMALL, *ONE_STEP_OFF, f"trainer.steps={STEPS}"]
+    overrides = [*plan, "trainer.save_every=1", f"trainer.output_dir={out}"]
     log_path = tmp_path / "killed.log"
     watch = {}
     with open(log_path, "w") as log_file:
@@ -68,9 +106,10 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
         watcher.start()
         try:  # the uninterrupted reference, in this process, meanwhile
             ref_dir = tmp_path / "ref"
-            summary = run(compose([*SMALL, f"trainer.steps={STEPS}", f"trainer.output_dir={ref_dir}"]))
+            summary = run(compose([*plan, f"trainer.output_dir={ref_dir}"]))
             assert summary["steps"] == STEPS
             ref = {r["step"]: r for r in rows(ref_dir)}
+            _check_reference(ref, ref_dir)
             watcher.join(timeout=600)
         finally:
             if proc.poll() is None:
@@ -81,6 +120,8 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
     assert found is not None
     killed_at = found[1]["step"]
     assert 2 <= killed_at < STEPS - 2, killed_at
+    early = found[1]["early_rollout"]  # the next step's actions, sampled before the kill
+    assert early["step"] == killed_at + 1 and early["completions"]
     for r in rows(out):  # the killed process's own steps equal the reference's: determinism
         _same(r, ref[r["step"]], r["step"])
 
@@ -102,9 +143,11 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
     summary = run(compose([*overrides, "trainer.resume=auto"]))
     assert summary["start_step"] == killed_at + 1 and summary["steps"] == STEPS
     got = rows(out)
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in got] == list(range(STEPS + 1))  # validated before training once
     for r in got:
         _same(r, ref[r["step"]], r["step"])
+    assert [r["step"] for r in got if "val/id/accuracy" in r] == [0, 3, 6]  # the schedule went on
+    assert [x["step"] for x in _samples(out)] == [x["step"] for x in _samples(ref_dir)]  # each once
     assert (out / "policy" / "model.safetensors").is_file()
 
     # Starting over in a directory with checkpoints, without resume, is refused, naming the key.
@@ -112,57 +155,3 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
 
     with pytest.raises(ConfigError, match="trainer.resume"):
         run(compose(overrides))
-
-
-@pytest.mark.slow
-def test_one_step_off_resume_uses_the_saved_early_rollout(ray_local, tmp_path):
-    """rollout.one_step_off: each step from the second on uses actions sampled during the previous
-    step, and a checkpoint carries them, so resuming from step 2 redoes step 3 as the run did.
-    Validation in the loop (before training and every 3 steps) keeps its schedule across the resume,
-    and the sampled groups are logged every step."""
-    import json
-    import shutil
-
-    from ekipl.train import run
-
-    ref = tmp_path / "ref"
-    overrides = [
-        *SMALL,
-        "rollout.one_step_off=true",
-        "trainer.steps=3",
-        "trainer.save_every=1",
-        "trainer.eval_before_train=true",
-        "trainer.eval_every=3",
-        "trainer.eval_limit=2",
-        "trainer.eval_k=2",
-        "trainer.log_samples_every=1",
-    ]
-    run(compose([*overrides, f"trainer.output_dir={ref}"]))
-    got = rows(ref)
-    assert [r["step"] for r in got] == [0, 1, 2, 3]
-    assert [r["rollout/one_step_off"] for r in got[1:]] == [0.0, 1.0, 1.0]
-    state = ckpt.verify(ref / "checkpoints" / "step_000002")
-    assert state["early_rollout"]["step"] == 3 and state["early_rollout"]["completions"]
-    validated = [r["step"] for r in got if "val/id/accuracy" in r]
-    assert validated == [0, 3] and all("val/ood/pass@2" in got[i] for i in (0, 3))
-    assert got[0]["val/id/problems"] == 2 and 0.0 <= got[3]["val/ood/accuracy"] <= 1.0
-    assert (ref / "val" / "step_000003.id.jsonl").is_file()
-    samples = [json.loads(x) for x in (ref / "samples.jsonl").read_text().splitlines()]
-    assert sorted({x["step"] for x in samples}) == [1, 2, 3]
-    assert {x["source"] for x in samples} == {"policy", "dataset"}
-    for x in samples:  # advantages exactly where the action was selected
-        assert (x["advantage"] is not None) == x["selected"]
-
-    # The same run, as if it had died right after step 2's checkpoint.
-    again = tmp_path / "again"
-    shutil.copytree(ref, again)
-    shutil.rmtree(again / "checkpoints" / "step_000003")
-    summary = run(compose([*overrides, f"trainer.output_dir={again}", "trainer.resume=auto"]))
-    assert summary["start_step"] == 2
-    resumed = rows(again)
-    assert [r["step"] for r in resumed] == [0, 1, 2, 3]  # no second validation before training
-    assert resumed[3]["rollout/one_step_off"] == 1.0  # the saved actions, not a fresh rollout
-    _same(resumed[3], got[3], 3)
-    assert "val/id/accuracy" in resumed[3]  # the schedule goes on after the resume
-    again_samples = [json.loads(x) for x in (again / "samples.jsonl").read_text().splitlines()]
-    assert [x["step"] for x in again_samples] == [x["step"] for x in samples]  # step 3's once
