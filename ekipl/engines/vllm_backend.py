@@ -162,8 +162,9 @@ def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
 
 
 def start_engine(spec: EngineSpec):
-    """Start a vLLM ``LLM`` for ``spec``. Slow (about 25-30 s on CPU): share engines across work.
-    A model path that does not exist fails at once, before vLLM's imports (~7 s on CPU)."""
+    """Start a vLLM ``LLM`` for ``spec``. Slow (about 10 s on 2 CPU cores, 7 of them vLLM's
+    imports): share engines across work. A model path that does not exist fails at once, before
+    those imports."""
     if spec.model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(spec.model)):
         raise FileNotFoundError(f"vLLM engine: no model directory at {spec.model}")
     _prepare_env(spec)
