@@ -97,17 +97,42 @@ def policy_router(ray_local, tiny_vlm):
         ray_local.kill(a)
 
 
-@pytest.fixture(scope="session")
-def aux_vlm_source(ray_local, tiny_vlm_b):
-    """An auxiliary vLLM source on the second tiny VLM (its own tokenizer), shared by all tests."""
-    from ekipl.rollout.sources import SourceConfig, VllmSource
+class AuxSourceHolder:
+    """The session's auxiliary vLLM source, started on first use; a test that killed its actor and
+    does not need it back retires it (no restart to wait for or to pay for), and the next user
+    gets a new one."""
 
-    src = VllmSource(
-        SourceConfig(name="aux_b", kind="vllm", model=str(tiny_vlm_b), k=2, max_tokens=24, temperature=1.0)
-    )
-    src.ready()
-    yield src
-    src.shutdown()
+    def __init__(self, model):
+        self.model, self.src = model, None
+
+    def get(self):
+        from ekipl.rollout.sources import SourceConfig, VllmSource
+
+        if self.src is None:
+            cfg = SourceConfig(
+                name="aux_b", kind="vllm", model=str(self.model), k=2, max_tokens=24, temperature=1.0
+            )
+            self.src = VllmSource(cfg)
+        self.src.ready()  # a killed actor: wait for Ray's restart
+        return self.src
+
+    def retire(self):
+        if self.src is not None:
+            self.src.shutdown()
+            self.src = None
+
+
+@pytest.fixture(scope="session")
+def aux_holder(ray_local, tiny_vlm_b):
+    holder = AuxSourceHolder(tiny_vlm_b)
+    yield holder
+    holder.retire()
+
+
+@pytest.fixture
+def aux_vlm_source(aux_holder):
+    """An auxiliary vLLM source on the second tiny VLM (its own tokenizer), shared by all tests."""
+    return aux_holder.get()
 
 
 @pytest.fixture

