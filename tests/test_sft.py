@@ -54,3 +54,22 @@ def test_sft_warm_start_lowers_the_trace_nll_exports_a_policy_and_is_cached(tmp_
     assert warm._digest("test-warm", recipe, 0) not in path.name  # new rows: a new build
     with pytest.raises(ValueError, match="unknown warm start 'nope'"):
         warm.build_warm("nope", root=tmp_path)
+
+
+def test_a_warm_start_that_freezes_its_vision_tower_trains_with_it_frozen_and_is_its_own_build(tmp_path):
+    """``freeze_vision`` reaches the SFT run as ``learner.freeze_vision=true`` and names a new build;
+    a recipe at the default keeps the name it had before the field existed (counting's builds stay
+    valid); the geometry and TRANCE pairs freeze their tower, counting's do not."""
+    import dataclasses
+
+    from ekipl import warm
+
+    plain = warm.WarmStart(base="tiny-qwen2-vl")
+    frozen = dataclasses.replace(plain, freeze_vision=True)
+    assert "learner.freeze_vision=true" in warm.sft_overrides(frozen, 0, tmp_path, "b")
+    assert not any("freeze_vision" in x for x in warm.sft_overrides(plain, 0, tmp_path, "b"))
+    assert warm._digest("w", frozen, 0) != warm._digest("w", plain, 0)
+    # the name counting's policy warm start had before the field (learn-qwen2-vl-sft-s0-e6676bc10495)
+    assert warm._digest("learn-qwen2-vl-sft", warm.WARM_STARTS["learn-qwen2-vl-sft"], 0) == "e6676bc10495"
+    for name, recipe in warm.WARM_STARTS.items():
+        assert recipe.freeze_vision == (recipe.task != "counting"), name
