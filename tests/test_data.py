@@ -84,20 +84,30 @@ def test_ood_split_is_shifted(synth):
 
 def test_geometry_reads_the_figure_and_its_letters_are_uniform(tmp_path):
     """The figure decides the formula (the question's text is the same for every figure); ID has
-    rectangles and right triangles, OOD only parallelograms; the choice letters are uniform."""
-    from ekipl.tasks.synth import GEOMETRY_ID, GEOMETRY_OOD
+    rectangles and right triangles, OOD only parallelograms; the choice letters are uniform; the
+    trace names the figure's fill, which is the colour drawn inside it, drawn independently of it."""
+    from PIL import Image
+
+    from ekipl.tasks.synth import GEOMETRY_FILLS, GEOMETRY_ID, GEOMETRY_OOD
 
     paths = make_dataset("geometry", tmp_path, n_train=400, n_test=40, seed=3)
-    figures, letters = {}, []
+    figures, letters, pairs = {}, [], set()
     for split, path in paths.items():
         rows = json.loads(path.read_text())
-        figures[split] = {r["cot"].split("The figure is a ")[1].split(" with")[0] for r in rows}
+        named = [r["cot"].split("The figure is a ")[1].split(" with")[0].split(" ", 1) for r in rows]
+        figures[split] = {figure for _, figure in named}
+        for r, (fill, figure) in zip(rows, named, strict=True):
+            # (60, 80) lies inside every figure: inside the rectangle, the right triangle and the
+            # parallelogram alike
+            assert Image.open(path.parent / r["image"]).getpixel((60, 80)) == GEOMETRY_FILLS[fill], r["id"]
+            pairs.add((fill, figure))
         assert {r["problem"].split(". Find")[0].split(" are ")[0] for r in rows} == {
             "In the figure the labelled lengths"
         }
         letters += [r["answer"] for r in rows if r["answer"] in "ABCD"]
     assert figures["train"] == figures["test_id"] == set(GEOMETRY_ID)
     assert figures["test_ood"] == set(GEOMETRY_OOD)
+    assert pairs == {(c, f) for c in GEOMETRY_FILLS for f in (*GEOMETRY_ID, *GEOMETRY_OOD)}
     counts = [letters.count(ch) for ch in "ABCD"]
     assert len(letters) > 150 and max(counts) / len(letters) < 0.33 and min(counts) / len(letters) > 0.17
 
@@ -116,6 +126,36 @@ def test_trance_ood_changes_the_view_not_the_text(synth):
             assert value in prompts.TRANCE_FUNCTIONS[func] and int(obj) < TRANCE_OBJECTS
             assert (r["view"] in ("left", "right")) == (split == "test_ood")
     assert texts == {"What transformations happened?"}
+
+
+def test_trance_trace_pairs_each_objects_states_and_names_the_one_change(synth):
+    """Each object's two states side by side; the answer's object differs in exactly the answer's
+    attribute, set to its value, and every other object is the same in both states."""
+    import re
+
+    from ekipl.tasks.rewards import parse_steps
+    from ekipl.tasks.synth import TRANCE_OBJECTS
+
+    pattern = re.compile(
+        r"Object (\d) is a (\w+) (\w+) (\w+) in the initial state and a (\w+) (\w+) (\w+) in the final"
+    )
+    for split in ("train", "test_id", "test_ood"):
+        for r in json.loads((synth / "trance" / f"{split}.json").read_text()):
+            ((func, obj, value),) = parse_steps(r["answer"])
+            states = pattern.findall(r["cot"])
+            assert [int(s[0]) for s in states] == list(range(TRANCE_OBJECTS)), r["cot"]
+            for i, *words in states:
+                before, after = (
+                    dict(zip(("size", "color", "shape"), words[:3], strict=True)),
+                    dict(zip(("size", "color", "shape"), words[3:], strict=True)),
+                )
+                changed = {k for k in before if before[k] != after[k]}
+                if int(i) == int(obj):
+                    attr = func.removeprefix("change_")
+                    assert changed == {attr} and after[attr] == value, r["cot"]
+                    assert f"Object {i} is a" in r["cot"] and f"its {attr} changed to {value}" in r["cot"]
+                else:
+                    assert not changed, r["cot"]
 
 
 def test_cli_data_make(tmp_path, capsys):

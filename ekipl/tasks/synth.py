@@ -13,12 +13,14 @@ Tasks and their OOD shifts:
 * ``counting`` (CLEVR-Math style): 3-6 objects; "Subtract all red cubes. How many objects are
   left?". OOD: 7-10 objects and colour/shape pairs never seen in training (Super-CLEVR's role).
 * ``geometry`` (structure perception; numeric and multiple choice): the area of the figure from
-  its two labelled lengths (2-6), in the same words for every figure, so the figure decides the
-  formula: rectangles and right triangles. OOD: parallelograms, a figure family never seen in
-  training (Geometry3K's role). Choice letters are uniform; distractors are the other formulas'.
+  its two labelled lengths (2-9), in the same words for every figure, so the figure decides the
+  formula: rectangles and right triangles, filled in one of four colours that the trace names.
+  OOD: parallelograms, a figure family never seen in training (Geometry3K's role). Choice letters
+  are uniform; distractors are the other formulas'.
 * ``trance``: an initial and a final scene of two indexed objects and one attribute transformation
-  between them; the trace describes both states. OOD: the final scene rendered from the left or
-  right view (mirrored), with the ID question text.
+  between them; the trace describes each object in both states, side by side, then names the
+  change. OOD: the final scene rendered from the left or right view (mirrored), with the ID
+  question text.
 
 Each sample's RNG is seeded from (seed, task, split, index), and PNGs carry no metadata, so the same
 seed gives byte-identical files.
@@ -54,8 +56,9 @@ MATERIALS = ("rubber", "metal")
 HELD_OUT = {("cylinder", "purple"), ("sphere", "cyan"), ("cube", "yellow")}
 SPLITS = ("train", "test_id", "test_ood")
 # Each generator's version: a change to what a task generates bumps it, so the warm starts trained
-# on its rows (ekipl.warm, cached by recipe) are rebuilt. 2: the learnable geometry and TRANCE.
-VERSIONS = {"counting": 1, "geometry": 2, "trance": 2}
+# on its rows (ekipl.warm, cached by recipe) are rebuilt. 2: the learnable geometry and TRANCE;
+# 3: geometry's figure drawn in a colour the trace names; TRANCE's trace pairs each object's states.
+VERSIONS = {"counting": 1, "geometry": 3, "trance": 3}
 
 
 def _rng(seed: int, *parts) -> random.Random:
@@ -96,7 +99,7 @@ def _place(rng: random.Random, objects: list[dict]) -> None:
 
 
 def _draw_object(d: ImageDraw.ImageDraw, obj: dict, label: str | None = None) -> None:
-    x, y, r = obj["x"], obj["y"], SIZES[obj["size"]]
+    x, y, r = obj["x"], obj["y"], obj.get("r", SIZES[obj["size"]])
     fill = COLORS[obj["color"]]
     if obj["shape"] == "cube":
         d.rectangle([x - r, y - r, x + r, y + r], fill=fill, outline=(30, 30, 30))
@@ -180,6 +183,16 @@ _FIGURES = {
 }
 GEOMETRY_ID = ("rectangle", "right triangle")
 GEOMETRY_OOD = ("parallelogram",)
+# The figure's fill, drawn independently of the figure and named in the trace just before it. It
+# carries no answer; it makes the trace read the image from its first words, as counting's scene
+# list does, so a tiny vision tower learns to look (without it the figure word was the trace's one
+# image-dependent token, and 300 SFT steps never learned it: one name for every figure).
+GEOMETRY_FILLS = {
+    "blue": (120, 160, 240),
+    "green": (120, 200, 120),
+    "orange": (240, 170, 90),
+    "purple": (190, 140, 220),
+}
 
 
 def _choices(rng: random.Random, value: float, a: int, b: int) -> tuple[list[str], str]:
@@ -200,10 +213,11 @@ def _choices(rng: random.Random, value: float, a: int, b: int) -> tuple[list[str
 def _geometry(rng: random.Random, ood: bool):
     name = rng.choice(GEOMETRY_OOD if ood else GEOMETRY_ID)
     poly, lengths, formula = _FIGURES[name]
-    a, b = rng.randint(2, 6), rng.randint(2, 6)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    fill = rng.choice(sorted(GEOMETRY_FILLS))
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.polygon(poly, fill=(190, 210, 250), outline=(0, 0, 0), width=3)
+    d.polygon(poly, fill=GEOMETRY_FILLS[fill], outline=(0, 0, 0), width=3)
     if name == "parallelogram":
         d.line([(50, 25), (50, 95)], fill=(0, 0, 200), width=2)  # the height
         d.text((52, 55), f"{b}", fill=(0, 0, 0))
@@ -216,7 +230,7 @@ def _geometry(rng: random.Random, ood: bool):
     text = f"{value:g}"
     question = f"In the figure the labelled lengths are {a} and {b}. Find the area of the figure."
     given, product = lengths.format(a=a, b=b), formula.format(a=a, b=b)
-    think = f"The figure is a {name} with {given}, so its area is {product} = {text}"
+    think = f"The figure is a {fill} {name} with {given}, so its area is {product} = {text}"
     if rng.random() < 0.4:  # multiple choice
         opts, letter = _choices(rng, value, a, b)
         question += " Choices: " + " ".join(f"({ch}) {o}" for ch, o in zip("ABCD", opts, strict=True))
@@ -238,6 +252,18 @@ _TRANCE_FUNCS = ("change_color", "change_size", "change_shape")
 assert all(v in TRANCE_FUNCTIONS["change_color"] for v in TRANCE_COLORS)
 
 
+# Each object in its own half of the frame (object 0 left, object 1 right, a few pixels of jitter)
+# and drawn large: with counting's small objects anywhere in the frame, a 24-token image left the
+# tiny warm start describing one constant scene.
+TRANCE_SIZES = {"small": 15, "large": 25}
+TRANCE_SLOTS = ((40, 60), (120, 60))
+
+
+def _trance_place(rng: random.Random, objects: list[dict]) -> None:
+    for obj, (x, y) in zip(objects, TRANCE_SLOTS, strict=True):
+        obj["x"], obj["y"] = x + rng.randint(-6, 6), y + rng.randint(-8, 8)
+
+
 def _trance_object(rng: random.Random) -> dict:
     return {
         "shape": rng.choice(SHAPES),
@@ -256,25 +282,36 @@ def _transform(rng: random.Random, obj: dict) -> tuple[str, str]:
     return func, value
 
 
-def _state(objects: list[dict]) -> str:
-    return " and ".join(
-        f"object {i} is a {o['size']} {o['color']} {o['shape']}" for i, o in enumerate(objects)
-    )
+def _describe_pair(i: int, before: dict, after: dict) -> str:
+    """One object in both states, side by side, so the comparison is local (adjacent words)."""
+
+    def words(o: dict) -> str:
+        return f"{o['size']} {o['color']} {o['shape']}"
+
+    return f"Object {i} is a {words(before)} in the initial state and a {words(after)} in the final state"
 
 
 def _trance(rng: random.Random, ood: bool):
     objects = [_trance_object(rng) for _ in range(TRANCE_OBJECTS)]
-    _place(rng, objects)
-    objects.sort(key=lambda o: o["x"])
+    _trance_place(rng, objects)
     final = [dict(o) for o in objects]
     idx = rng.randrange(len(objects))
     func, value = _transform(rng, final[idx])
+    for o in (*objects, *final):
+        o["r"] = TRANCE_SIZES[o["size"]]
     view = rng.choice(["left", "right"]) if ood else "center"
     answer = f"{func}({idx}, {value})"
-    think = (
-        f"In the initial state {_state(objects)}. In the final state {_state(final)}. Object {idx} "
-        f"changed its {func.removeprefix('change_')}, so the answer is {answer}."
-    )
+    # Each object in both states, then whether it changed: every decision compares words a few tokens
+    # apart, where describing the two states one after the other (generator 2) left a 4-layer model
+    # to compare descriptions 20 tokens apart, which 300 SFT steps did not teach (it named one
+    # function for every problem).
+    parts = []
+    for i, (a, b) in enumerate(zip(objects, final, strict=True)):
+        attr = func.removeprefix("change_")
+        parts.append(
+            _describe_pair(i, a, b) + (f", so its {attr} changed to {value}" if i == idx else ", unchanged")
+        )
+    think = ". ".join(parts) + f". So the answer is {answer}."
     row = {
         # the same text in every split: the OOD shift is the view alone (the final state mirrored)
         "problem": "What transformations happened?",
