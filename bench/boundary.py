@@ -1,14 +1,20 @@
-"""The reasoning boundary (the paper's claim 2): pass@k for k = 1, 2, 4, 8, 16 on the held-out ID and
-OOD splits, for the warm start and every arm's final policies of ``make learn``, with ``ekipl.eval``'s
-unbiased estimator (n = 16 samples per problem at temperature 1, the rollout's token budget).
+"""The reasoning boundary (the paper's claim 2) and the final scores, per task family.
+
+- pass@k for k = 1, 2, 4, 8, 16 on the held-out ID and OOD splits the runs validated on (128
+  problems each), for the warm start and every arm's final policies of ``make learn``, with
+  ``ekipl.eval``'s unbiased estimator (n = 16 samples per problem at temperature 1, the rollout's
+  token budget);
+- greedy accuracy on test splits of ``--final-problems`` (1,000) problems each, as Reason-RFT's own
+  test sets have, generated from the runs' data seed (the in-loop split is their first 128 rows).
 
 GRPO is known to narrow pass@k at large k (Yue et al., 2504.13837) while methods that add external
 traces report widening it (RL-PLUS, AMPO): the curve per arm says which happens here. Each arm's
 seeds are evaluated in one engine (weights loaded in turn) and kept under ``--out``
-(``<arm>.json``): a rerun skips what is done. Writes its table into bench/LEARNING.md (between its
-own markers) and the curves to bench/boundary.png.
+(``<family>/<arm>.json``; counting's at the top, as before): a rerun skips what is done. Writes the
+tables into bench/LEARNING.md (between its own markers) and the curves to bench/boundary.png, one
+row per family.
 
-    .venv/bin/python -m bench.boundary [--arms grpo ekipl ...] [--seeds 0 1 2]
+    .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -20,43 +26,49 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.learning import DEFAULT_ARMS, HERE, mean_std
+from bench.learning import DEFAULT_ARMS, HERE, mean_std, model_seed_of
 
 KS = [1, 2, 4, 8, 16]
 BEGIN, END = "<!-- boundary:begin (bench/boundary.py writes this part) -->", "<!-- boundary:end -->"
-WARM = "learn-qwen2-vl-sft"
 
 
-def evaluate_arm(arm: str, models: dict[str, str], data: Path, out: Path, max_tokens: int) -> list[dict]:
-    """``ekipl.eval`` on the arm's models (one engine), kept in ``out/<arm>.json``."""
+def evaluate_arm(
+    arm: str, models: dict[str, str], data: Path, out: Path, max_tokens: int, ks: list[int] = KS, n=None
+) -> list[dict]:
+    """``ekipl.eval`` on the arm's models (one engine), kept in ``out/<arm>.json``; ``n=0``: greedy
+    only."""
     done = out / f"{arm}.json"
     if done.is_file():
-        print(f"[boundary] {arm}: evaluated earlier, kept", flush=True)
+        print(f"[boundary] {out.name}/{arm}: evaluated earlier, kept", flush=True)
         return json.loads(done.read_text())
     cmd = [sys.executable, "-m", "ekipl.eval"]
     for name, path in models.items():
         cmd += ["--model", f"{name}={path}"]
     cmd += [
         "--split", f"id={data / 'test_id.json'}", "--split", f"ood={data / 'test_ood.json'}",
-        "--k", *map(str, KS), "--max-tokens", str(max_tokens), "--out", str(out / arm),
+        "--k", *map(str, ks), "--max-tokens", str(max_tokens), "--out", str(out / arm),
+        "--dtype", "float32",  # as the in-loop validation (the runs' model.dtype)
     ]  # fmt: skip
+    if n is not None:
+        cmd += ["--n", str(n)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise RuntimeError(f"{arm}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
     rows = json.loads((out / arm / "eval.json").read_text())
+    out.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(rows, indent=1))
     return rows
 
 
-def chance_rows(data: Path) -> list[dict]:
+def chance_rows(data: Path, task: str) -> list[dict]:
     """What guessing gives: k independent uniform draws from the split's own answers (a row whose
     draw is right with probability p: pass@k = 1 - (1 - p)^k), and always the split's most common
-    answer (pass@1 only); bench/families.py's guessing, on the counting splits."""
+    answer (pass@1 only); bench/families.py's guessing."""
     from bench.families import guess_scores
 
     rows = []
     for split in ("id", "ood"):
-        uniform, majority, m = guess_scores(data, "counting", split)
+        uniform, majority, m = guess_scores(data, task, split)
         row = {"split": split, "model": f"uniform guess over the {m} answers"}
         row |= {f"pass@{k}": statistics.mean(1 - (1 - p) ** k for p in uniform) for k in KS}
         rows += [row, {"split": split, "model": "majority answer", "pass@1": statistics.mean(majority)}]
@@ -65,10 +77,6 @@ def chance_rows(data: Path) -> list[dict]:
 
 def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> str:
     lines = [
-        f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits; "
-        "mean ± std over the arm's seeds (the warm start: one model); the last rows are what guessing "
-        "gives on the same splits.",
-        "",
         "| arm | split | " + " | ".join(f"pass@{k}" for k in KS) + " |",
         "|---|---|" + "---|" * len(KS),
     ]
@@ -83,57 +91,136 @@ def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> s
     return "\n".join(lines)
 
 
-def plot(results: dict[str, list[dict]], path: Path, chance: list[dict]) -> None:
+def final_table(finals: dict[str, dict[str, list[dict]]]) -> str:
+    """Greedy accuracy on the large test splits: one row per arm, ID, OOD and their mean per family."""
+    from bench.families import NAMES
+
+    fams = list(finals)
+    arms = list(dict.fromkeys(a for f in fams for a in finals[f]))
+    lines = [
+        "| model | " + " | ".join(f"{NAMES[f]} ID | {NAMES[f]} OOD | {NAMES[f]} mean" for f in fams) + " |",
+        "|---|" + "---|" * (3 * len(fams)),
+    ]
+    for arm in arms:
+        cells = []
+        for f in fams:
+            rows = finals[f].get(arm, [])
+            by = {sp: [r["accuracy"] for r in rows if r["split"] == sp] for sp in ("id", "ood")}
+            means = [(i + o) / 2 for i, o in zip(by["id"], by["ood"], strict=True)]
+            cells += [mean_std(by["id"]), mean_std(by["ood"]), mean_std(means)] if rows else ["-"] * 3
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, list[dict]]], path: Path, chance: dict[str, list[dict]]) -> None:
+    """pass@k per arm, one row of panels (ID, OOD) per family."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    for ax, split in zip(axes, ("id", "ood"), strict=True):
-        for arm, rows in results.items():
-            mine = [r for r in rows if r["split"] == split]
-            mu = [statistics.mean(r[f"pass@{k}"] for r in mine) for k in KS]
-            sd = [statistics.stdev([r[f"pass@{k}"] for r in mine]) if len(mine) > 1 else 0.0 for k in KS]
-            ax.errorbar(KS, mu, yerr=sd, marker="o", ms=3, capsize=2, label=arm)
-        guess = next(r for r in chance if r["split"] == split and "pass@2" in r)
-        ax.plot(KS, [guess[f"pass@{k}"] for k in KS], "k--", lw=1, label=guess["model"])
-        ax.set_xscale("log", base=2)
-        ax.set_xticks(KS, [str(k) for k in KS])
-        ax.set_title(f"held-out {split.upper()}: pass@k", fontsize=9)
-        ax.set_xlabel("k", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
+    from bench.families import NAMES
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(9, 3.4 * len(results)), squeeze=False)
+    for row, (family, arms) in zip(axes, results.items(), strict=True):
+        for ax, split in zip(row, ("id", "ood"), strict=True):
+            for arm, rows in arms.items():
+                mine = [r for r in rows if r["split"] == split]
+                mu = [statistics.mean(r[f"pass@{k}"] for r in mine) for k in KS]
+                sd = [statistics.stdev([r[f"pass@{k}"] for r in mine]) if len(mine) > 1 else 0.0 for k in KS]
+                ax.errorbar(KS, mu, yerr=sd, marker="o", ms=3, capsize=2, label=arm)
+            guess = next(r for r in chance[family] if r["split"] == split and "pass@2" in r)
+            ax.plot(KS, [guess[f"pass@{k}"] for k in KS], "k--", lw=1, label=guess["model"])
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(KS, [str(k) for k in KS])
+            ax.set_title(f"{NAMES[family]}, held-out {split.upper()}: pass@k", fontsize=9)
+            ax.set_xlabel("k", fontsize=8)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def large_splits(family: str, data: Path, problems: int, out: Path) -> Path:
+    """The family's ID and OOD test splits at ``problems`` rows each, from the runs' data seed (the
+    in-loop splits are their first rows: every row is seeded by its index)."""
+    from ekipl.tasks.synth import make_split
+
+    cfg = json.loads((data.parent.parent / "config.json").read_text())
+    root = out / f"data{problems}"
+    if not (root / family / "test_ood.json").is_file():
+        for split in ("test_id", "test_ood"):
+            make_split(family, split, problems, root, cfg["data"]["synthetic_seed"])
+    return root / family
+
+
+def family_models(family: str, runs: Path, arms: list[str], seeds: list[int], model_seed: int):
+    """{arm: {name: policy path}} of a family's finished runs, the warm start first."""
+    from bench.families import WARM, family_root
+    from ekipl.runtime import resolve_model
+
+    root = family_root(runs, family)
+    models = {"warm start": {"warm": str(resolve_model(WARM[family][0], model_seed))}}
+    for arm in arms:
+        paths = {f"{arm}-s{s}": str(root / arm / f"seed{s}" / "policy") for s in seeds}
+        missing = [p for p in paths.values() if not (Path(p) / "model.safetensors").is_file()]
+        if missing:
+            print(f"[boundary] {family}/{arm}: no final policy at {missing}; left out", flush=True)
+            continue
+        models[arm] = paths
+    return root, models
+
+
+def name(arm: str) -> str:
+    """The arm's file name under ``--out`` (the warm start's is ``warm``, as before)."""
+    return "warm" if arm == "warm start" else arm
+
+
 def main(argv=None) -> int:
+    from bench.families import ARMS, FAMILIES, NAMES
     from bench.learning import write_markdown
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS)
+    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="counting's (the others: grpo, ekipl)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="outputs/learning", help="make learn's runs (--out there)")
     ap.add_argument("--out", default="outputs/boundary")
     ap.add_argument("--max-tokens", type=int, default=128, help="the rollout's budget in make learn")
+    ap.add_argument("--final-problems", type=int, default=1000, help="the final scores' split size (0: none)")
     ap.add_argument("--md", default=str(HERE / "LEARNING.md"))
     ap.add_argument("--png", default=str(HERE / "boundary.png"))
+    ap.add_argument("extra", nargs="*", help="the runs' overrides (model.seed=N: which warm starts)")
     args = ap.parse_args(argv)
     runs, out = Path(args.runs), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = runs / args.arms[0] / f"seed{args.seeds[0]}" / "data" / "counting"  # one data set for all
-    results = {"warm start": evaluate_arm("warm", {"warm": WARM}, data, out, args.max_tokens)}
-    for arm in args.arms:
-        models = {f"{arm}-s{s}": str(runs / arm / f"seed{s}" / "policy") for s in args.seeds}
-        missing = [p for p in models.values() if not (Path(p) / "model.safetensors").is_file()]
-        if missing:
-            print(f"[boundary] {arm}: no final policy at {missing}; left out", flush=True)
-            continue
-        results[arm] = evaluate_arm(arm, models, data, out, args.max_tokens)
-    chance = chance_rows(data)
-    text = table(results, chance)
+    results, chance, finals, texts = {}, {}, {}, []
+    for family in args.families:
+        arms = args.arms if family == "counting" else list(ARMS)
+        root, models = family_models(family, runs, arms, args.seeds, model_seed_of(args.extra))
+        fam_out = out if family == "counting" else out / family  # counting's, where they always were
+        data = root / arms[0] / f"seed{args.seeds[0]}" / "data" / family  # one data set for all
+        results[family] = {
+            arm: evaluate_arm(name(arm), m, data, fam_out, args.max_tokens) for arm, m in models.items()
+        }
+        chance[family] = chance_rows(data, family)
+        texts.append(f"**{NAMES[family]}**\n\n" + table(results[family], chance[family]))
+        if args.final_problems:
+            large = large_splits(family, data, args.final_problems, fam_out)
+            finals[family] = {
+                arm: evaluate_arm(f"final-{name(arm)}", m, large, fam_out, args.max_tokens, [1], 0)
+                for arm, m in models.items()
+            }
+    text = (
+        f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits the "
+        "runs validated on; mean ± std over the arm's seeds (the warm start: one model); the last rows "
+        "are what guessing gives on the same splits.\n\n" + "\n\n".join(texts)
+    )
+    if finals:
+        text += (
+            f"\n\nFinal scores: greedy accuracy on test splits of {args.final_problems} problems each "
+            "(TRANCE: partial credit), mean ± std over seeds.\n\n" + final_table(finals)
+        )
     write_markdown(text, Path(args.md), BEGIN, END)
     plot(results, Path(args.png), chance)
     print(text)

@@ -32,6 +32,7 @@ from bench.learning import (
     finished,
     load_rows,
     mean_std,
+    model_seed_of,
     plot,
     run_arm,
     steps_to_reach,
@@ -183,9 +184,13 @@ def main(argv=None) -> int:
     if not args.report_only:
         from ekipl.runtime import resolve_model
 
+        model_seed = model_seed_of(args.extra)
         for family in args.families:
             for name in WARM[family]:  # built once, cached by recipe and model seed
-                print(f"[families] warm start {name}: {resolve_model(name, 0)}", flush=True)
+                print(
+                    f"[families] warm start {name} (seed {model_seed}): {resolve_model(name, model_seed)}",
+                    flush=True,
+                )
         for seed in args.seeds:  # seed-major: a partial batch still compares every family
             for family in args.families:
                 for arm in ARMS:

@@ -373,6 +373,12 @@ def plot_arm(ax, arm: str, curves: list[list[tuple[int, float]]], markers: bool)
     ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
 
 
+def model_seed_of(extra: list[str]) -> int:
+    """The ``model.seed`` the runs' overrides set (0, the presets' default, when they set none): the
+    warm starts are prebuilt for the seed the runs will resolve them with."""
+    return next((int(x.split("=", 1)[1]) for x in extra if x.startswith("model.seed=")), 0)
+
+
 def batch_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options every `make learn` batch takes (bench/families.py's too)."""
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -401,7 +407,7 @@ def main(argv=None) -> int:
         from ekipl.runtime import resolve_model
 
         t0 = time.perf_counter()  # the warm starts: built once, cached by recipe and model seed
-        model_seed = next((int(x.split("=", 1)[1]) for x in args.extra if x.startswith("model.seed=")), 0)
+        model_seed = model_seed_of(args.extra)
         for name in ("learn-qwen2-vl-sft", "learn-qwen2-vl-aux"):
             print(
                 f"[learn] warm start {name} (seed {model_seed}): {resolve_model(name, model_seed)}",

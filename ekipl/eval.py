@@ -223,7 +223,9 @@ def _parser() -> argparse.ArgumentParser:
     for col, default in (("prompt", "problem"), ("answer", "answer"), ("image", "image"), ("cot", "cot")):
         p.add_argument(f"--{col}-key", default=default, help=f"the {col} column (default {default})")
     p.add_argument("--k", type=int, nargs="+", default=[4], help="pass@k, for one k or several (1 2 4 8 16)")
-    p.add_argument("--n", type=int, default=None, help="samples per problem (default: the largest k)")
+    p.add_argument(
+        "--n", type=int, default=None, help="samples per problem (default: the largest k; 0: greedy only)"
+    )
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=512)
     p.add_argument("--dtype", default="auto", help="the engine's dtype (auto: the model's config)")
@@ -298,7 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                 image_dir=Path(args.out) / "images",
             )
             splits[name] = list(ds)[: args.limit or None]
-        if args.n is not None and args.n < max(args.k):
+        if args.n is not None and args.n < 0:
+            raise DataError(f"--n {args.n}: samples per problem must be >= 0 (0: greedy only)")
+        if args.n is not None and 0 < args.n < max(args.k):
             raise DataError(f"--n {args.n} is smaller than --k {max(args.k)}: pass@k needs n >= k samples")
         if min(args.k) < 1:
             raise DataError("--k must be >= 1")

@@ -72,3 +72,40 @@ def test_a_family_preset_has_its_own_models_and_grpo_drops_every_auxiliary_sourc
     assert (cfg.model.path, cfg.data.synthetic_task) == (f"learn-qwen2-vl-{family}-sft", family)
     assert cfg.aux.aux_model.model == f"learn-qwen2-vl-{family}-aux" and cfg.aux.dataset.kind == "dataset"
     assert dict(compose([f"+experiment=learn_{family}", "algorithm=grpo", "aux=none"]).aux) == {}
+
+
+def test_the_final_scores_table_averages_seeds_per_split_and_marks_a_missing_arm():
+    """bench/boundary.py's 1,000-problem table: per family ID, OOD and their per-seed mean."""
+    from bench import boundary
+
+    def rows(pairs):
+        return [
+            r for i, o in pairs for r in ({"split": "id", "accuracy": i}, {"split": "ood", "accuracy": o})
+        ]
+
+    finals = {
+        "geometry": {"warm start": rows([(0.4, 0.2)]), "grpo": rows([(0.5, 0.3), (0.7, 0.1)])},
+        "trance": {"warm start": rows([(0.1, 0.3)])},
+    }
+    lines = boundary.final_table(finals).splitlines()
+    assert lines[0].startswith("| model | structure perception ID |") and len(lines) == 4
+    warm = ["0.400", "0.200", "0.300", "0.100", "0.300", "0.200"]
+    assert lines[2] == "| warm start | " + " | ".join(f"{x} ± 0.000" for x in warm) + " |"
+    # grpo: ID 0.6 ± 0.141, OOD 0.2 ± 0.141, per-seed means 0.4 and 0.4; no TRANCE runs
+    assert lines[3] == "| grpo | 0.600 ± 0.141 | 0.200 ± 0.141 | 0.400 ± 0.000 | - | - | - |"
+
+
+@pytest.mark.parametrize("task", ["geometry", "trance"])
+def test_a_large_test_split_begins_with_the_in_loop_split(tmp_path, task):
+    """The final scores' 1,000-problem splits extend the 128-problem ones the runs validated on:
+    every row is seeded by its index, so the small split is the large one's first rows, images and
+    all (shown here at 3 and 7)."""
+    from ekipl.tasks.synth import make_split
+
+    small = json.loads(make_split(task, "test_ood", 3, tmp_path / "small", 0).read_text())
+    large = json.loads(make_split(task, "test_ood", 7, tmp_path / "large", 0).read_text())
+    assert large[:3] == small and len(large) == 7
+    for r in small:
+        for name in [r["image"]] if isinstance(r["image"], str) else r["image"]:
+            a, b = (tmp_path / d / task / name for d in ("small", "large"))
+            assert a.read_bytes() == b.read_bytes()

@@ -57,3 +57,13 @@ def test_cli_bad_split_file_and_bad_k_exit_2(tmp_path, capsys):
     good.write_text(json.dumps([{"id": "a", "problem": "How many?", "answer": "3"}]))
     assert main(["--model", str(tmp_path), "--split", str(good), "--task", "counting", "--n", "2"]) == 2
     assert "pass@k needs n >= k" in capsys.readouterr().err
+    assert main(["--model", str(tmp_path), "--split", str(good), "--task", "counting", "--n", "-1"]) == 2
+    assert "must be >= 0 (0: greedy only)" in capsys.readouterr().err
+
+
+def test_greedy_only_reports_accuracy_and_no_pass_at_k():
+    """``--n 0`` (the 1,000-problem final scores): greedy accuracy and format, no sampled pass@k."""
+    from ekipl.eval import summarize
+
+    out = summarize([(1.0, 1.0), (0.0, 1.0)], [], [1, 4])
+    assert out == {"problems": 2, "accuracy": 0.5, "format": 1.0}
