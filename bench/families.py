@@ -22,6 +22,7 @@ import argparse
 import collections
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -75,6 +76,21 @@ def guess_scores(data: Path, task: str, split: str) -> tuple[list[float], list[f
     uniform = [statistics.mean(score(said(a), s) for a in answers[is_choice(s)]) for s in rows]
     majority = [score(said(top[is_choice(s)]), s) for s in rows]
     return uniform, majority, sum(len(v) for v in answers.values())
+
+
+def validated_splits(run: Path, family: str, problems: int) -> Path:
+    """The test splits a run validated on: its own copy, or (a run kept without its data, as in
+    bench/results/) the same rows generated again from its config's data seed, byte for byte."""
+    data = run / "data" / family
+    if (data / "test_id.json").is_file():
+        return data
+    from ekipl.tasks.synth import make_split
+
+    seed = json.loads((run / "config.json").read_text())["data"]["synthetic_seed"]
+    root = Path(tempfile.mkdtemp(prefix="ekipl-families-"))
+    for split in ("test_id", "test_ood"):
+        make_split(family, split, problems, root, seed)
+    return root / family
 
 
 def guessing(data: Path, task: str) -> dict[str, dict[str, float]]:
@@ -178,6 +194,7 @@ def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
 def main(argv=None) -> int:
     ap = batch_args(argparse.ArgumentParser())
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--counting-runs", help="where counting's runs are (default: --out, bench/learning.py's)")
     args = ap.parse_args(argv)
     out, extra = Path(args.out), [f"trainer.eval_every={args.eval_every}", *args.extra]
     t_all = time.perf_counter()
@@ -205,15 +222,21 @@ def main(argv=None) -> int:
                     )
     runs, summary, chance, problems = {}, {}, {}, {}
     for family in args.families:
-        root = family_root(out, family)
+        root = (
+            Path(args.counting_runs)
+            if family == "counting" and args.counting_runs
+            else family_root(out, family)
+        )
         # the seeds whose runs finished (a partial batch reports what it has, and says so)
         seeds = [s for s in args.seeds if all(finished(root / a / f"seed{s}", args.steps) for a in ARMS)]
         if not seeds:
             raise SystemExit(f"{family}: no seed has finished runs of every arm under {root}")
         runs[family] = {arm: {s: load_rows(root / arm / f"seed{s}") for s in seeds} for arm in ARMS}
         summary[family] = summarize(runs[family])
-        chance[family] = guessing(root / "grpo" / f"seed{seeds[0]}" / "data" / family, family)
         problems[family] = int(curve(runs[family]["grpo"][seeds[0]], "val/id/problems")[0][1])
+        chance[family] = guessing(
+            validated_splits(root / "grpo" / f"seed{seeds[0]}", family, problems[family]), family
+        )
     text = tables(summary, chance, args.steps, problems)
     (out / "families.json").write_text(json.dumps({"summary": summary, "chance": chance}, indent=1))
     write_markdown(text, Path(args.md), BEGIN, END)
