@@ -37,8 +37,9 @@ demo: install
 
 # GRPO, GRPO with dynamic sampling, EKIPL, gated EKIPL, EKIPL with LoRA and the ablations in miniature
 # on counting, GRPO and EKIPL on geometry and TRANCE (the paper's three families), 3 seeds per arm,
-# then pass@1-16 of every counting policy (about four hours on 2 cores; finished runs and
-# evaluations are kept, so rerunning resumes): bench/LEARNING.md.
+# then pass@1-16 of every policy and its greedy score on 1,000-problem splits, per family (about
+# four and a half hours on 2 cores; finished runs and evaluations are kept, so rerunning resumes):
+# bench/LEARNING.md.
 learn: install
 	$(PY) -m bench.learning
 	$(PY) -m bench.families
