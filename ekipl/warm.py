@@ -53,7 +53,8 @@ WARM_STARTS: dict[str, WarmStart] = {
     # The same pair for the other two families (structure perception and spatial transformation), on
     # each family's own synthetic rows (bench/families.py); the auxiliary model is trained twice as
     # long, not three times. Their vision tower stays as built (random features), which the language
-    # model learns to read: with it trained, neither family's warm start looked at its images.
+    # model learns to read: with it trained, geometry's warm start did not look at its images
+    # (bench/LEARNING.md). TRANCE's does not read its objects either way yet.
     **{
         f"learn-qwen2-vl-{task}-{kind}": WarmStart(base=base, task=task, steps=300, freeze_vision=True)
         for task in ("geometry", "trance")

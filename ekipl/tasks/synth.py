@@ -253,8 +253,8 @@ assert all(v in TRANCE_FUNCTIONS["change_color"] for v in TRANCE_COLORS)
 
 
 # Each object in its own half of the frame (object 0 left, object 1 right, a few pixels of jitter)
-# and drawn large: with counting's small objects anywhere in the frame, a 24-token image left the
-# tiny warm start describing one constant scene.
+# and drawn large, to be easier to read than counting's small objects placed anywhere. The tiny warm
+# start still describes nearly the same objects for every problem (bench/LEARNING.md).
 TRANCE_SIZES = {"small": 15, "large": 25}
 TRANCE_SLOTS = ((40, 60), (120, 60))
 
