@@ -19,8 +19,10 @@ bench/learning.png.
 from __future__ import annotations
 
 import argparse
+import atexit
 import collections
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -88,6 +90,7 @@ def validated_splits(run: Path, family: str, problems: int) -> Path:
 
     seed = json.loads((run / "config.json").read_text())["data"]["synthetic_seed"]
     root = Path(tempfile.mkdtemp(prefix="ekipl-families-"))
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     for split in ("test_id", "test_ood"):
         make_split(family, split, problems, root, seed)
     return root / family
