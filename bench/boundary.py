@@ -142,19 +142,6 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path, chance: dict[str
     plt.close(fig)
 
 
-def large_splits(family: str, data: Path, problems: int, out: Path) -> Path:
-    """The family's ID and OOD test splits at ``problems`` rows each, from the runs' data seed (the
-    in-loop splits are their first rows: every row is seeded by its index)."""
-    from ekipl.tasks.synth import make_split
-
-    cfg = json.loads((data.parent.parent / "config.json").read_text())
-    root = out / f"data{problems}"
-    if not (root / family / "test_ood.json").is_file():
-        for split in ("test_id", "test_ood"):
-            make_split(family, split, problems, root, cfg["data"]["synthetic_seed"])
-    return root / family
-
-
 def family_models(family: str, runs: Path, arms: list[str], seeds: list[int], model_seed: int):
     """{arm: {name: policy path}} of a family's finished runs, the warm start first."""
     from bench.families import WARM, family_root
@@ -178,7 +165,7 @@ def name(arm: str) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.families import ARMS, FAMILIES, NAMES
+    from bench.families import ARMS, FAMILIES, NAMES, make_test_splits
     from bench.learning import write_markdown
 
     ap = argparse.ArgumentParser()
@@ -199,14 +186,15 @@ def main(argv=None) -> int:
         arms = args.arms if family == "counting" else list(ARMS)
         root, models = family_models(family, runs, arms, args.seeds, model_seed_of(args.extra))
         fam_out = out if family == "counting" else out / family  # counting's, where they always were
-        data = root / arms[0] / f"seed{args.seeds[0]}" / "data" / family  # one data set for all
+        run = root / arms[0] / f"seed{args.seeds[0]}"
+        data = run / "data" / family  # one data set for all
         results[family] = {
             arm: evaluate_arm(name(arm), m, data, fam_out, args.max_tokens) for arm, m in models.items()
         }
         chance[family] = chance_rows(data, family)
         texts.append(f"**{NAMES[family]}**\n\n" + table(results[family], chance[family]))
         if args.final_problems:
-            large = large_splits(family, data, args.final_problems, fam_out)
+            large = make_test_splits(run, family, args.final_problems, fam_out / f"data{args.final_problems}")
             finals[family] = {
                 arm: evaluate_arm(f"final-{name(arm)}", m, large, fam_out, args.max_tokens, [1], 0)
                 for arm, m in models.items()

@@ -80,20 +80,28 @@ def guess_scores(data: Path, task: str, split: str) -> tuple[list[float], list[f
     return uniform, majority, sum(len(v) for v in answers.values())
 
 
+def make_test_splits(run: Path, family: str, problems: int, root: Path) -> Path:
+    """A run's ID and OOD test splits at ``problems`` rows each, generated from its config's data seed
+    into ``root/<family>`` (kept there: a second call reuses them). Every row is seeded by its index,
+    so any size's first rows are the in-loop split's, byte for byte."""
+    from ekipl.tasks.synth import make_split
+
+    if not (root / family / "test_ood.json").is_file():
+        seed = json.loads((run / "config.json").read_text())["data"]["synthetic_seed"]
+        for split in ("test_id", "test_ood"):
+            make_split(family, split, problems, root, seed)
+    return root / family
+
+
 def validated_splits(run: Path, family: str, problems: int) -> Path:
     """The test splits a run validated on: its own copy, or (a run kept without its data, as in
-    bench/results/) the same rows generated again from its config's data seed, byte for byte."""
+    bench/results/) the same rows generated again (:func:`make_test_splits`)."""
     data = run / "data" / family
     if (data / "test_id.json").is_file():
         return data
-    from ekipl.tasks.synth import make_split
-
-    seed = json.loads((run / "config.json").read_text())["data"]["synthetic_seed"]
     root = Path(tempfile.mkdtemp(prefix="ekipl-families-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
-    for split in ("test_id", "test_ood"):
-        make_split(family, split, problems, root, seed)
-    return root / family
+    return make_test_splits(run, family, problems, root)
 
 
 def guessing(data: Path, task: str) -> dict[str, dict[str, float]]:

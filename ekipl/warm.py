@@ -71,7 +71,7 @@ def _digest(name: str, recipe: WarmStart, seed: int) -> str:
     blob = {
         "name": name,
         "seed": seed,
-        # a field at its default is left out, so that adding one keeps the existing builds' names
+        # freeze_vision at its default (False) is left out: the builds from before the field keep their names
         "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k != "freeze_vision" or v},
         "base": _digest(recipe.base, base, seed) if base else dataclasses.asdict(spec_for(recipe.base)),
         "v": 1,

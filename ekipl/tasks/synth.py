@@ -305,9 +305,8 @@ def _trance(rng: random.Random, ood: bool):
     # apart, where describing the two states one after the other (generator 2) left a 4-layer model
     # to compare descriptions 20 tokens apart, which 300 SFT steps did not teach (it named one
     # function for every problem).
-    parts = []
+    parts, attr = [], func.removeprefix("change_")
     for i, (a, b) in enumerate(zip(objects, final, strict=True)):
-        attr = func.removeprefix("change_")
         parts.append(
             _describe_pair(i, a, b) + (f", so its {attr} changed to {value}" if i == idx else ", unchanged")
         )
