@@ -206,3 +206,28 @@ def test_no_eval_of_model_output(monkeypatch):
     for task, gt in [("counting", "3"), ("geometry", "0.5"), ("trance", GT2)]:
         R.score(A("__import__('os').system('true')"), S(task, gt))
         R.score(A("1+2"), S(task, gt))
+
+
+def test_math_verify_is_cut_at_its_time_limit_even_where_the_library_catches_exceptions(monkeypatch):
+    """math-verify and sympy wrap their work in ``except Exception`` (an integral in an answer took
+    1.4 s past the 0.5 s limit): the timer's exception must not be one they can swallow. A fault
+    stand-in for verify that catches every Exception and would run for 5 s is cut at the limit."""
+    import time
+
+    R._math_verify()
+    parse, _ = R._MV
+
+    def stubborn_verify(*args, **kwargs):
+        end = time.monotonic() + 5.0
+        while time.monotonic() < end:
+            try:
+                time.sleep(0.01)
+            except Exception:  # what the library does; a timer raising an Exception dies here
+                pass
+        return True
+
+    monkeypatch.setattr(R, "_MV", (parse, stubborn_verify))
+    monkeypatch.setattr(R, "MATH_VERIFY_SECONDS", 0.2)
+    t0 = time.monotonic()
+    assert R.math_equal("\\frac{1}{2}", "0.5") is False
+    assert time.monotonic() - t0 < 2.0

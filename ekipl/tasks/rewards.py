@@ -183,7 +183,7 @@ def _nesting_depth(text: str) -> int:
     return best
 
 
-class _Timeout(Exception):
+class _Timeout(BaseException):  # not Exception: math-verify and sympy catch those and go on
     pass
 
 
