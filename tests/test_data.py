@@ -113,15 +113,25 @@ def test_geometry_reads_the_figure_and_its_letters_are_uniform(tmp_path):
 
 
 def test_trance_ood_changes_the_view_not_the_text(synth):
-    """One transformation per row, with values from Reason-RFT's sets; the OOD split's text is the
-    ID splits' own, and its final state is the ID rendering mirrored."""
+    """One transformation per row, with values from Reason-RFT's sets; the question lists the initial
+    objects' attributes (Reason-RFT's form) and is otherwise the ID splits' own in the OOD split,
+    whose final state is the ID rendering mirrored."""
+    import re
+
     from ekipl.tasks.rewards import parse_steps
     from ekipl.tasks.synth import TRANCE_OBJECTS
 
     texts = set()
     for split in ("train", "test_id", "test_ood"):
         for r in json.loads((synth / "trance" / f"{split}.json").read_text()):
-            texts.add(r["problem"])
+            # Reason-RFT's question form: the initial objects' attributes as tuples, then the question
+            listed = re.fullmatch(r"The attributes of the initial objects: \[(.*)\]\. (.*)", r["problem"])
+            assert listed, r["problem"]
+            texts.add(listed.group(2))
+            tuples = re.findall(r"\('(\d)', '(\w+)', '(\w+)', '(\w+)', '(\w+)'\)", listed.group(1))
+            assert [int(t[0]) for t in tuples] == list(range(TRANCE_OBJECTS)), r["problem"]
+            for i, shape, size, color, _ in tuples:  # the trace's initial state is the listed one
+                assert f"Object {i} is a {size} {color} {shape} in the initial state" in r["cot"]
             ((func, obj, value),) = parse_steps(r["answer"])
             assert value in prompts.TRANCE_FUNCTIONS[func] and int(obj) < TRANCE_OBJECTS
             assert (r["view"] in ("left", "right")) == (split == "test_ood")

@@ -31,8 +31,10 @@ TRANCE_FUNCTIONS = {
 }
 
 TRANCE_INSTRUCTION = (
-    "The first image shows the initial state and the second image the final state. Find the "
-    "transformations that turn the initial state into the final state. Each transformation is one "
+    "Given the image of the initial state, the image of the final state, and the attributes of the "
+    "initial objects, find the transformations that turn the initial state into the final state. The "
+    "attributes of the initial objects are a list of tuples ('object_id', 'shape', 'size', 'color', "
+    "'material'), one per object in the initial state. Each transformation is one "
     "function call func(obj, value), where obj is the object's index and func is one of:\n"
     + "\n".join(f"- {f}(obj, value), value in {{{', '.join(v)}}}" for f, v in TRANCE_FUNCTIONS.items())
 )

@@ -18,9 +18,9 @@ Tasks and their OOD shifts:
   OOD: parallelograms, a figure family never seen in training (Geometry3K's role). Choice letters
   are uniform; distractors are the other formulas'.
 * ``trance``: an initial and a final scene of two indexed objects and one attribute transformation
-  between them; the trace describes each object in both states, side by side, then names the
-  change. OOD: the final scene rendered from the left or right view (mirrored), with the ID
-  question text.
+  between them; the question lists the initial objects' attributes (Reason-RFT's tuples); the trace
+  describes each object in both states, side by side, then names the change. OOD: the final
+  scene rendered from the left or right view (mirrored), with the ID question text.
 
 Each sample's RNG is seeded from (seed, task, split, index), and PNGs carry no metadata, so the same
 seed gives byte-identical files.
@@ -57,8 +57,9 @@ HELD_OUT = {("cylinder", "purple"), ("sphere", "cyan"), ("cube", "yellow")}
 SPLITS = ("train", "test_id", "test_ood")
 # Each generator's version: a change to what a task generates bumps it, so the warm starts trained
 # on its rows (ekipl.warm, cached by recipe) are rebuilt. 2: the learnable geometry and TRANCE;
-# 3: geometry's figure drawn in a colour the trace names; TRANCE's trace pairs each object's states.
-VERSIONS = {"counting": 1, "geometry": 3, "trance": 3}
+# 3: geometry's figure drawn in a colour the trace names; TRANCE's trace pairs each object's states;
+# 4: TRANCE's question lists the initial objects' attributes, as Reason-RFT's does.
+VERSIONS = {"counting": 1, "geometry": 3, "trance": 4}
 
 
 def _rng(seed: int, *parts) -> random.Random:
@@ -311,9 +312,18 @@ def _trance(rng: random.Random, ood: bool):
             _describe_pair(i, a, b) + (f", so its {attr} changed to {value}" if i == idx else ", unchanged")
         )
     think = ". ".join(parts) + f". So the answer is {answer}."
+    # Reason-RFT's TRANCE questions list the initial objects' attributes as
+    # ('object_id', 'shape', 'size', 'color', 'material') tuples, so a model reads the initial state
+    # from the text and the final state from the second image. With it, the tiny warm start copies
+    # the listed sizes and colours into its trace but still reads nothing off the final image
+    # (bench/LEARNING.md).
+    attrs = ", ".join(
+        f"('{i}', '{o['shape']}', '{o['size']}', '{o['color']}', '{o['material']}')"
+        for i, o in enumerate(objects)
+    )
     row = {
-        # the same text in every split: the OOD shift is the view alone (the final state mirrored)
-        "problem": "What transformations happened?",
+        # the same question in every split (the list is each row's): the OOD shift is the view alone
+        "problem": f"The attributes of the initial objects: [{attrs}]. What transformations happened?",
         "answer": answer,
         "cot": f"<think>{think}</think><answer>{answer}</answer>",
         "view": view,
