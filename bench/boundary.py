@@ -142,21 +142,41 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path, chance: dict[str
     plt.close(fig)
 
 
-def family_models(family: str, runs: Path, arms: list[str], seeds: list[int], model_seed: int):
-    """{arm: {name: policy path}} of a family's finished runs, the warm start first."""
-    from bench.families import WARM, family_root
+def run_model_seed(run: Path, default: int) -> int:
+    """The ``model.seed`` a kept run trained with (its config.json), which says whose warm start it
+    started from; ``default`` where the run has no config."""
+    config = run / "config.json"
+    if not config.is_file():
+        return default
+    return int(json.loads(config.read_text())["model"].get("seed", default))
+
+
+def kept(out: Path, arm: str, final: bool) -> bool:
+    """Whether ``arm``'s evaluations are kept under ``out`` (the pass@k one and, with ``final``, the
+    large-split one): then its policies are not needed again."""
+    names = [name(arm)] + ([f"final-{name(arm)}"] if final else [])
+    return all((out / f"{n}.json").is_file() for n in names)
+
+
+def family_models(
+    family: str, root: Path, arms: list[str], seeds: list[int], model_seed: int, out: Path, final: bool
+) -> dict[str, dict[str, str]]:
+    """{arm: {name: policy path}} of a family's runs under ``root``, the warm start first. An arm
+    is reported if its final policies exist or its evaluations are kept under ``out`` (the policies
+    of bench/results/ runs are not in git; their evaluations are)."""
+    from bench.families import WARM
     from ekipl.runtime import resolve_model
 
-    root = family_root(runs, family)
-    models = {"warm start": {"warm": str(resolve_model(WARM[family][0], model_seed))}}
+    warm = "kept" if kept(out, "warm start", final) else str(resolve_model(WARM[family][0], model_seed))
+    models = {"warm start": {"warm": warm}}
     for arm in arms:
         paths = {f"{arm}-s{s}": str(root / arm / f"seed{s}" / "policy") for s in seeds}
         missing = [p for p in paths.values() if not (Path(p) / "model.safetensors").is_file()]
-        if missing:
+        if missing and not kept(out, arm, final):
             print(f"[boundary] {family}/{arm}: no final policy at {missing}; left out", flush=True)
             continue
         models[arm] = paths
-    return root, models
+    return models
 
 
 def name(arm: str) -> str:
@@ -165,14 +185,15 @@ def name(arm: str) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.families import ARMS, FAMILIES, NAMES, make_test_splits
-    from bench.learning import write_markdown
+    from bench.families import ARMS, FAMILIES, NAMES, family_root, make_test_splits, validated_splits
+    from bench.learning import load_rows, write_markdown
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="counting's (the others: grpo, ekipl)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="outputs/learning", help="make learn's runs (--out there)")
+    ap.add_argument("--counting-runs", help="counting's runs (default: --runs)")
     ap.add_argument("--out", default="outputs/boundary")
     ap.add_argument("--max-tokens", type=int, default=128, help="the rollout's budget in make learn")
     ap.add_argument("--final-problems", type=int, default=1000, help="the final scores' split size (0: none)")
@@ -184,17 +205,24 @@ def main(argv=None) -> int:
     results, chance, finals, texts = {}, {}, {}, []
     for family in args.families:
         arms = args.arms if family == "counting" else list(ARMS)
-        root, models = family_models(family, runs, arms, args.seeds, model_seed_of(args.extra))
+        own = family == "counting" and args.counting_runs
+        root = Path(args.counting_runs) if own else family_root(runs, family)
         fam_out = out if family == "counting" else out / family  # counting's, where they always were
         run = root / arms[0] / f"seed{args.seeds[0]}"
-        data = run / "data" / family  # one data set for all
+        model_seed = run_model_seed(run, model_seed_of(args.extra))
+        models = family_models(family, root, arms, args.seeds, model_seed, fam_out, bool(args.final_problems))
+        problems = next(r["val/id/problems"] for r in load_rows(run) if "val/id/problems" in r)
+        data = validated_splits(run, family, int(problems))  # one data set for all
         results[family] = {
             arm: evaluate_arm(name(arm), m, data, fam_out, args.max_tokens) for arm, m in models.items()
         }
         chance[family] = chance_rows(data, family)
         texts.append(f"**{NAMES[family]}**\n\n" + table(results[family], chance[family]))
         if args.final_problems:
-            large = make_test_splits(run, family, args.final_problems, fam_out / f"data{args.final_problems}")
+            large = None  # generated only for what is still to evaluate (kept ones need no data)
+            if not all(kept(fam_out, arm, True) for arm in models):
+                where = fam_out / f"data{args.final_problems}"
+                large = make_test_splits(run, family, args.final_problems, where)
             finals[family] = {
                 arm: evaluate_arm(f"final-{name(arm)}", m, large, fam_out, args.max_tokens, [1], 0)
                 for arm, m in models.items()

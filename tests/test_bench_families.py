@@ -109,3 +109,32 @@ def test_a_large_test_split_begins_with_the_in_loop_split(tmp_path, task):
         for name in [r["image"]] if isinstance(r["image"], str) else r["image"]:
             a, b = (tmp_path / d / task / name for d in ("small", "large"))
             assert a.read_bytes() == b.read_bytes()
+
+
+def test_an_arm_whose_evaluations_are_kept_is_reported_without_its_policies(tmp_path, capsys):
+    """bench/results/ keeps the runs' metrics and the evaluations' JSON, not the policies: the
+    boundary report takes such an arm from its kept evaluations (and builds no warm start for it),
+    and leaves out an arm that has neither."""
+    from bench import boundary
+
+    for arm in ("warm", "final-warm", "grpo", "final-grpo", "ekipl"):  # ekipl's final one is missing
+        (tmp_path / f"{arm}.json").write_text("[]")
+    models = boundary.family_models(
+        "geometry", tmp_path / "runs", ["grpo", "ekipl"], [0, 1], 0, tmp_path, True
+    )
+    assert list(models) == ["warm start", "grpo"] and models["warm start"] == {"warm": "kept"}
+    assert "geometry/ekipl: no final policy" in capsys.readouterr().out
+    assert list(
+        boundary.family_models("geometry", tmp_path / "runs", ["ekipl"], [0], 0, tmp_path, False)
+    ) == [
+        "warm start",
+        "ekipl",
+    ]
+    assert boundary.evaluate_arm("grpo", models["grpo"], tmp_path / "no-data", tmp_path, 128) == []
+
+
+def test_the_boundary_takes_a_kept_runs_model_seed_from_its_config(tmp_path):
+    from bench import boundary
+
+    (tmp_path / "config.json").write_text(json.dumps({"model": {"seed": 1}}))
+    assert boundary.run_model_seed(tmp_path, 0) == 1 and boundary.run_model_seed(tmp_path / "none", 3) == 3
