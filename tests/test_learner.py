@@ -515,6 +515,25 @@ def test_frozen_vision_tower_and_gradient_checkpointing(ray_local, batch, tiny_v
     assert metrics["actor/ratio_mean"] != pytest.approx(1.0, abs=1e-9)
 
 
+@pytest.mark.slow
+def test_the_vision_tower_trains_at_its_own_learning_rate(ray_local, batch, tiny_vlm):
+    """learner.vision_lr: the ViT is its own optimizer group. Adam's first step moves each weight by
+    at most its group's lr (|m / sqrt(v)| <= 1), so the tower moves by <= vision_lr while the language
+    model's largest moves are close to learner.lr."""
+    b, _, _ = batch
+    vision_lr = LR / 10
+    cfg = LearnerConfig(world_size=1, zero_stage=2, lr=LR, micro_batch_size=3, vision_lr=vision_lr)
+    before, metrics, after = one_step(tiny_vlm, cfg, b)
+    moved = {k: float((after[k] - before[k]).abs().max()) for k in before}
+    vis = [moved[k] for k in moved if ".visual." in k]
+    lm = [moved[k] for k in moved if ".language_model." in k]
+    assert vis and lm and metrics["actor/lr"] == pytest.approx(LR)
+    assert 0 < max(vis) <= vision_lr * 1.001, max(vis)
+    assert LR / 2 < max(lm) <= LR * 1.001, max(lm)
+    with pytest.raises(ValueError, match="learner.vision_lr: the vision tower is not trained"):
+        LearnerConfig(vision_lr=1e-4, freeze_vision=True)
+
+
 def _mixed(path, counting_data):
     """Two groups with an image, then two text-only ones: on 2 ranks (contiguous rows), rank 1's
     micro-batches hold no image at all."""

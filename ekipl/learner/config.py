@@ -56,6 +56,9 @@ class LearnerConfig:
     epochs: int = 1  # μ inner epochs over each batch
     gradient_checkpointing: bool = False
     freeze_vision: bool = False
+    # The vision tower's own learning rate (its parameter group in the optimizer; None: learner.lr),
+    # as VLM fine-tuning recipes train a ViT slower than the language model.
+    vision_lr: float | None = None
     bf16: bool = False  # GPU only; CPU trains in fp32
     sync_bucket_mb: int = 64
     num_cpus_per_worker: float = 1.0
@@ -86,6 +89,14 @@ class LearnerConfig:
             )
         if self.lr <= 0:
             raise ValueError(f"learner.lr must be > 0, got {self.lr}")
+        if self.vision_lr is not None:
+            if self.vision_lr <= 0:
+                raise ValueError(f"learner.vision_lr must be > 0, got {self.vision_lr}")
+            if self.freeze_vision or self.lora.enabled:
+                raise ValueError(
+                    "learner.vision_lr: the vision tower is not trained "
+                    f"({'learner.freeze_vision' if self.freeze_vision else 'learner.lora leaves it frozen'})"
+                )
 
     def deepspeed_config(self, n_micro: int) -> dict:
         return {

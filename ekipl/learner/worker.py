@@ -29,6 +29,22 @@ def _float(x) -> float:
     return float("nan") if x is None else float(x)
 
 
+def param_groups(model, vision_lr: float | None) -> list:
+    """The optimizer's trainable parameters: one group at ``learner.lr``, or, with ``vision_lr``,
+    the language model's (first: its lr is the one logged) and the vision tower's at its own rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if vision_lr is None:
+        return params
+    tower = family_of_model(model).vision_tower(model)
+    if tower is None:
+        raise ValueError(f"learner.vision_lr: {model.config.model_type!r} has no vision tower")
+    vision = {id(p) for p in tower.parameters()}
+    return [
+        {"params": [p for p in params if id(p) not in vision]},
+        {"params": [p for p in params if id(p) in vision], "lr": vision_lr},
+    ]
+
+
 class _Means:
     """Running means of per-micro-batch metrics, each over the micro-batches that report it, each
     micro-batch weighted by the tokens its value is a mean over (``weights``; 1 where none is given),
@@ -203,7 +219,7 @@ class Learner:
         self._n_micro = 1
         self.engine, _, _, _ = deepspeed.initialize(
             model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            model_parameters=param_groups(model, cfg.vision_lr),
             config=cfg.deepspeed_config(self._n_micro),
         )
         self.ref = None
