@@ -10,11 +10,14 @@
 GRPO is known to narrow pass@k at large k (Yue et al., 2504.13837) while methods that add external
 traces report widening it (RL-PLUS, AMPO): the curve per arm says which happens here. Each arm's
 seeds are evaluated in one engine (weights loaded in turn) and kept under ``--out``
-(``<family>/<arm>.json``; counting's at the top, as before): a rerun skips what is done. Writes the
+(``<family>/<arm>.json``; counting's at the top, as before): a rerun skips what is done, and an
+arm whose evaluations are kept is reported without its policies (bench/results/ keeps the JSON,
+not the policies; each family's warm start follows its runs' own ``model.seed``). Writes the
 tables into bench/LEARNING.md (between its own markers) and the curves to bench/boundary.png, one
 row per family.
 
-    .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2]
+    .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2] \
+        [--runs DIR] [--counting-runs DIR] [--out DIR]
 """
 
 from __future__ import annotations

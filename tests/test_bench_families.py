@@ -119,17 +119,12 @@ def test_an_arm_whose_evaluations_are_kept_is_reported_without_its_policies(tmp_
 
     for arm in ("warm", "final-warm", "grpo", "final-grpo", "ekipl"):  # ekipl's final one is missing
         (tmp_path / f"{arm}.json").write_text("[]")
-    models = boundary.family_models(
-        "geometry", tmp_path / "runs", ["grpo", "ekipl"], [0, 1], 0, tmp_path, True
-    )
+    root = tmp_path / "runs"  # no policies under it
+    models = boundary.family_models("geometry", root, ["grpo", "ekipl"], [0, 1], 0, tmp_path, True)
     assert list(models) == ["warm start", "grpo"] and models["warm start"] == {"warm": "kept"}
     assert "geometry/ekipl: no final policy" in capsys.readouterr().out
-    assert list(
-        boundary.family_models("geometry", tmp_path / "runs", ["ekipl"], [0], 0, tmp_path, False)
-    ) == [
-        "warm start",
-        "ekipl",
-    ]
+    without_finals = boundary.family_models("geometry", root, ["ekipl"], [0], 0, tmp_path, False)
+    assert list(without_finals) == ["warm start", "ekipl"]
     assert boundary.evaluate_arm("grpo", models["grpo"], tmp_path / "no-data", tmp_path, 128) == []
 
 
