@@ -189,7 +189,7 @@ def name(arm: str) -> str:
 
 def main(argv=None) -> int:
     from bench.families import ARMS, FAMILIES, NAMES, family_root, make_test_splits, validated_splits
-    from bench.learning import load_rows, write_markdown
+    from bench.learning import curve, load_rows, write_markdown
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
@@ -214,8 +214,8 @@ def main(argv=None) -> int:
         run = root / arms[0] / f"seed{args.seeds[0]}"
         model_seed = run_model_seed(run, model_seed_of(args.extra))
         models = family_models(family, root, arms, args.seeds, model_seed, fam_out, bool(args.final_problems))
-        problems = next(r["val/id/problems"] for r in load_rows(run) if "val/id/problems" in r)
-        data = validated_splits(run, family, int(problems))  # one data set for all
+        problems = int(curve(load_rows(run), "val/id/problems")[0][1])  # as bench/families.py reads it
+        data = validated_splits(run, family, problems)  # one data set for all
         results[family] = {
             arm: evaluate_arm(name(arm), m, data, fam_out, args.max_tokens) for arm, m in models.items()
         }
