@@ -71,5 +71,8 @@ def test_a_warm_start_that_freezes_its_vision_tower_trains_with_it_frozen_and_is
     assert warm._digest("w", frozen, 0) != warm._digest("w", plain, 0)
     # the name counting's policy warm start had before the field (learn-qwen2-vl-sft-s0-e6676bc10495)
     assert warm._digest("learn-qwen2-vl-sft", warm.WARM_STARTS["learn-qwen2-vl-sft"], 0) == "e6676bc10495"
+    # and geometry's, whose runs are in bench/results (the tokenizer's corpus field left it alone)
+    geometry = "learn-qwen2-vl-geometry-sft"
+    assert warm._digest(geometry, warm.WARM_STARTS[geometry], 0) == "7d008850c858"
     for name, recipe in warm.WARM_STARTS.items():
         assert recipe.freeze_vision == (recipe.task != "counting"), name

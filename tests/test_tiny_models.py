@@ -54,6 +54,28 @@ def test_same_seed_gives_same_bytes_and_other_seed_differs(tmp_path, name):
     assert _sha(a / "model.safetensors") != _sha(c / "model.safetensors")
 
 
+def test_the_prompt_corpus_shortens_prompts_and_names_its_text(monkeypatch):
+    """Corpus 2 adds the tasks' prompts and traces to the tokenizer's training text: TRANCE's
+    prompt takes far fewer tokens and still decodes to itself; the builds from before the field keep
+    their names; a changed prompt is a new build."""
+    from ekipl.models import tiny
+    from ekipl.tasks import prompts, synth
+    from ekipl.tasks.sample import Sample
+
+    assert tiny._digest("tiny-qwen2-vl", spec_for("tiny-qwen2-vl"), 0) == "928fdb8163bf"
+    assert tiny._digest("learn-qwen2-vl", spec_for("learn-qwen2-vl"), 0) == "c37f4c3ae423"
+    row, _ = synth._trance(synth._rng(7, "trance", "test_id", 0), ood=False)  # not a corpus row
+    text = prompts.user_text(Sample(id="x", task="trance", problem=row["problem"], answer=row["answer"]))
+    old, new = (tiny._build_tokenizer(1024, 0, corpus) for corpus in (1, 2))
+    n_old, n_new = (len(t(text)["input_ids"]) for t in (old, new))
+    assert n_new < 0.7 * n_old, (n_old, n_new)
+    assert new.decode(new(text)["input_ids"]) == text
+    spec = spec_for("learn-qwen2-vl-tok2")
+    before = tiny._digest("learn-qwen2-vl-tok2", spec, 0)
+    monkeypatch.setattr(prompts, "TRANCE_INSTRUCTION", prompts.TRANCE_INSTRUCTION + " Be brief.")
+    assert tiny._digest("learn-qwen2-vl-tok2", spec, 0) != before
+
+
 def test_the_2b_bench_model_has_qwen2_vl_2b_shapes():
     """bench-qwen2-vl-2b is Qwen2-VL-2B's architecture: its parameter count (2,208,985,600 with
     tied embeddings), vocabulary rows and M-RoPE sections, built on the meta device (no memory);

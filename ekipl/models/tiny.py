@@ -92,6 +92,10 @@ class TinySpec:
     # The VLM family (ekipl.models.families): qwen2_vl, qwen2_5_vl or qwen3_vl (patch 16, so its
     # pixel budget is in 32x32 units: set min_pixels/max_pixels to match).
     family: str = "qwen2_vl"
+    # The tokenizer's training text: 1, the tasks' vocabulary (every build before this field); 2,
+    # also the tasks' prompts and traces as ekipl writes them (ekipl.tasks), so a prompt costs about
+    # as many tokens per word as with a real model's tokenizer (TRANCE's prompt: 478 -> see README).
+    corpus: int = 1
 
     @property
     def head_dim(self) -> int:
@@ -128,6 +132,21 @@ TINY_MODELS: dict[str, TinySpec] = {
         vision_heads=4,
         min_pixels=28 * 28 * 4,
         max_pixels=28 * 28 * 24,
+    ),
+    # The same policy with a tokenizer that has also seen the tasks' prompts (corpus 2): TRANCE's
+    # 166-word prompt is 300 tokens instead of 478 (its instruction's words were never in corpus 1).
+    "learn-qwen2-vl-tok2": TinySpec(
+        hidden_size=256,
+        intermediate_size=512,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=4,
+        vision_depth=2,
+        vision_embed_dim=128,
+        vision_heads=4,
+        min_pixels=28 * 28 * 4,
+        max_pixels=28 * 28 * 24,
+        corpus=2,
     ),
     # Larger random-weight text models for benchmarks (weight sync, compute-bound steps).
     "bench-qwen2-25m": TinySpec(
@@ -217,8 +236,20 @@ def _digest(name: str, spec: TinySpec, seed: int) -> str:
     fields = dataclasses.asdict(spec)
     if fields["family"] == "qwen2_vl":  # every build before families existed: their digests stay
         del fields["family"]
+    with_corpus_key(fields, spec, seed)
     blob = json.dumps({"name": name, "seed": seed, "spec": fields, "v": 1}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def with_corpus_key(fields: dict, spec: TinySpec, seed: int) -> dict:
+    """A spec's digest fields with its tokenizer corpus: left out at version 1 (every build before
+    the field keeps its name), else the version and the text's hash, so a change to a prompt or to a
+    generator's wording is a new build."""
+    del fields["corpus"]
+    if spec.corpus != 1:
+        text = "\n".join(_corpus(seed, spec.corpus))
+        fields["corpus"] = [spec.corpus, hashlib.sha256(text.encode()).hexdigest()]
+    return fields
 
 
 def build_tiny(name: str, seed: int = 0, root: str | os.PathLike | None = None, force: bool = False) -> Path:
@@ -253,8 +284,10 @@ def build_tiny(name: str, seed: int = 0, root: str | os.PathLike | None = None, 
 # Tokenizer
 
 
-def _corpus(seed: int) -> list[str]:
-    """A deterministic training corpus in the register of the Reason-RFT tasks."""
+def _corpus(seed: int, version: int = 1) -> list[str]:
+    """A deterministic training corpus in the register of the Reason-RFT tasks (version 2 adds
+    :func:`_task_texts`). Version 1's text is not in the builds' digest, and every cached build and
+    recorded result uses it: leave it as it is, and put a change in a new version."""
     rng = random.Random(seed)
     words = (
         "how many objects are left subtract all the red green blue yellow gray purple cyan brown "
@@ -278,10 +311,27 @@ def _corpus(seed: int) -> list[str]:
         lines.append(text)
     lines += [f"{i} {i}.{i % 10} -{i}" for i in range(200)]
     lines += ["A B C D (A) (B) (C) (D) ( ) , . : ; ? ! = + - * / ^ _ { } [ ] \\frac \\sqrt \\pi"] * 20
+    return lines + _task_texts(seed) if version >= 2 else lines
+
+
+def _task_texts(seed: int, rows: int = 64) -> list[str]:
+    """What the built-in tasks' prompts and traces say: each synthetic generator's first ``rows``
+    training rows, as ekipl prompts them (the instruction and format tail included) and their
+    traces. Text only: no image is written."""
+    from ekipl.tasks.prompts import SYSTEM_PROMPT, user_text
+    from ekipl.tasks.sample import Sample
+    from ekipl.tasks.synth import GENERATORS, _rng
+
+    lines = [SYSTEM_PROMPT]
+    for task, make in GENERATORS.items():
+        for i in range(rows):
+            row, _ = make(_rng(seed, task, "train", i), ood=False)
+            sample = Sample(id=str(i), task=task, problem=row["problem"], answer=row["answer"])
+            lines += [user_text(sample), row["cot"]]
     return lines
 
 
-def _build_tokenizer(vocab_size: int, seed: int):
+def _build_tokenizer(vocab_size: int, seed: int, corpus: int = 1):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -293,7 +343,7 @@ def _build_tokenizer(vocab_size: int, seed: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    tok.train_from_iterator(_corpus(seed, corpus), trainer=trainer)
     tok.add_special_tokens(SPECIAL_TOKENS)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -383,7 +433,7 @@ def _build_into(out: Path, name: str, spec: TinySpec, seed: int) -> None:
     import torch
     import transformers
 
-    tokenizer = _build_tokenizer(spec.vocab_size, seed)
+    tokenizer = _build_tokenizer(spec.vocab_size, seed, spec.corpus)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = model_config(spec, ids, len(tokenizer))
     torch.manual_seed(seed)
