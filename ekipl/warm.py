@@ -67,6 +67,7 @@ WARM_STARTS: dict[str, WarmStart] = {
 
 
 def tiny_fields(name: str, seed: int) -> dict:
+    """What a warm start's digest records of a tiny base model: its spec, with the corpus key."""
     from ekipl.models.tiny import spec_for, with_corpus_key
 
     spec = spec_for(name)

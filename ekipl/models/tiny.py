@@ -133,21 +133,6 @@ TINY_MODELS: dict[str, TinySpec] = {
         min_pixels=28 * 28 * 4,
         max_pixels=28 * 28 * 24,
     ),
-    # The same policy with a tokenizer that has also seen the tasks' prompts (corpus 2): TRANCE's
-    # 166-word prompt is 300 tokens instead of 478 (its instruction's words were never in corpus 1).
-    "learn-qwen2-vl-tok2": TinySpec(
-        hidden_size=256,
-        intermediate_size=512,
-        num_layers=4,
-        num_heads=8,
-        num_kv_heads=4,
-        vision_depth=2,
-        vision_embed_dim=128,
-        vision_heads=4,
-        min_pixels=28 * 28 * 4,
-        max_pixels=28 * 28 * 24,
-        corpus=2,
-    ),
     # Larger random-weight text models for benchmarks (weight sync, compute-bound steps).
     "bench-qwen2-25m": TinySpec(
         vision=False, hidden_size=384, intermediate_size=1536, num_layers=8, num_heads=6, num_kv_heads=2
@@ -204,6 +189,9 @@ TINY_MODELS: dict[str, TinySpec] = {
         save_dtype="bfloat16",
     ),
 }
+# The learning policy with a tokenizer that has also seen the tasks' prompts (corpus 2): TRANCE's
+# 166-word prompt is 300 tokens instead of 478 (its instruction's words were never in corpus 1).
+TINY_MODELS["learn-qwen2-vl-tok2"] = dataclasses.replace(TINY_MODELS["learn-qwen2-vl"], corpus=2)
 # The same tiny policy in the newer families: Qwen2.5-VL (window attention in the vision tower, its
 # last block full) and Qwen3-VL (patch 16, DeepStack features into the first decoder layer,
 # interleaved M-RoPE). Each image is 4-16 merged tokens, as tiny-qwen2-vl's.
