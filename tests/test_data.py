@@ -115,7 +115,7 @@ def test_geometry_reads_the_figure_and_its_letters_are_uniform(tmp_path):
 def test_trance_ood_changes_the_view_not_the_text(synth):
     """One transformation per row, with values from Reason-RFT's sets; the question lists the initial
     objects' attributes (Reason-RFT's form) and is otherwise the ID splits' own in the OOD split,
-    whose final state is the ID rendering mirrored."""
+    whose final state is seen from the side."""
     import re
 
     from ekipl.tasks.rewards import parse_steps
@@ -136,6 +136,40 @@ def test_trance_ood_changes_the_view_not_the_text(synth):
             assert value in prompts.TRANCE_FUNCTIONS[func] and int(obj) < TRANCE_OBJECTS
             assert (r["view"] in ("left", "right")) == (split == "test_ood")
     assert texts == {"What transformations happened?"}
+
+
+def test_trance_pictures_show_the_traced_states_and_ood_sees_them_from_the_side(tmp_path):
+    """Generator 5: the object fills the frame, so its colour is the image's centre and its size the
+    share of the frame it covers (over a quarter when large, under it when small), in both states
+    and every split; the OOD final state is the ID rendering seen from the side (squeezed to 3/4
+    of its width: the object's widest row shrinks), the initial image as in ID."""
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from ekipl.tasks.synth import BACKGROUND, COLORS, TRANCE_OBJECTS
+
+    assert TRANCE_OBJECTS == 1
+    paths = make_dataset("trance", tmp_path, n_train=24, n_test=24, seed=5)
+    pattern = re.compile(r"is a (\w+) (\w+) (\w+) in the initial state and a (\w+) (\w+) (\w+) in the final")
+
+    def drawn(name: Path) -> np.ndarray:  # which pixels are not the background
+        return (np.asarray(Image.open(name).convert("RGB")) != BACKGROUND).any(axis=-1)
+
+    widths = {"test_id": [], "test_ood": []}
+    for split, path in paths.items():
+        for r in json.loads(path.read_text()):
+            states = pattern.search(r["cot"]).groups()
+            for (size, color, _shape), name in ((states[:3], r["image"][0]), (states[3:], r["image"][1])):
+                img = Image.open(path.parent / name).convert("RGB")
+                assert img.getpixel((80, 60)) == COLORS[color], (r["id"], name)
+                share = drawn(path.parent / name).mean()
+                assert (share > 0.25) == (size == "large"), (r["id"], name, share)
+            if split in widths and states[3] == "large":
+                widths[split].append(drawn(path.parent / r["image"][1]).sum(axis=1).max())
+    assert widths["test_id"] and widths["test_ood"]
+    assert max(widths["test_ood"]) < min(widths["test_id"])  # a large object seen from the side is narrower
 
 
 def test_trance_trace_pairs_each_objects_states_and_names_the_one_change(synth):

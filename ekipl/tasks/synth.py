@@ -17,10 +17,11 @@ Tasks and their OOD shifts:
   formula: rectangles and right triangles, filled in one of four colours that the trace names.
   OOD: parallelograms, a figure family never seen in training (Geometry3K's role). Choice letters
   are uniform; distractors are the other formulas'.
-* ``trance``: an initial and a final scene of two indexed objects and one attribute transformation
-  between them; the question lists the initial objects' attributes (Reason-RFT's tuples); the trace
-  describes each object in both states, side by side, then names the change. OOD: the final
-  scene rendered from the left or right view (mirrored), with the ID question text.
+* ``trance``: an initial and a final scene of one object, drawn to fill most of the frame, and one
+  attribute transformation between them; the question lists the initial object's attributes
+  (Reason-RFT's tuples); the trace describes the object in both states, side by side, then names
+  the change. OOD: the final scene seen from the left or the right (an affine side view), with the
+  ID question text.
 
 Each sample's RNG is seeded from (seed, task, split, index), and PNGs carry no metadata, so the same
 seed gives byte-identical files.
@@ -58,8 +59,9 @@ SPLITS = ("train", "test_id", "test_ood")
 # Each generator's version: a change to what a task generates bumps it, so the warm starts trained
 # on its rows (ekipl.warm, cached by recipe) are rebuilt. 2: the learnable geometry and TRANCE;
 # 3: geometry's figure drawn in a colour the trace names; TRANCE's trace pairs each object's states;
-# 4: TRANCE's question lists the initial objects' attributes, as Reason-RFT's does.
-VERSIONS = {"counting": 1, "geometry": 3, "trance": 4}
+# 4: TRANCE's question lists the initial objects' attributes, as Reason-RFT's does; 5: one TRANCE
+# object that fills the frame, and side views for OOD.
+VERSIONS = {"counting": 1, "geometry": 3, "trance": 5}
 
 
 def _rng(seed: int, *parts) -> random.Random:
@@ -99,7 +101,7 @@ def _place(rng: random.Random, objects: list[dict]) -> None:
         placed.append((x, y, r))
 
 
-def _draw_object(d: ImageDraw.ImageDraw, obj: dict, label: str | None = None) -> None:
+def _draw_object(d: ImageDraw.ImageDraw, obj: dict) -> None:
     x, y, r = obj["x"], obj["y"], obj.get("r", SIZES[obj["size"]])
     fill = COLORS[obj["color"]]
     if obj["shape"] == "cube":
@@ -107,20 +109,19 @@ def _draw_object(d: ImageDraw.ImageDraw, obj: dict, label: str | None = None) ->
     elif obj["shape"] == "sphere":
         d.ellipse([x - r, y - r, x + r, y + r], fill=fill, outline=(30, 30, 30))
     else:
-        d.rectangle([x - r, y - r + 4, x + r, y + r], fill=fill, outline=(30, 30, 30))
-        d.ellipse([x - r, y - r, x + r, y - r + 8], fill=fill, outline=(30, 30, 30))
+        cap = 2 * r // 3 if obj.get("cap") else 8  # TRANCE's large objects: a top that shows
+        d.rectangle([x - r, y - r + cap // 2, x + r, y + r], fill=fill, outline=(30, 30, 30))
+        d.ellipse([x - r, y - r, x + r, y - r + cap], fill=fill, outline=(30, 30, 30))
     if obj["material"] == "metal":
         d.ellipse([x - r // 2, y - r // 2, x - r // 2 + 4, y - r // 2 + 4], fill=(255, 255, 255))
-    if label is not None:
-        d.text((x + r - 2, y - r - 10), label, fill=(255, 255, 255))
 
 
-def _render(objects: list[dict], labels: bool = False, mirror: bool = False) -> Image.Image:
+def _render(objects: list[dict]) -> Image.Image:
     img = Image.new("RGB", (W, H), BACKGROUND)
     d = ImageDraw.Draw(img)
-    for i, obj in enumerate(objects):
-        _draw_object(d, obj, str(i) if labels else None)
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if mirror else img
+    for obj in objects:
+        _draw_object(d, obj)
+    return img
 
 
 def _describe(obj: dict) -> str:
@@ -244,25 +245,38 @@ def _geometry(rng: random.Random, ood: bool):
     return row, [img]
 
 
-# TRANCE: two objects, indexed from left to right in the initial state, and one transformation of
+# TRANCE: TRANCE_OBJECTS objects, indexed in TRANCE_SLOTS' order, and one transformation of
 # three attribute functions (colour among four, size, shape), its values from Reason-RFT's sets. The
 # trace describes each state, as counting's describes its scene, then compares the descriptions.
 TRANCE_COLORS = ("red", "blue", "green", "yellow")
-TRANCE_OBJECTS = 2
+TRANCE_OBJECTS = 1
 _TRANCE_FUNCS = ("change_color", "change_size", "change_shape")
 assert all(v in TRANCE_FUNCTIONS["change_color"] for v in TRANCE_COLORS)
 
 
-# Each object in its own half of the frame (object 0 left, object 1 right, a few pixels of jitter)
-# and drawn large, to be easier to read than counting's small objects placed anywhere. The tiny warm
-# start still describes nearly the same objects for every problem (bench/LEARNING.md).
-TRANCE_SIZES = {"small": 15, "large": 25}
-TRANCE_SLOTS = ((40, 60), (120, 60))
+# One object, drawn to fill most of the frame (generator 5): an attribute of the object is then a
+# property of the whole image, as geometry's fill is, which the tiny warm start learns to read; an
+# object covering 2-4 of the image's 24 tokens (generators 1-4) never was (bench/LEARNING.md).
+TRANCE_SIZES = {"small": 30, "large": 52}
+TRANCE_SLOTS = ((80, 60),)
 
 
 def _trance_place(rng: random.Random, objects: list[dict]) -> None:
     for obj, (x, y) in zip(objects, TRANCE_SLOTS, strict=True):
-        obj["x"], obj["y"] = x + rng.randint(-6, 6), y + rng.randint(-8, 8)
+        obj["x"], obj["y"] = x + rng.randint(-4, 4), y + rng.randint(-3, 3)
+
+
+# The OOD views: the final scene seen from the left or the right, an affine side view (squeezed to
+# 3/4 of its width and sheared), so a square becomes a parallelogram and a circle an ellipse.
+_VIEWS = {"left": 0.25, "right": -0.25}
+
+
+def _side_view(img: Image.Image, view: str) -> Image.Image:
+    cx, cy, shear = W / 2, H / 2, _VIEWS[view]
+    data = (1 / 0.75, shear, cx - cx / 0.75 - shear * cy, 0.0, 1.0, 0.0)
+    return img.transform(
+        img.size, Image.Transform.AFFINE, data, Image.Resampling.BILINEAR, fillcolor=BACKGROUND
+    )
 
 
 def _trance_object(rng: random.Random) -> dict:
@@ -271,6 +285,7 @@ def _trance_object(rng: random.Random) -> dict:
         "color": rng.choice(TRANCE_COLORS),
         "size": rng.choice(["small", "large"]),
         "material": "rubber",
+        "cap": True,  # a cylinder's top drawn in proportion to its size (_draw_object)
     }
 
 
@@ -314,8 +329,9 @@ def _trance(rng: random.Random, ood: bool):
     think = ". ".join(parts) + f". So the answer is {answer}."
     # Reason-RFT's TRANCE questions list the initial objects' attributes as
     # ('object_id', 'shape', 'size', 'color', 'material') tuples, so a model reads the initial state
-    # from the text and the final state from the second image. With it, the tiny warm start copies
-    # the listed sizes and colours into its trace but still reads nothing off the final image
+    # from the text and the final state from the second image. With it, generator 4's warm start
+    # (two small objects) copied the listed sizes and colours into its trace but read nothing off
+    # the final image; generator 5's (one object filling the frame) reads its colour and size
     # (bench/LEARNING.md).
     attrs = ", ".join(
         f"('{i}', '{o['shape']}', '{o['size']}', '{o['color']}', '{o['material']}')"
@@ -328,7 +344,8 @@ def _trance(rng: random.Random, ood: bool):
         "cot": f"<think>{think}</think><answer>{answer}</answer>",
         "view": view,
     }
-    return row, [_render(objects, labels=True), _render(final, mirror=ood)]
+    final_img = _render(final)
+    return row, [_render(objects), _side_view(final_img, view) if ood else final_img]
 
 
 GENERATORS = {"counting": _counting, "geometry": _geometry, "trance": _trance}
