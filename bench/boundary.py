@@ -66,12 +66,13 @@ def evaluate_arm(
 def chance_rows(data: Path, task: str) -> list[dict]:
     """What guessing gives: k independent uniform draws from the split's own answers (a row whose
     draw is right with probability p: pass@k = 1 - (1 - p)^k), and always the split's most common
-    answer (pass@1 only); bench/families.py's guessing."""
+    answer (pass@1 only); bench/families.py's guessing, where a guess is right only when fully
+    right, as a sample is in pass@k (TRANCE's partial credit does not count)."""
     from bench.families import guess_scores
 
     rows = []
     for split in ("id", "ood"):
-        uniform, majority, m = guess_scores(data, task, split)
+        uniform, majority, m = guess_scores(data, task, split, full=True)
         row = {"split": split, "model": f"uniform guess over the {m} answers"}
         row |= {f"pass@{k}": statistics.mean(1 - (1 - p) ** k for p in uniform) for k in KS}
         rows += [row, {"split": split, "model": "majority answer", "pass@1": statistics.mean(majority)}]

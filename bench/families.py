@@ -55,16 +55,24 @@ def family_root(out: Path, family: str) -> Path:
     return out if family == "counting" else out / family
 
 
-def guess_scores(data: Path, task: str, split: str) -> tuple[list[float], list[float], int]:
+def guess_scores(
+    data: Path, task: str, split: str, full: bool = False
+) -> tuple[list[float], list[float], int]:
     """What guessing scores on each row of test split ``split``, under the validation's own scoring
     (TRANCE: partial credit): a uniform draw from the split's distinct answers of the row's kind (a
     choice letter or not: ``prompts.is_choice``), expected; always the kind's most common answer;
-    and the number of distinct answers."""
+    and the number of distinct answers. ``full``: a guess counts only when fully right, as a
+    sample does in ``ekipl.eval``'s pass@k (TRANCE's half credit counts as wrong there)."""
     from ekipl.tasks.loader import load_task_file
     from ekipl.tasks.prompts import is_choice
     from ekipl.tasks.rewards import EVAL_ACCURACY
 
-    score = EVAL_ACCURACY[task]
+    graded = EVAL_ACCURACY[task]
+
+    def score(text: str, s) -> float:
+        value = graded(text, s)
+        return float(value >= 1.0) if full else value
+
     rows = list(load_task_file(data / f"test_{split}.json"))
     kinds = collections.defaultdict(list)
     for s in rows:

@@ -37,6 +37,24 @@ def test_guessing_scores_a_uniform_draw_and_the_majority_answer(
     assert got["id"] == got["ood"] == {"uniform": pytest.approx(uniform), "majority": pytest.approx(majority)}
 
 
+def test_the_boundary_guess_counts_only_fully_right_answers_as_pass_at_k_does(tmp_path, red_image):
+    """pass@k counts a sample right only when fully right (``ekipl.eval``), so the guessing rows
+    beside it must too: on TRANCE a guess naming the right function with the wrong value has half
+    credit in the accuracy table and none in pass@k."""
+    from bench import boundary
+
+    answers = ["change_color(0, red)", "change_color(0, blue)"]
+    for split in ("id", "ood"):
+        _split(tmp_path, split, "trance", answers, red_image)
+    assert families.guessing(tmp_path, "trance")["id"] == {
+        "uniform": pytest.approx(0.75),  # the right answer 1.0, the other colour 0.5
+        "majority": pytest.approx(0.75),
+    }
+    uniform, majority = boundary.chance_rows(tmp_path, "trance")[:2]
+    assert uniform["pass@1"] == pytest.approx(0.5) and uniform["pass@2"] == pytest.approx(0.75)
+    assert uniform["pass@16"] == pytest.approx(1 - 0.5**16) and majority["pass@1"] == pytest.approx(0.5)
+
+
 def _rows(id_acc, ood_acc):
     metrics = {"val/id/format": 1.0, "val/id/problems": 4}
     pairs = enumerate(zip(id_acc, ood_acc, strict=True))
