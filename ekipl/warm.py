@@ -54,10 +54,10 @@ WARM_STARTS: dict[str, WarmStart] = {
     # each family's own synthetic rows (bench/families.py); the auxiliary model is trained twice as
     # long, not three times. Their vision tower stays as built (random features), which the language
     # model learns to read: with it trained, geometry's warm start did not look at its images
-    # (bench/LEARNING.md). TRANCE's does not read its objects either way yet. TRANCE's policy is
-    # built with the tokenizer that has seen the tasks' prompts (learn-qwen2-vl-tok2): its prompt is
-    # 300 tokens instead of 478, and a warm-start step takes 1.31 s instead of 1.86 on 2 cores; it
-    # reads the images no better (bench/LEARNING.md).
+    # (bench/LEARNING.md). TRANCE's read none of generators 1-4's small objects either way, and
+    # read generator 5's, one object filling the frame. TRANCE's policy is built with the tokenizer
+    # that has seen the tasks' prompts (learn-qwen2-vl-tok2): generator 4's prompt took 300 tokens
+    # instead of 478 with it, and a warm-start step 1.31 s instead of 1.86 on 2 cores.
     **{
         f"learn-qwen2-vl-{task}-{kind}": WarmStart(base=base, task=task, steps=300, freeze_vision=True)
         for task, policy in (("geometry", "learn-qwen2-vl"), ("trance", "learn-qwen2-vl-tok2"))
