@@ -37,6 +37,21 @@ def test_guessing_scores_a_uniform_draw_and_the_majority_answer(
     assert got["id"] == got["ood"] == {"uniform": pytest.approx(uniform), "majority": pytest.approx(majority)}
 
 
+def test_no_steps_to_grpos_final_when_grpo_ends_below_its_warm_start():
+    """Claim 3's columns compare with GRPO's final ID accuracy; when that is not above the warm
+    start's, every arm reaches it at its first validation, and the table says so instead."""
+    runs = {
+        "grpo": {0: _rows([0.5, 0.4, 0.45], [0.1] * 3), 1: _rows([0.5, 0.5, 0.45], [0.1] * 3)},
+        "ekipl": {0: _rows([0.5, 0.45, 0.3], [0.1] * 3), 1: _rows([0.5, 0.3, 0.3], [0.1] * 3)},
+    }
+    chance = {"id": {"uniform": 0.1, "majority": 0.2}, "ood": {"uniform": 0.1, "majority": 0.2}}
+    text = families.tables({"trance": families.summarize(runs)}, {"trance": chance}, 20, {"trance": 4})
+    (claims,) = [x for x in text.splitlines() if x.startswith("| spatial transformation |")]
+    assert claims.endswith(
+        "| - (GRPO ends at or below its warm start) | - (GRPO ends at or below its warm start) |"
+    )
+
+
 def test_the_boundary_guess_counts_only_fully_right_answers_as_pass_at_k_does(tmp_path, red_image):
     """pass@k counts a sample right only when fully right (``ekipl.eval``), so the guessing rows
     beside it must too: on TRANCE a guess naming the right function with the wrong value has half
