@@ -94,7 +94,7 @@ class TinySpec:
     family: str = "qwen2_vl"
     # The tokenizer's training text: 1, the tasks' vocabulary (every build before this field); 2,
     # also the tasks' prompts and traces as ekipl writes them (ekipl.tasks), so a prompt costs about
-    # as many tokens per word as with a real model's tokenizer (TRANCE's prompt: 478 -> see README).
+    # as many tokens per word as with a real model's tokenizer (TRANCE's prompt: a third shorter).
     corpus: int = 1
 
     @property
@@ -190,7 +190,8 @@ TINY_MODELS: dict[str, TinySpec] = {
     ),
 }
 # The learning policy with a tokenizer that has also seen the tasks' prompts (corpus 2): TRANCE's
-# 166-word prompt is 300 tokens instead of 478 (its instruction's words were never in corpus 1).
+# prompt is a third shorter (generator 5's chat prompt: 331 tokens instead of 500; generator 4's
+# user turn: 300 instead of 478), since its instruction's words were never in corpus 1.
 TINY_MODELS["learn-qwen2-vl-tok2"] = dataclasses.replace(TINY_MODELS["learn-qwen2-vl"], corpus=2)
 # The same tiny policy in the newer families: Qwen2.5-VL (window attention in the vision tower, its
 # last block full) and Qwen3-VL (patch 16, DeepStack features into the first decoder layer,
