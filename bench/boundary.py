@@ -17,7 +17,7 @@ tables into bench/LEARNING.md (between its own markers) and the curves to bench/
 row per family.
 
     .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2] \
-        [--runs DIR] [--counting-runs DIR] [--out DIR]
+        [--family-arms grpo ekipl ekipl_gated] [--runs DIR] [--counting-runs DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -189,12 +189,23 @@ def name(arm: str) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.families import ARMS, FAMILIES, NAMES, family_root, make_test_splits, validated_splits
+    from bench.families import (
+        ARMS,
+        FAMILIES,
+        FAMILY_ARMS,
+        NAMES,
+        family_root,
+        make_test_splits,
+        validated_splits,
+    )
     from bench.learning import curve, load_rows, write_markdown
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
-    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="counting's (the others: grpo, ekipl)")
+    ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="counting's arms")
+    ap.add_argument(
+        "--family-arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS, help="the other families' arms"
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--runs", default="outputs/learning", help="make learn's runs (--out there)")
     ap.add_argument("--counting-runs", help="counting's runs (default: --runs)")
@@ -208,7 +219,7 @@ def main(argv=None) -> int:
     runs, out = Path(args.runs), Path(args.out)
     results, chance, finals, texts = {}, {}, {}, []
     for family in args.families:
-        arms = args.arms if family == "counting" else list(ARMS)
+        arms = args.arms if family == "counting" else args.family_arms
         own = family == "counting" and args.counting_runs
         root = Path(args.counting_runs) if own else family_root(runs, family)
         fam_out = out if family == "counting" else out / family  # counting's, where they always were

@@ -4,16 +4,19 @@ families (visual counting, structure perception, spatial transformation), ID and
 Each family has its own CoT-SFT warm start and its own stronger auxiliary model (``ekipl.warm``:
 ``learn-qwen2-vl-<family>-sft`` and ``-aux``; counting's are ``learn-qwen2-vl-sft`` and ``-aux``),
 and its preset (``conf/experiment/learn_<family>.yaml``: learn_counting's settings on that family's
-synthetic rows). Arms: ``grpo`` and ``ekipl`` (the paper's recipe), over the same seeds. Counting's
-runs are bench/learning.py's own (``<out>/<arm>/seed<k>``, kept, not redone); the other families'
-go under ``<out>/<family>/<arm>/seed<k>``. Finished runs are kept: rerunning resumes the batch.
+synthetic rows). Arms: ``grpo`` and ``ekipl`` (the paper's recipe), over the same seeds, and with
+``--arms`` any other of bench/learning.py's arms that takes a family's preset (``ekipl_gated``, an
+ablation; ``sft_traces`` is counting's own). Counting's runs are bench/learning.py's own
+(``<out>/<arm>/seed<k>``, kept, not redone); the other families' go under
+``<out>/<family>/<arm>/seed<k>``. Finished runs are kept: rerunning resumes the batch.
 
 Writes LEARNING.md's main table between its markers, in the paper's layout (per family: ID, OOD
 and their mean; a warm-start row; every cell mean ± std over the seeds), what guessing scores on
 each split beside it, the three claims per family, and the curves, one row per family, to
 bench/learning.png.
 
-    .venv/bin/python -m bench.families [--seeds 0 1 2] [--families counting geometry trance]
+    .venv/bin/python -m bench.families [--seeds 0 1 2] [--families counting geometry trance] \
+        [--arms grpo ekipl ekipl_gated]
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.learning import ARMS as LEARNING_ARMS
 from bench.learning import (
     DEFAULT_ARMS,
     batch_args,
@@ -43,7 +47,9 @@ from bench.learning import (
 )
 
 FAMILIES = ("counting", "geometry", "trance")
-ARMS = ("grpo", "ekipl")
+ARMS = ("grpo", "ekipl")  # the comparison every family's tables make
+# what else a family can run: every bench/learning.py arm but the SFT control, which is counting's
+FAMILY_ARMS = [a for a in LEARNING_ARMS if a != "sft_traces"]
 NAMES = {"counting": "counting", "geometry": "structure perception", "trance": "spatial transformation"}
 WARM = {f: (f"learn-qwen2-vl-{f}-sft", f"learn-qwen2-vl-{f}-aux") for f in FAMILIES if f != "counting"}
 WARM["counting"] = ("learn-qwen2-vl-sft", "learn-qwen2-vl-aux")
@@ -157,10 +163,17 @@ def reach_text(reach: list[int | None]) -> str:
     return f"{statistics.mean(got):.1f} ({len(got)}/{len(reach)} seeds)" if got else f"never (0/{len(reach)})"
 
 
+LABELS = {"grpo": "GRPO", "ekipl": "EKIPL", "ekipl_gated": "gated EKIPL"}
+
+
 def tables(summary: dict[str, dict], chance: dict[str, dict], steps: int, problems: dict[str, int]) -> str:
+    """The paper-layout table (a row per arm any family ran; ``-`` where a family did not run it)
+    and the claims table (every other arm against GRPO, per family)."""
     fams = list(summary)
     head = " | ".join(f"{NAMES[f]} ID | {NAMES[f]} OOD | {NAMES[f]} mean" for f in fams)
-    rows = [("warm start (CoT-SFT)", "grpo", "start"), ("GRPO", "grpo", "final"), ("EKIPL", "ekipl", "final")]
+    others = list(dict.fromkeys(a for f in fams for a in summary[f] if a not in ARMS))
+    rows = [("warm start (CoT-SFT)", "grpo", "start")]
+    rows += [(LABELS.get(a, a), a, "final") for a in [*ARMS, *others]]
     lines = [
         f"Held-out greedy accuracy after {steps} steps (TRANCE: partial credit, the paper's metric), "
         "mean ± std over seeds; problems per split: "
@@ -173,7 +186,11 @@ def tables(summary: dict[str, dict], chance: dict[str, dict], steps: int, proble
         "|---|" + "---|" * (3 * len(fams)),
     ]
     for label, arm, when in rows:
-        cells = [mean_std(summary[f][arm][f"{when}_{k}"]) for f in fams for k in ("id", "ood", "mean")]
+        cells = [
+            mean_std(summary[f].get(arm, {}).get(f"{when}_{k}", []))
+            for f in fams
+            for k in ("id", "ood", "mean")
+        ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     for kind, label in (("uniform", "uniform guess (the row's kind)"), ("majority", "majority answer")):
         cells = []
@@ -183,29 +200,35 @@ def tables(summary: dict[str, dict], chance: dict[str, dict], steps: int, proble
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "The three claims per family: EKIPL − GRPO (± the standard error of the difference over "
+        "The three claims per family: each arm − GRPO (± the standard error of the difference over "
         "independent seeds), the ID format, and the first validated step at which an arm reaches GRPO's "
         "final ID accuracy (GRPO's mean over its seeds; a seed that never does is counted apart):",
         "",
-        "| family | EKIPL − GRPO, ID | EKIPL − GRPO, OOD | ID format, GRPO / EKIPL | GRPO's steps to its "
-        "final ID | EKIPL's steps to GRPO's final ID |",
-        "|---|---|---|---|---|---|",
+        "| family | arm | arm − GRPO, ID | arm − GRPO, OOD | ID format, GRPO / arm | GRPO's steps to its "
+        "final ID | the arm's steps to GRPO's final ID |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in fams:
-        g, e = summary[f]["grpo"], summary[f]["ekipl"]
-        # GRPO ending at or below its warm start: every arm "reaches" that at its first validation,
-        # which says nothing about convergence
-        below = g["grpo_final"][0] <= statistics.mean(g["start_id"]) + 1e-9
-        reach = (
-            ["- (GRPO ends at or below its warm start)"] * 2
-            if below
-            else map(reach_text, (g["reach"], e["reach"]))
-        )
-        lines.append(
-            f"| {NAMES[f]} | {diff(e['final_id'], g['final_id'])} | {diff(e['final_ood'], g['final_ood'])} | "
-            f"{mean_std(g['format'])} / {mean_std(e['format'])} | " + " | ".join(reach) + " |"
-        )
+        lines += [claims_row(f, arm, summary[f]) for arm in summary[f] if arm != "grpo"]
     return "\n".join(lines)
+
+
+def claims_row(family: str, arm: str, summary: dict[str, dict]) -> str:
+    g, e = summary["grpo"], summary[arm]
+    # GRPO ending at or below its warm start: every arm "reaches" that at its first validation,
+    # which says nothing about convergence
+    below = g["grpo_final"][0] <= statistics.mean(g["start_id"]) + 1e-9
+    reach = (
+        ["- (GRPO ends at or below its warm start)"] * 2
+        if below
+        else map(reach_text, (g["reach"], e["reach"]))
+    )
+    return (
+        f"| {NAMES[family]} | {LABELS.get(arm, arm)} | {diff(e['final_id'], g['final_id'])} | "
+        f"{diff(e['final_ood'], g['final_ood'])} | {mean_std(g['format'])} / {mean_std(e['format'])} | "
+        + " | ".join(reach)
+        + " |"
+    )
 
 
 def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
@@ -217,11 +240,31 @@ def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
     return {**runs, "counting": counting or runs["counting"]}
 
 
+def family_runs(root: Path, family: str, arms: list[str], seeds: list[int], steps: int) -> dict:
+    """{arm: {seed: rows}} of a family's finished runs: the seeds where GRPO and EKIPL both
+    finished (a partial batch reports what it has), and each other arm only where it finished all
+    of those seeds (else it is left out, and this says so)."""
+    seeds = [s for s in seeds if all(finished(root / a / f"seed{s}", steps) for a in ARMS)]
+    if not seeds:
+        raise SystemExit(f"{family}: no seed has finished runs of every arm under {root}")
+    runs = {}
+    for arm in dict.fromkeys([*ARMS, *arms]):
+        missing = [s for s in seeds if not finished(root / arm / f"seed{s}", steps)]
+        if missing:
+            print(f"[families] {family}/{arm}: no finished run for seeds {missing}; left out", flush=True)
+            continue
+        runs[arm] = {s: load_rows(root / arm / f"seed{s}") for s in seeds}
+    return runs
+
+
 def main(argv=None) -> int:
     ap = batch_args(argparse.ArgumentParser())
     ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS)
     ap.add_argument("--counting-runs", help="where counting's runs are (default: --out, bench/learning.py's)")
     args = ap.parse_args(argv)
+    if not set(ARMS) <= set(args.arms):
+        ap.error("the tables compare EKIPL with GRPO: keep the grpo and ekipl arms")
     out, extra = Path(args.out), [f"trainer.eval_every={args.eval_every}", *args.extra]
     t_all = time.perf_counter()
     if not args.report_only:
@@ -236,7 +279,7 @@ def main(argv=None) -> int:
                 )
         for seed in args.seeds:  # seed-major: a partial batch still compares every family
             for family in args.families:
-                for arm in ARMS:
+                for arm in args.arms:
                     root = family_root(out, family)
                     took = run_arm(arm, seed, root, args.steps, extra, experiment=f"learn_{family}")
                     acc = curve(load_rows(root / arm / f"seed{seed}"), "val/id/accuracy")
@@ -248,20 +291,15 @@ def main(argv=None) -> int:
                     )
     runs, summary, chance, problems = {}, {}, {}, {}
     for family in args.families:
-        root = (
-            Path(args.counting_runs)
-            if family == "counting" and args.counting_runs
-            else family_root(out, family)
-        )
-        # the seeds whose runs finished (a partial batch reports what it has, and says so)
-        seeds = [s for s in args.seeds if all(finished(root / a / f"seed{s}", args.steps) for a in ARMS)]
-        if not seeds:
-            raise SystemExit(f"{family}: no seed has finished runs of every arm under {root}")
-        runs[family] = {arm: {s: load_rows(root / arm / f"seed{s}") for s in seeds} for arm in ARMS}
+        own = family == "counting" and args.counting_runs
+        root = Path(args.counting_runs) if own else family_root(out, family)
+        runs[family] = family_runs(root, family, args.arms, args.seeds, args.steps)
         summary[family] = summarize(runs[family])
-        problems[family] = int(curve(runs[family]["grpo"][seeds[0]], "val/id/problems")[0][1])
+        first = next(iter(runs[family]["grpo"].values()))
+        problems[family] = int(curve(first, "val/id/problems")[0][1])
+        seed0 = next(iter(runs[family]["grpo"]))
         chance[family] = guessing(
-            validated_splits(root / "grpo" / f"seed{seeds[0]}", family, problems[family]), family
+            validated_splits(root / "grpo" / f"seed{seed0}", family, problems[family]), family
         )
     text = tables(summary, chance, args.steps, problems)
     (out / "families.json").write_text(json.dumps({"summary": summary, "chance": chance}, indent=1))

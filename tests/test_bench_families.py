@@ -46,7 +46,7 @@ def test_no_steps_to_grpos_final_when_grpo_ends_below_its_warm_start():
     }
     chance = {"id": {"uniform": 0.1, "majority": 0.2}, "ood": {"uniform": 0.1, "majority": 0.2}}
     text = families.tables({"trance": families.summarize(runs)}, {"trance": chance}, 20, {"trance": 4})
-    (claims,) = [x for x in text.splitlines() if x.startswith("| spatial transformation |")]
+    (claims,) = [x for x in text.splitlines() if x.startswith("| spatial transformation | EKIPL |")]
     assert claims.endswith(
         "| - (GRPO ends at or below its warm start) | - (GRPO ends at or below its warm start) |"
     )
@@ -93,8 +93,47 @@ def test_the_paper_table_has_the_warm_start_both_arms_guessing_and_the_claims():
     assert "| majority answer | 0.250 | 0.500 | 0.375 |" in lines
     (claims,) = [x for x in lines if x.startswith("| structure perception |")]
     # EKIPL - GRPO on ID: 0.5 - 0.3, its standard error sqrt(0.02/2 + 0.02/2) = 0.141
-    assert claims.startswith("| structure perception | +0.200 ± 0.141 | +0.000 ± 0.100 |")
+    assert claims.startswith("| structure perception | EKIPL | +0.200 ± 0.141 | +0.000 ± 0.100 |")
     assert claims.endswith("| 10.0 (1/2 seeds) | 10.0 (2/2 seeds) |")
+
+
+def _finished_run(root, arm, seed, id_acc):
+    run = root / arm / f"seed{seed}"
+    run.mkdir(parents=True)
+    (run / "done.json").write_text(json.dumps({"steps": 20, "seconds": 1.0}))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(id_acc, [0.1] * 3)))
+
+
+def test_another_arm_gets_its_row_and_claims_where_it_ran_and_a_dash_where_it_did_not(tmp_path, capsys):
+    """``--arms grpo ekipl ekipl_gated``: an arm a family ran for all of GRPO's and EKIPL's seeds
+    gets a row and a claims line there; a family that did not run it keeps its table, with ``-``."""
+    for family, gated in (("geometry", False), ("trance", True)):
+        for seed in (0, 1):
+            _finished_run(tmp_path / family, "grpo", seed, [0.2, 0.3, 0.3])
+            _finished_run(tmp_path / family, "ekipl", seed, [0.2, 0.3, 0.4])
+            if gated or seed == 0:  # geometry's gated arm finished one seed of two: left out
+                _finished_run(tmp_path / family, "ekipl_gated", seed, [0.2, 0.4, 0.5])
+    arms = ["grpo", "ekipl", "ekipl_gated"]
+    runs = {f: families.family_runs(tmp_path / f, f, arms, [0, 1], 20) for f in ("geometry", "trance")}
+    assert list(runs["geometry"]) == ["grpo", "ekipl"] and list(runs["trance"]) == arms
+    assert "geometry/ekipl_gated: no finished run for seeds [1]; left out" in capsys.readouterr().out
+    chance = {"id": {"uniform": 0.1, "majority": 0.2}, "ood": {"uniform": 0.1, "majority": 0.2}}
+    summary = {f: families.summarize(r) for f, r in runs.items()}
+    lines = families.tables(summary, {f: chance for f in runs}, 20, {f: 4 for f in runs}).splitlines()
+    (row,) = [x for x in lines if x.startswith("| gated EKIPL |")]
+    assert row == "| gated EKIPL | - | - | - | 0.500 ± 0.000 | 0.100 ± 0.000 | 0.300 ± 0.000 |"
+    (claims,) = [x for x in lines if x.startswith("| spatial transformation | gated EKIPL |")]
+    assert claims.startswith("| spatial transformation | gated EKIPL | +0.200 ± 0.000 | +0.000 ± 0.000 |")
+    assert not [x for x in lines if x.startswith("| structure perception | gated EKIPL |")]
+
+
+def test_the_families_batch_refuses_arms_without_grpo_and_ekipl_and_the_sft_control(capsys):
+    for arms in (["grpo", "ekipl_gated"], ["ekipl"], ["grpo", "ekipl", "sft_traces"]):
+        with pytest.raises(SystemExit) as e:
+            families.main(["--report-only", "--arms", *arms])
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "keep the grpo and ekipl arms" in err and "invalid choice: 'sft_traces'" in err
 
 
 @pytest.mark.parametrize("family", ["geometry", "trance"])
