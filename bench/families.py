@@ -295,9 +295,8 @@ def main(argv=None) -> int:
         root = Path(args.counting_runs) if own else family_root(out, family)
         runs[family] = family_runs(root, family, args.arms, args.seeds, args.steps)
         summary[family] = summarize(runs[family])
-        first = next(iter(runs[family]["grpo"].values()))
+        seed0, first = next(iter(runs[family]["grpo"].items()))
         problems[family] = int(curve(first, "val/id/problems")[0][1])
-        seed0 = next(iter(runs[family]["grpo"]))
         chance[family] = guessing(
             validated_splits(root / "grpo" / f"seed{seed0}", family, problems[family]), family
         )
