@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(EXTRA)
 PYTEST_ARGS ?= --durations=15
 
-.PHONY: install test demo learn lint bench gpu-carry clean
+.PHONY: install test demo learn learn-more lint bench gpu-carry clean
 
 install: $(STAMP)
 
@@ -35,15 +35,25 @@ test: install
 demo: install
 	$(PY) -m ekipl.demo
 
-# GRPO, GRPO with dynamic sampling, EKIPL, gated EKIPL, EKIPL with LoRA and the ablations in miniature
-# on counting, GRPO and EKIPL on geometry and TRANCE (the paper's three families), 3 seeds per arm,
-# then pass@1-16 of every policy and its greedy score on 1,000-problem splits, per family (about
-# four and a half hours on 2 cores; finished runs and evaluations are kept, so rerunning resumes):
-# bench/LEARNING.md.
+# The paper's table in miniature: GRPO, EKIPL and the three ablations (the auxiliary model only, the
+# traces only, continued CoT-SFT on the traces) on counting, GRPO and EKIPL on geometry and TRANCE,
+# 3 seeds per arm from each family's warm start, then pass@1-16 of every policy and its greedy score
+# on 1,000-problem splits, per family: bench/LEARNING.md. Counting's part took 64 minutes on a fast
+# 2-core host (2026-12-07: 39 to train, 25 to evaluate), two to three times that on slower ones.
+# Finished runs and evaluations are kept, so rerunning resumes.
 learn: install
 	$(PY) -m bench.learning
 	$(PY) -m bench.families
 	$(PY) -m bench.boundary
+
+# make learn, plus the arms beyond the paper: GRPO with dynamic sampling and EKIPL with LoRA on
+# counting, gated EKIPL (external actions only where the policy fails) on every family. It resumes
+# make learn's runs and reprints every table with the extra rows.
+MORE_ARMS := grpo ekipl ekipl_aux_only ekipl_traces_only sft_traces grpo_ds ekipl_gated ekipl_lora
+learn-more: install
+	$(PY) -m bench.learning --arms $(MORE_ARMS)
+	$(PY) -m bench.families --arms grpo ekipl ekipl_gated
+	$(PY) -m bench.boundary --arms $(MORE_ARMS) --family-arms grpo ekipl ekipl_gated
 
 lint: install
 	$(VENV)/bin/ruff check ekipl tests bench launch

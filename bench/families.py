@@ -34,6 +34,7 @@ from pathlib import Path
 from bench.learning import ARMS as LEARNING_ARMS
 from bench.learning import (
     DEFAULT_ARMS,
+    MORE_ARMS,
     batch_args,
     curve,
     finished,
@@ -235,7 +236,8 @@ def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
     """What the plot shows: every family's arms, and on counting every bench/learning.py arm run."""
     if "counting" not in runs:
         return runs
-    done = [a for a in DEFAULT_ARMS if all((out / a / f"seed{s}" / "done.json").is_file() for s in seeds)]
+    every = [*DEFAULT_ARMS, *MORE_ARMS]
+    done = [a for a in every if all((out / a / f"seed{s}" / "done.json").is_file() for s in seeds)]
     counting = {a: {s: load_rows(out / a / f"seed{s}") for s in seeds} for a in done}
     return {**runs, "counting": counting or runs["counting"]}
 

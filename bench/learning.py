@@ -16,6 +16,9 @@ Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.tr
 * ``ekipl_shaped``: the paper's groups with LUFFY's policy shaping on auxiliary tokens (not run by
   default any more: its result is in LEARNING.md).
 
+`make learn` runs ``DEFAULT_ARMS`` (GRPO, EKIPL and the three ablations: the issue's plan, kept to what
+says whether EKIPL beats GRPO and why); `make learn-more` adds ``MORE_ARMS``.
+
 A finished run (its ``done.json``) is kept, not redone: rerunning the command resumes the batch.
 
 Every arm gets the same steps, prompts per step and policy samples per prompt; the seed changes the
@@ -70,7 +73,10 @@ ARMS = {
     "ekipl_lora": LORA,  # + learner.lr=lora_lr() (arm_overrides)
 }
 ABLATIONS = ["ekipl_aux_only", "ekipl_traces_only", "sft_traces"]
-DEFAULT_ARMS = ["grpo", "grpo_ds", "ekipl", "ekipl_gated", "ekipl_lora", *ABLATIONS]
+# `make learn`: the paper's comparison and the ablations that say where EKIPL's gain comes from
+DEFAULT_ARMS = ["grpo", "ekipl", *ABLATIONS]
+# `make learn-more`: the arms beyond the paper (dynamic sampling, guidance where the policy fails, LoRA)
+MORE_ARMS = ["grpo_ds", "ekipl_gated", "ekipl_lora"]
 BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
 
 

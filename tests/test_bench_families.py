@@ -205,3 +205,19 @@ def test_the_boundary_takes_a_kept_runs_model_seed_from_its_config(tmp_path):
 
     (tmp_path / "config.json").write_text(json.dumps({"model": {"seed": 1}}))
     assert boundary.run_model_seed(tmp_path, 0) == 1 and boundary.run_model_seed(tmp_path / "none", 3) == 3
+
+
+def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
+    """`make learn` runs the paper's arms and the three ablations (bench/learning.py's defaults);
+    `make learn-more` names the same arms plus MORE_ARMS, each of them runnable, none twice."""
+    import re
+    from pathlib import Path
+
+    from bench import learning
+
+    assert learning.DEFAULT_ARMS == ["grpo", "ekipl", *learning.ABLATIONS]
+    make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    more = re.search(r"^MORE_ARMS := (.+)$", make, re.M).group(1).split()
+    assert more == [*learning.DEFAULT_ARMS, *learning.MORE_ARMS]
+    assert set(more) <= set(learning.ARMS) and len(set(more)) == len(more)
+    assert "bench.learning --arms $(MORE_ARMS)" in make and "bench.boundary --arms $(MORE_ARMS)" in make
