@@ -50,11 +50,13 @@ learn: install
 # make learn, plus the arms beyond the paper: GRPO with dynamic sampling and EKIPL with LoRA on
 # counting, gated EKIPL (external actions only where the policy fails) on every family. It resumes
 # make learn's runs and reprints every table with the extra rows.
-MORE_ARMS := grpo ekipl ekipl_aux_only ekipl_traces_only sft_traces grpo_ds ekipl_gated ekipl_lora
+# every counting arm: bench/learning.py's DEFAULT_ARMS, then its MORE_ARMS
+EVERY_COUNTING_ARM := grpo ekipl ekipl_aux_only ekipl_traces_only sft_traces grpo_ds ekipl_gated ekipl_lora
+EVERY_FAMILY_ARM := grpo ekipl ekipl_gated
 learn-more: install
-	$(PY) -m bench.learning --arms $(MORE_ARMS)
-	$(PY) -m bench.families --arms grpo ekipl ekipl_gated
-	$(PY) -m bench.boundary --arms $(MORE_ARMS) --family-arms grpo ekipl ekipl_gated
+	$(PY) -m bench.learning --arms $(EVERY_COUNTING_ARM)
+	$(PY) -m bench.families --arms $(EVERY_FAMILY_ARM)
+	$(PY) -m bench.boundary --arms $(EVERY_COUNTING_ARM) --family-arms $(EVERY_FAMILY_ARM)
 
 lint: install
 	$(VENV)/bin/ruff check ekipl tests bench launch

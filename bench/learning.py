@@ -16,8 +16,8 @@ Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.tr
 * ``ekipl_shaped``: the paper's groups with LUFFY's policy shaping on auxiliary tokens (not run by
   default any more: its result is in LEARNING.md).
 
-`make learn` runs ``DEFAULT_ARMS``: GRPO, EKIPL and the three ablations, what says whether EKIPL
-beats GRPO and why. `make learn-more` adds ``MORE_ARMS``.
+`make learn` runs ``DEFAULT_ARMS``: GRPO, EKIPL and the three ablations, the arms that say whether
+EKIPL beats GRPO and why. `make learn-more` adds ``MORE_ARMS``.
 
 A finished run (its ``done.json``) is kept, not redone: rerunning the command resumes the batch.
 

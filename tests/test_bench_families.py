@@ -209,7 +209,7 @@ def test_the_boundary_takes_a_kept_runs_model_seed_from_its_config(tmp_path):
 
 def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
     """`make learn` runs the paper's arms and the three ablations (bench/learning.py's defaults);
-    `make learn-more` names the same arms plus MORE_ARMS, each of them runnable, none twice."""
+    `make learn-more`'s counting arms are the same plus MORE_ARMS, each of them runnable, none twice."""
     import re
     from pathlib import Path
 
@@ -217,7 +217,8 @@ def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
 
     assert learning.DEFAULT_ARMS == ["grpo", "ekipl", *learning.ABLATIONS]
     make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
-    more = re.search(r"^MORE_ARMS := (.+)$", make, re.M).group(1).split()
+    more = re.search(r"^EVERY_COUNTING_ARM := (.+)$", make, re.M).group(1).split()
     assert more == [*learning.DEFAULT_ARMS, *learning.MORE_ARMS]
     assert set(more) <= set(learning.ARMS) and len(set(more)) == len(more)
-    assert "bench.learning --arms $(MORE_ARMS)" in make and "bench.boundary --arms $(MORE_ARMS)" in make
+    assert "bench.learning --arms $(EVERY_COUNTING_ARM)" in make
+    assert "bench.boundary --arms $(EVERY_COUNTING_ARM)" in make
