@@ -59,6 +59,15 @@ def test_cli_bad_split_file_and_bad_k_exit_2(tmp_path, capsys):
     assert "pass@k needs n >= k" in capsys.readouterr().err
     assert main(["--model", str(tmp_path), "--split", str(good), "--task", "counting", "--n", "-1"]) == 2
     assert "must be >= 0 (0: greedy only)" in capsys.readouterr().err
+    both = ["--split", f"id={good}", "--greedy-split", f"id={good}"]
+    assert main(["--model", str(tmp_path), *both, "--task", "counting"]) == 2
+    assert "--split and --greedy-split both name ['id']" in capsys.readouterr().err
+    seqs = ["--split", str(good), "--task", "counting", "--max-num-seqs", "0"]
+    assert main(["--model", str(tmp_path), *seqs]) == 2
+    assert "--max-num-seqs 0: must be >= 1" in capsys.readouterr().err
+    bad_final = ["--split", str(good), "--greedy-split", f"final={bad}", "--task", "counting"]
+    assert main(["--model", str(tmp_path), *bad_final]) == 2  # a greedy split's rows are checked as well
+    assert "row 0" in capsys.readouterr().err
 
 
 def test_greedy_only_reports_accuracy_and_no_pass_at_k():
@@ -67,3 +76,7 @@ def test_greedy_only_reports_accuracy_and_no_pass_at_k():
 
     out = summarize([(1.0, 1.0), (0.0, 1.0)], [], [1, 4])
     assert out == {"problems": 2, "accuracy": 0.5, "format": 1.0}
+    sampled = summarize([(1.0, 1.0)], [[1.0, 0.0, 0.0, 0.0]], [1, 4])
+    md = table([{"model": "m", "split": "final", **out}, {"model": "m", "split": "id", **sampled}])
+    assert md.splitlines()[0] == "| model | split | problems | accuracy | format | pass@1 | pass@4 |"
+    assert "| m | final | 2 | 0.500 | 1.000 | - | - |" in md  # a greedy-only split beside a sampled one

@@ -397,6 +397,9 @@ def test_the_own_task_example_trains_on_two_zero3_ranks_and_evaluates(
             "base=tiny-qwen2-vl",  # loaded into the first model's engine
             "--split",
             f"test={data['test']}",
+            "--greedy-split",  # as bench/boundary.py's large final splits: greedy only, same engine
+            f"final={data['test']}",
+            "--max-num-seqs=8",
             "--task",
             "own",
             "--prompt-key=question",
@@ -416,6 +419,14 @@ def test_the_own_task_example_trains_on_two_zero3_ranks_and_evaluates(
     )
     assert code == 0, capsys.readouterr().err
     table = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    assert [(r["model"], r["split"]) for r in table] == [("trained", "test"), ("base", "test")]
+    assert [(r["model"], r["split"]) for r in table] == [
+        ("trained", "test"),
+        ("trained", "final"),
+        ("base", "test"),
+        ("base", "final"),
+    ]
     assert all(r["problems"] == 4 and 0.0 <= r["accuracy"] <= 1.0 for r in table)
+    for test, final in (table[:2], table[2:]):  # the same rows greedy: the same answers, no samples
+        assert "pass@1" in test and "pass@1" not in final
+        assert (final["accuracy"], final["format"]) == (test["accuracy"], test["format"])
     assert "| base | test |" in (tmp_path / "eval" / "eval.md").read_text()

@@ -335,6 +335,12 @@ class WeightSyncExtension:
         return len(tensors)
 
 
+def forget_prefixes(llm) -> None:
+    """Drop the engine's cached KV blocks, so that what comes next is computed as in a fresh engine
+    (a cached prefix is reused through another kernel path than a full prefill)."""
+    llm.reset_prefix_cache()
+
+
 def load_weights_from_file(llm, path: str) -> int:
     """Load full weights from a safetensors file into a running engine (every worker), then drop
     caches derived from the old weights (prefix and multimodal caches)."""
