@@ -38,25 +38,23 @@ demo: install
 # The paper's table in miniature: GRPO, EKIPL and the three ablations (the auxiliary model only, the
 # traces only, continued CoT-SFT on the traces) on counting, GRPO and EKIPL on geometry and TRANCE,
 # 3 seeds per arm from each family's warm start, then pass@1-16 of every policy and its greedy score
-# on 1,000-problem splits, per family: bench/LEARNING.md. Its parts took 2 h 8 min together on a fast
-# 2-core host (2026-12-07, AVX-512 EPYC: counting 39 min to train and 25 to evaluate, geometry and
-# TRANCE 40 and 23, warm starts included), two to three times that on slower ones.
+# on 1,000-problem splits, per family: bench/LEARNING.md. Its parts took 1 h 57 min together on a fast
+# 2-core host (2026-12-07, AVX-512 EPYC: counting 39 min to train and 19 to evaluate, geometry and
+# TRANCE 40 and 18, warm starts included), two to three times that on slower ones.
 # Finished runs and evaluations are kept, so rerunning resumes.
 learn: install
 	$(PY) -m bench.learning
 	$(PY) -m bench.families
 	$(PY) -m bench.boundary
 
-# make learn, plus the arms beyond the paper: GRPO with dynamic sampling and EKIPL with LoRA on
-# counting, gated EKIPL (external actions only where the policy fails) on every family. It resumes
-# make learn's runs and reprints every table with the extra rows.
-# every counting arm: bench/learning.py's DEFAULT_ARMS, then its MORE_ARMS
-EVERY_COUNTING_ARM := grpo ekipl ekipl_aux_only ekipl_traces_only sft_traces grpo_ds ekipl_gated ekipl_lora
-EVERY_FAMILY_ARM := grpo ekipl ekipl_gated
+# make learn, plus the arms beyond the paper (bench/learning.py's MORE_ARMS, MORE_FAMILY_ARMS): GRPO
+# with dynamic sampling and EKIPL with LoRA on counting, gated EKIPL (external actions only where the
+# policy fails) on every family. It resumes make learn's runs and reprints every table with the
+# extra rows.
 learn-more: install
-	$(PY) -m bench.learning --arms $(EVERY_COUNTING_ARM)
-	$(PY) -m bench.families --arms $(EVERY_FAMILY_ARM)
-	$(PY) -m bench.boundary --arms $(EVERY_COUNTING_ARM) --family-arms $(EVERY_FAMILY_ARM)
+	$(PY) -m bench.learning --more
+	$(PY) -m bench.families --more
+	$(PY) -m bench.boundary --more
 
 lint: install
 	$(VENV)/bin/ruff check ekipl tests bench launch

@@ -9,58 +9,91 @@
 
 GRPO is known to narrow pass@k at large k (Yue et al., 2504.13837) while methods that add external
 traces report widening it (RL-PLUS, AMPO): the curve per arm says which happens here. Each arm's
-seeds are evaluated in one engine (weights loaded in turn) and kept under ``--out``
-(``<family>/<arm>.json``; counting's at the top, as before): a rerun skips what is done, and an
+seeds are evaluated in one ``ekipl.eval`` (one engine, weights loaded in turn; the large splits as
+its ``--greedy-split``) and kept under ``--out`` (``<family>/<arm>.json`` and
+``final-<arm>.json``; counting's at the top, as before): a rerun skips what is done, and an
 arm whose evaluations are kept is reported without its policies (bench/results/ keeps the JSON,
 not the policies; each family's warm start follows its runs' own ``model.seed``). Writes the
 tables into bench/LEARNING.md (between its own markers) and the curves to bench/boundary.png, one
-row per family.
+row per family. A one-model row (the warm start) carries its standard error over the problems
+where an arm's carries the std over its seeds.
 
     .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2] \
-        [--family-arms grpo ekipl ekipl_gated] [--runs DIR] [--counting-runs DIR] [--out DIR]
+        [--family-arms grpo ekipl ekipl_gated] [--more] [--runs DIR] [--counting-runs DIR] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from bench.learning import DEFAULT_ARMS, HERE, mean_std, model_seed_of
+from bench.learning import DEFAULT_ARMS, HERE, MORE_ARMS, MORE_FAMILY_ARMS, mean_std, model_seed_of, with_more
 
 KS = [1, 2, 4, 8, 16]
 BEGIN, END = "<!-- boundary:begin (bench/boundary.py writes this part) -->", "<!-- boundary:end -->"
 
 
+# The evaluation engine's sequences in flight: 256 was 18-23% faster than the engine's default 64 on
+# 2 cores (2026-12-07). On CPU the samples, so pass@k, are another draw with it; greedy is not.
+EVAL_SEQS = 256
+
+
 def evaluate_arm(
-    arm: str, models: dict[str, str], data: Path, out: Path, max_tokens: int, ks: list[int] = KS, n=None
-) -> list[dict]:
-    """``ekipl.eval`` on the arm's models (one engine), kept in ``out/<arm>.json``; ``n=0``: greedy
-    only."""
-    done = out / f"{arm}.json"
-    if done.is_file():
-        print(f"[boundary] {out.name}/{arm}: evaluated earlier, kept", flush=True)
-        return json.loads(done.read_text())
-    cmd = [sys.executable, "-m", "ekipl.eval"]
-    for name, path in models.items():
-        cmd += ["--model", f"{name}={path}"]
-    cmd += [
-        "--split", f"id={data / 'test_id.json'}", "--split", f"ood={data / 'test_ood.json'}",
-        "--k", *map(str, ks), "--max-tokens", str(max_tokens), "--out", str(out / arm),
-        "--dtype", "float32",  # as the in-loop validation (the runs' model.dtype)
-    ]  # fmt: skip
-    if n is not None:
-        cmd += ["--n", str(n)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{arm}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
-    rows = json.loads((out / arm / "eval.json").read_text())
-    out.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(rows, indent=1))
-    return rows
+    arm: str,
+    models: dict[str, str],
+    data: Path | None,
+    large: Path | None,
+    out: Path,
+    max_tokens: int,
+    seqs: int = EVAL_SEQS,
+) -> tuple[list[dict], list[dict]]:
+    """The arm's pass@k rows on the validated splits under ``data`` and its greedy rows on the large
+    test splits under ``large`` (None: no finals), from one ``ekipl.eval`` (one engine for all its
+    models), kept in ``out/<arm>.json`` and ``out/final-<arm>.json``: a kept file is not measured
+    again."""
+    kept = {part: out / f"{pre}{arm}.json" for part, pre in (("pass", ""), ("final", "final-"))}
+    want = {"pass": data, "final": large}
+    todo = {part for part in kept if want[part] is not None and not kept[part].is_file()}
+    for part in set(want) - todo:
+        if kept[part].is_file():
+            print(f"[boundary] {out.name}/{kept[part].name}: evaluated earlier, kept", flush=True)
+    if todo:
+        cmd = [sys.executable, "-m", "ekipl.eval"]
+        for name, path in models.items():
+            cmd += ["--model", f"{name}={path}"]
+        for split in ("id", "ood"):
+            if "pass" in todo:
+                cmd += ["--split", f"{split}={data / f'test_{split}.json'}"]
+            if "final" in todo:
+                cmd += ["--greedy-split", f"final_{split}={large / f'test_{split}.json'}"]
+        cmd += [
+            "--k", *map(str, KS), "--max-tokens", str(max_tokens), "--out", str(out / arm),
+            "--dtype", "float32",  # as the in-loop validation (the runs' model.dtype)
+            "--max-num-seqs", str(seqs),
+        ]  # fmt: skip
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode:
+            raise RuntimeError(f"{arm}: {' '.join(cmd)} failed:\n{r.stderr[-3000:]}")
+        parts = by_part(json.loads((out / arm / "eval.json").read_text()))
+        out.mkdir(parents=True, exist_ok=True)
+        for part in todo:
+            kept[part].write_text(json.dumps(parts[part], indent=1))
+    return tuple(json.loads(f.read_text()) if f.is_file() else [] for f in kept.values())
+
+
+def by_part(rows: list[dict]) -> dict[str, list[dict]]:
+    """One ``ekipl.eval``'s rows as the two kept files': the pass@k splits' and the greedy
+    ``final_<split>`` ones, whose split is named as before (id, ood)."""
+    parts = {"pass": [], "final": []}
+    for r in rows:
+        final = r["split"].startswith("final_")
+        parts["final" if final else "pass"].append(r | {"split": r["split"].removeprefix("final_")})
+    return parts
 
 
 def chance_rows(data: Path, task: str) -> list[dict]:
@@ -79,6 +112,23 @@ def chance_rows(data: Path, task: str) -> list[dict]:
     return rows
 
 
+def binomial_se(p: float, problems: int) -> float:
+    """The standard error of a model's mean score ``p`` over ``problems`` (the problems and, for
+    pass@k, the samples as the noise): sqrt(p (1 - p) / problems), exact where a problem scores 0
+    or 1 (greedy counting and geometry, pass@k at k = n), an upper bound otherwise."""
+    return math.sqrt(max(p * (1 - p), 0.0) / problems)
+
+
+def spread(rows: list[dict], key: str) -> str:
+    """``key`` over the rows: mean ± std over the seeds, or for one model (the warm start) its value ±
+    its standard error over the problems (:func:`binomial_se`), where a redraw of its samples moves
+    pass@16 by a few points (bench/LEARNING.md)."""
+    if len(rows) == 1:
+        p = rows[0][key]
+        return f"{p:.3f} ± {binomial_se(p, rows[0]['problems']):.3f}"
+    return mean_std([r[key] for r in rows])
+
+
 def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> str:
     lines = [
         "| arm | split | " + " | ".join(f"pass@{k}" for k in KS) + " |",
@@ -87,7 +137,7 @@ def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> s
     for arm, rows in results.items():
         for split in ("id", "ood"):
             mine = [r for r in rows if r["split"] == split]
-            cells = [mean_std([r[f"pass@{k}"] for r in mine]) for k in KS]
+            cells = [spread(mine, f"pass@{k}") for k in KS]
             lines.append(f"| {arm} | {split.upper()} | " + " | ".join(cells) + " |")
     for r in chance or []:
         cells = [f"{r[f'pass@{k}']:.3f}" if f"pass@{k}" in r else "-" for k in KS]
@@ -109,9 +159,17 @@ def final_table(finals: dict[str, dict[str, list[dict]]]) -> str:
         cells = []
         for f in fams:
             rows = finals[f].get(arm, [])
-            by = {sp: [r["accuracy"] for r in rows if r["split"] == sp] for sp in ("id", "ood")}
-            means = [(i + o) / 2 for i, o in zip(by["id"], by["ood"], strict=True)]
-            cells += [mean_std(by["id"]), mean_std(by["ood"]), mean_std(means)] if rows else ["-"] * 3
+            if not rows:
+                cells += ["-"] * 3
+                continue
+            by = {sp: [r for r in rows if r["split"] == sp] for sp in ("id", "ood")}
+            # a seed's mean of its two scores; one model's standard error of it: as over the two
+            # splits' problems pooled (an upper bound on the exact one)
+            means = [
+                {"accuracy": (i["accuracy"] + o["accuracy"]) / 2, "problems": i["problems"] + o["problems"]}
+                for i, o in zip(by["id"], by["ood"], strict=True)
+            ]
+            cells += [spread(by["id"], "accuracy"), spread(by["ood"], "accuracy"), spread(means, "accuracy")]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -212,10 +270,15 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="outputs/boundary")
     ap.add_argument("--max-tokens", type=int, default=128, help="the rollout's budget in make learn")
     ap.add_argument("--final-problems", type=int, default=1000, help="the final scores' split size (0: none)")
+    ap.add_argument("--more", action="store_true", help="the arms beyond the paper too (make learn-more)")
+    ap.add_argument("--max-num-seqs", type=int, default=EVAL_SEQS, help="the evaluation engine's")
     ap.add_argument("--md", default=str(HERE / "LEARNING.md"))
     ap.add_argument("--png", default=str(HERE / "boundary.png"))
     ap.add_argument("extra", nargs="*", help="the runs' overrides (model.seed=N: which warm starts)")
     args = ap.parse_args(argv)
+    if args.more:
+        args.arms = with_more(args.arms, MORE_ARMS)
+        args.family_arms = with_more(args.family_arms, MORE_FAMILY_ARMS)
     runs, out = Path(args.runs), Path(args.out)
     results, chance, finals, texts = {}, {}, {}, []
     for family in args.families:
@@ -228,29 +291,30 @@ def main(argv=None) -> int:
         models = family_models(family, root, arms, args.seeds, model_seed, fam_out, bool(args.final_problems))
         problems = int(curve(load_rows(run), "val/id/problems")[0][1])  # as bench/families.py reads it
         data = validated_splits(run, family, problems)  # one data set for all
-        results[family] = {
-            arm: evaluate_arm(name(arm), m, data, fam_out, args.max_tokens) for arm, m in models.items()
+        large = None  # generated only for what is still to evaluate (kept ones need no data)
+        final = bool(args.final_problems)
+        if final and not all(kept(fam_out, arm, True) for arm in models):
+            large = make_test_splits(run, family, args.final_problems, fam_out / f"data{args.final_problems}")
+        both = {
+            a: evaluate_arm(name(a), m, data, large, fam_out, args.max_tokens, args.max_num_seqs)
+            for a, m in models.items()
         }
+        results[family] = {arm: passes for arm, (passes, _) in both.items()}
         chance[family] = chance_rows(data, family)
         texts.append(f"**{NAMES[family]}**\n\n" + table(results[family], chance[family]))
-        if args.final_problems:
-            large = None  # generated only for what is still to evaluate (kept ones need no data)
-            if not all(kept(fam_out, arm, True) for arm in models):
-                where = fam_out / f"data{args.final_problems}"
-                large = make_test_splits(run, family, args.final_problems, where)
-            finals[family] = {
-                arm: evaluate_arm(f"final-{name(arm)}", m, large, fam_out, args.max_tokens, [1], 0)
-                for arm, m in models.items()
-            }
+        if final:
+            finals[family] = {arm: finals_ for arm, (_, finals_) in both.items()}
     text = (
         f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits the "
-        "runs validated on; mean ± std over the arm's seeds (the warm start: one model); the last rows "
+        "runs validated on; mean ± std over the arm's seeds (the warm start, one model: ± its standard error "
+        "over the problems, sqrt(p (1 - p) / problems), exact at k = 16); the last rows "
         "are what guessing gives on the same splits.\n\n" + "\n\n".join(texts)
     )
     if finals:
         text += (
             f"\n\nFinal scores: greedy accuracy on test splits of {args.final_problems} problems each "
-            "(TRANCE: partial credit), mean ± std over seeds.\n\n" + final_table(finals)
+            "(TRANCE: partial credit), mean ± std over seeds (the warm start: ± its standard error over "
+            "the problems, an upper bound for TRANCE's partial credit).\n\n" + final_table(finals)
         )
     write_markdown(text, Path(args.md), BEGIN, END)
     plot(results, Path(args.png), chance)

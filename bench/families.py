@@ -6,7 +6,8 @@ Each family has its own CoT-SFT warm start and its own stronger auxiliary model 
 and its preset (``conf/experiment/learn_<family>.yaml``: learn_counting's settings on that family's
 synthetic rows). Arms: ``grpo`` and ``ekipl`` (the paper's recipe), over the same seeds, and with
 ``--arms`` any other of bench/learning.py's arms that takes a family's preset (``ekipl_gated``, an
-ablation; ``sft_traces`` is counting's own). Counting's runs are bench/learning.py's own
+ablation; ``sft_traces`` is counting's own; ``--more``: ``MORE_FAMILY_ARMS`` too, as `make learn-more`
+runs it). Counting's runs are bench/learning.py's own
 (``<out>/<arm>/seed<k>``, kept, not redone); the other families' go under
 ``<out>/<family>/<arm>/seed<k>``. Finished runs are kept: rerunning resumes the batch.
 
@@ -16,7 +17,7 @@ each split beside it, the three claims per family, and the curves, one row per f
 bench/learning.png.
 
     .venv/bin/python -m bench.families [--seeds 0 1 2] [--families counting geometry trance] \
-        [--arms grpo ekipl ekipl_gated]
+        [--arms grpo ekipl ekipl_gated] [--more]
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from bench.learning import ARMS as LEARNING_ARMS
 from bench.learning import (
     DEFAULT_ARMS,
     MORE_ARMS,
+    MORE_FAMILY_ARMS,
     batch_args,
     curve,
     finished,
@@ -44,6 +46,7 @@ from bench.learning import (
     plot,
     run_arm,
     steps_to_reach,
+    with_more,
     write_markdown,
 )
 
@@ -265,6 +268,7 @@ def main(argv=None) -> int:
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS)
     ap.add_argument("--counting-runs", help="where counting's runs are (default: --out, bench/learning.py's)")
     args = ap.parse_args(argv)
+    args.arms = with_more(args.arms, MORE_FAMILY_ARMS) if args.more else args.arms
     if not set(ARMS) <= set(args.arms):
         ap.error("the tables compare EKIPL with GRPO: keep the grpo and ekipl arms")
     out, extra = Path(args.out), [f"trainer.eval_every={args.eval_every}", *args.extra]

@@ -17,7 +17,8 @@ Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.tr
   default any more: its result is in LEARNING.md).
 
 `make learn` runs ``DEFAULT_ARMS``: GRPO, EKIPL and the three ablations, the arms that say whether
-EKIPL beats GRPO and why. `make learn-more` adds ``MORE_ARMS``.
+EKIPL beats GRPO and why. `make learn-more` (``--more``) adds ``MORE_ARMS``, and
+``MORE_FAMILY_ARMS`` on the other families (bench/families.py).
 
 A finished run (its ``done.json``) is kept, not redone: rerunning the command resumes the batch.
 
@@ -30,7 +31,7 @@ Writes each run under ``--out`` (``<arm>/seed<k>/``: metrics.jsonl, val/ complet
 and the final policy in ``policy/``), the tables into ``bench/LEARNING.md`` (between its markers;
 the analysis around them is written by hand) and the curves to ``bench/learning.png``.
 
-    .venv/bin/python -m bench.learning [--seeds 0 1 2] [--arms grpo ekipl ekipl_shaped] [--steps 60]
+    .venv/bin/python -m bench.learning [--seeds 0 1 2] [--arms grpo ekipl ekipl_shaped] [--more] [--steps 60]
 """
 
 from __future__ import annotations
@@ -77,6 +78,8 @@ ABLATIONS = ["ekipl_aux_only", "ekipl_traces_only", "sft_traces"]
 DEFAULT_ARMS = ["grpo", "ekipl", *ABLATIONS]
 # `make learn-more`: the arms beyond the paper (dynamic sampling, guidance where the policy fails, LoRA)
 MORE_ARMS = ["grpo_ds", "ekipl_gated", "ekipl_lora"]
+# ... and on geometry and TRANCE (bench/families.py)
+MORE_FAMILY_ARMS = ["ekipl_gated"]
 BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
 
 
@@ -385,6 +388,11 @@ def model_seed_of(extra: list[str]) -> int:
     return next((int(x.split("=", 1)[1]) for x in extra if x.startswith("model.seed=")), 0)
 
 
+def with_more(arms: list[str], more: list[str]) -> list[str]:
+    """``arms`` and then those of ``more`` not among them (``--more``: `make learn-more`)."""
+    return [*arms, *(a for a in more if a not in arms)]
+
+
 def batch_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The options every `make learn` batch takes (bench/families.py's too)."""
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -394,6 +402,7 @@ def batch_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--md", default=str(HERE / "LEARNING.md"))
     ap.add_argument("--png", default=str(HERE / "learning.png"))
     ap.add_argument("--report-only", action="store_true", help="tables and curves from existing runs")
+    ap.add_argument("--more", action="store_true", help="the arms beyond the paper too (make learn-more)")
     ap.add_argument("extra", nargs="*", help="Hydra overrides for every run")
     return ap
 
@@ -402,6 +411,7 @@ def main(argv=None) -> int:
     ap = batch_args(argparse.ArgumentParser())
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, choices=list(ARMS))
     args = ap.parse_args(argv)
+    args.arms = with_more(args.arms, MORE_ARMS) if args.more else args.arms
     out = Path(args.out)
     if "grpo" not in args.arms:
         ap.error("the tables compare with GRPO: keep the grpo arm")

@@ -147,12 +147,18 @@ def test_a_family_preset_has_its_own_models_and_grpo_drops_every_auxiliary_sourc
 
 
 def test_the_final_scores_table_averages_seeds_per_split_and_marks_a_missing_arm():
-    """bench/boundary.py's 1,000-problem table: per family ID, OOD and their per-seed mean."""
+    """bench/boundary.py's 1,000-problem table: per family ID, OOD and their per-seed mean; the one
+    warm-start model with its standard error over the problems (not a std of ± 0.000)."""
     from bench import boundary
 
     def rows(pairs):
         return [
-            r for i, o in pairs for r in ({"split": "id", "accuracy": i}, {"split": "ood", "accuracy": o})
+            r
+            for i, o in pairs
+            for r in (
+                {"split": "id", "accuracy": i, "problems": 100},
+                {"split": "ood", "accuracy": o, "problems": 100},
+            )
         ]
 
     finals = {
@@ -161,8 +167,16 @@ def test_the_final_scores_table_averages_seeds_per_split_and_marks_a_missing_arm
     }
     lines = boundary.final_table(finals).splitlines()
     assert lines[0].startswith("| model | structure perception ID |") and len(lines) == 4
-    warm = ["0.400", "0.200", "0.300", "0.100", "0.300", "0.200"]
-    assert lines[2] == "| warm start | " + " | ".join(f"{x} ± 0.000" for x in warm) + " |"
+    # sqrt(p (1 - p) / 100); the mean's over the 200 problems of both splits
+    warm = [
+        "0.400 ± 0.049",
+        "0.200 ± 0.040",
+        "0.300 ± 0.032",
+        "0.100 ± 0.030",
+        "0.300 ± 0.046",
+        "0.200 ± 0.028",
+    ]
+    assert lines[2] == "| warm start | " + " | ".join(warm) + " |"
     # grpo: ID 0.6 ± 0.141, OOD 0.2 ± 0.141, per-seed means 0.4 and 0.4; no TRANCE runs
     assert lines[3] == "| grpo | 0.600 ± 0.141 | 0.200 ± 0.141 | 0.400 ± 0.000 | - | - | - |"
 
@@ -197,7 +211,29 @@ def test_an_arm_whose_evaluations_are_kept_is_reported_without_its_policies(tmp_
     assert "geometry/ekipl: no final policy" in capsys.readouterr().out
     without_finals = boundary.family_models("geometry", root, ["ekipl"], [0], 0, tmp_path, False)
     assert list(without_finals) == ["warm start", "ekipl"]
-    assert boundary.evaluate_arm("grpo", models["grpo"], tmp_path / "no-data", tmp_path, 128) == []
+    nowhere = tmp_path / "no-data"
+    kept = boundary.evaluate_arm("grpo", models["grpo"], nowhere, nowhere, tmp_path, 128)
+    assert kept == ([], [])  # both kept: no ekipl.eval runs (its data does not exist)
+    assert "grpo.json: evaluated earlier, kept" in capsys.readouterr().out
+
+
+def test_one_evaluation_per_arm_is_kept_as_its_pass_at_k_and_its_final_scores():
+    """bench/boundary.py runs pass@k on the validated splits and greedy on the large ones in one
+    ``ekipl.eval`` (one engine start per arm); its rows go back to the two files kept before."""
+    from bench import boundary
+
+    rows = [
+        {"model": "m-s0", "split": "id", "pass@16": 0.9},
+        {"model": "m-s0", "split": "final_id", "accuracy": 0.4},
+        {"model": "m-s0", "split": "ood", "pass@16": 0.2},
+        {"model": "m-s0", "split": "final_ood", "accuracy": 0.1},
+    ]
+    parts = boundary.by_part(rows)
+    assert [r["split"] for r in parts["pass"]] == ["id", "ood"] and parts["pass"][0]["pass@16"] == 0.9
+    assert parts["final"] == [
+        {"model": "m-s0", "split": "id", "accuracy": 0.4},
+        {"model": "m-s0", "split": "ood", "accuracy": 0.1},
+    ]
 
 
 def test_the_boundary_takes_a_kept_runs_model_seed_from_its_config(tmp_path):
@@ -209,16 +245,41 @@ def test_the_boundary_takes_a_kept_runs_model_seed_from_its_config(tmp_path):
 
 def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
     """`make learn` runs the paper's arms and the three ablations (bench/learning.py's defaults);
-    `make learn-more`'s counting arms are the same plus MORE_ARMS, each of them runnable, none twice."""
+    `make learn-more` runs each batch with ``--more``: the same plus MORE_ARMS on counting and
+    MORE_FAMILY_ARMS on the other families, each of them runnable there, none twice."""
     import re
     from pathlib import Path
 
-    from bench import learning
+    from bench import families, learning
 
     assert learning.DEFAULT_ARMS == ["grpo", "ekipl", *learning.ABLATIONS]
     make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
-    more = re.search(r"^EVERY_COUNTING_ARM := (.+)$", make, re.M).group(1).split()
-    assert more == [*learning.DEFAULT_ARMS, *learning.MORE_ARMS]
-    assert set(more) <= set(learning.ARMS) and len(set(more)) == len(more)
-    assert "bench.learning --arms $(EVERY_COUNTING_ARM)" in make
-    assert "bench.boundary --arms $(EVERY_COUNTING_ARM)" in make
+
+    def recipe(target):
+        return re.findall(r"^\t(.+)$", re.search(rf"^{target}: .*\n((?:\t.*\n)+)", make, re.M).group(1), re.M)
+
+    batches = ["bench.learning", "bench.families", "bench.boundary"]
+    assert recipe("learn") == [f"$(PY) -m {b}" for b in batches]
+    assert recipe("learn-more") == [f"$(PY) -m {b} --more" for b in batches]
+    counting = learning.with_more(learning.DEFAULT_ARMS, learning.MORE_ARMS)
+    assert counting == [*learning.DEFAULT_ARMS, *learning.MORE_ARMS] and len(set(counting)) == len(counting)
+    assert set(counting) <= set(learning.ARMS)
+    others = learning.with_more(list(families.ARMS), learning.MORE_FAMILY_ARMS)
+    assert others == ["grpo", "ekipl", "ekipl_gated"] and set(others) <= set(families.FAMILY_ARMS)
+
+
+def test_the_pass_at_k_table_gives_the_one_warm_start_its_standard_error_and_arms_their_spread():
+    from bench import boundary
+
+    def row(split, p, problems=128):
+        return {"split": split, "problems": problems, **{f"pass@{k}": p for k in boundary.KS}}
+
+    results = {
+        "warm start": [row("id", 0.5), row("ood", 1.0)],
+        "grpo": [row("id", 0.4), row("id", 0.6), row("ood", 0.2), row("ood", 0.2)],
+    }
+    lines = boundary.table(results).splitlines()
+    assert lines[2] == "| warm start | ID |" + " 0.500 ± 0.044 |" * 5  # sqrt(0.25 / 128)
+    assert lines[3] == "| warm start | OOD |" + " 1.000 ± 0.000 |" * 5
+    assert lines[4] == "| grpo | ID |" + " 0.500 ± 0.141 |" * 5  # the std over the two seeds
+    assert lines[5] == "| grpo | OOD |" + " 0.200 ± 0.000 |" * 5
