@@ -287,7 +287,9 @@ def main(argv=None) -> int:
             for family in args.families:
                 for arm in args.arms:
                     root = family_root(out, family)
-                    took = run_arm(arm, seed, root, args.steps, extra, experiment=f"learn_{family}")
+                    first = root / "grpo" / f"seed{args.seeds[0]}"  # its step-0 validation is everyone's
+                    preset = f"learn_{family}"
+                    took = run_arm(arm, seed, root, args.steps, extra, experiment=preset, step0=first)
                     acc = curve(load_rows(root / arm / f"seed{seed}"), "val/id/accuracy")
                     print(
                         f"[families] {family} {arm} seed {seed}: {took / 60:.1f} min, val ID "

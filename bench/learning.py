@@ -21,6 +21,8 @@ EKIPL beats GRPO and why. `make learn-more` (``--more``) adds ``MORE_ARMS``, and
 ``MORE_FAMILY_ARMS`` on the other families (bench/families.py).
 
 A finished run (its ``done.json``) is kept, not redone: rerunning the command resumes the batch.
+The warm start's step-0 validation is measured once, by the batch's first GRPO run; the other runs
+take its row and completions (:func:`run_arm`'s ``step0``): every run of a batch measured the same.
 
 Every arm gets the same steps, prompts per step and policy samples per prompt; the seed changes the
 sampling order and the samples, never the data (one synthetic set, data seed 0, the warm start's).
@@ -92,13 +94,40 @@ def finished(run_dir: Path, steps: int) -> float | None:
     return float(info["seconds"]) if info.get("steps") == steps else None
 
 
+def step0_row(run_dir: Path | None, steps: int) -> dict | None:
+    """A finished run's step-0 validation row: the warm start's held-out scores, which every run of
+    a batch (one warm start, one data seed, greedy) measures alike."""
+    if run_dir is None or finished(run_dir, steps) is None:
+        return None
+    rows = [r for r in load_rows(run_dir) if r["step"] == 0 and "val/id/accuracy" in r]
+    return rows[0] if rows else None
+
+
+def share_step0(run_dir: Path, source: Path, row: dict) -> None:
+    """``source``'s step-0 validation as ``run_dir``'s own: its row first in metrics.jsonl (as the
+    trainer writes it) and its completions under val/."""
+    metrics = run_dir / "metrics.jsonl"
+    metrics.write_text(json.dumps(row) + "\n" + metrics.read_text())
+    for f in sorted((source / "val").glob("step_000000.*")):
+        shutil.copy2(f, run_dir / "val" / f.name)
+
+
 def run_arm(
-    arm: str, seed: int, out: Path, steps: int, extra: list[str], overrides=None, experiment="learn_counting"
+    arm: str,
+    seed: int,
+    out: Path,
+    steps: int,
+    extra: list[str],
+    overrides=None,
+    experiment="learn_counting",
+    step0: Path | None = None,
 ) -> float:
     """One training run as a user runs it; returns its wall time in seconds. A run that already
     finished with the same steps is kept (its recorded time is returned); a partial one is redone.
     ``overrides`` replace the arm's own (bench/lora_pilot.py's candidates); ``experiment`` is the
-    family's preset (bench/families.py)."""
+    family's preset (bench/families.py). ``step0``: a finished run of the same batch whose step-0
+    validation (the warm start's) this run takes instead of measuring it again (``ekipl.train``
+    with ``trainer.eval_before_train=false``; the rest of the run is unchanged, bench/LEARNING.md)."""
     run_dir = out / arm / f"seed{seed}"
     kept = finished(run_dir, steps)
     if kept is not None:
@@ -107,6 +136,7 @@ def run_arm(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     common = [f"trainer.seed={seed}", f"trainer.steps={steps}", f"trainer.output_dir={run_dir}"]
+    shared = None if arm == "sft_traces" else step0_row(step0, steps)
     t0 = time.perf_counter()
     if arm == "sft_traces":
         cmds = sft_commands(run_dir, common, extra)
@@ -116,6 +146,7 @@ def run_arm(
                 sys.executable, "-m", "ekipl.train", f"+experiment={experiment}",
                 *(arm_overrides(arm) if overrides is None else overrides), *common,
                 "trainer.log_samples_every=5", "logger.mode=offline", *extra,
+                *(["trainer.eval_before_train=false"] if shared else []),
             ]
         ]  # fmt: skip
     for cmd in cmds:
@@ -128,7 +159,11 @@ def run_arm(
     took = time.perf_counter() - t0
     if arm == "sft_traces":
         sft_metrics(run_dir, steps)
-    (run_dir / "done.json").write_text(json.dumps({"steps": steps, "seconds": took, "cmd": cmds[0]}))
+    done = {"steps": steps, "seconds": took, "cmd": cmds[0]}
+    if shared:
+        share_step0(run_dir, step0, shared)
+        done["step0_from"] = str(step0)
+    (run_dir / "done.json").write_text(json.dumps(done))
     return took
 
 
@@ -430,9 +465,10 @@ def main(argv=None) -> int:
                 flush=True,
             )
         print(f"[learn] warm starts ready in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
+        first = out / "grpo" / f"seed{args.seeds[0]}"  # whose step-0 validation the others take
         for seed in args.seeds:  # seed-major: a partial run still compares every arm
             for arm in args.arms:
-                took = run_arm(arm, seed, out, args.steps, extra)
+                took = run_arm(arm, seed, out, args.steps, extra, step0=first)
                 times[arm].append(took)
                 rows = load_rows(out / arm / f"seed{seed}")
                 acc = curve(rows, "val/id/accuracy")

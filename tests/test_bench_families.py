@@ -283,3 +283,28 @@ def test_the_pass_at_k_table_gives_the_one_warm_start_its_standard_error_and_arm
     assert lines[3] == "| warm start | OOD |" + " 1.000 ± 0.000 |" * 5
     assert lines[4] == "| grpo | ID |" + " 0.500 ± 0.141 |" * 5  # the std over the two seeds
     assert lines[5] == "| grpo | OOD |" + " 0.200 ± 0.000 |" * 5
+
+
+def test_a_batch_measures_the_warm_starts_step_0_validation_once_and_every_run_shows_it(tmp_path):
+    """Every run of a batch starts from one warm start and validates it greedily on one data set, so
+    their step-0 rows are identical (all 30 runs of 2026-12-07's batches, checked); a run takes the
+    batch's first run's row and completions instead of measuring them again, and only from a run
+    that finished."""
+    from bench import learning
+
+    first, run = tmp_path / "grpo" / "seed0", tmp_path / "ekipl" / "seed1"
+    for d in (first, run):
+        (d / "val").mkdir(parents=True)
+    step0 = {"step": 0, "val/id/accuracy": 0.25, "val/ood/accuracy": 0.125, "timing/validation": 8.0}
+    lines = [step0, {"step": 1, "reward/policy/mean": 1.0}]
+    (first / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    (first / "val" / "step_000000.id.jsonl").write_text('{"id": "a"}\n')
+    (first / "val" / "step_000010.id.jsonl").write_text('{"id": "b"}\n')
+    assert learning.step0_row(first, 60) is None  # not finished: the run measures its own
+    (first / "done.json").write_text(json.dumps({"steps": 60, "seconds": 1.0}))
+    assert learning.step0_row(first, 30) is None  # finished with other steps: another batch
+    assert learning.step0_row(first, 60) == step0 and learning.step0_row(None, 60) is None
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/policy/mean": 0.5}) + "\n")
+    learning.share_step0(run, first, step0)
+    assert learning.load_rows(run) == [step0, {"step": 1, "reward/policy/mean": 0.5}]
+    assert sorted(p.name for p in (run / "val").iterdir()) == ["step_000000.id.jsonl"]
