@@ -56,12 +56,12 @@ def evaluate_arm(
     test splits under ``large`` (None: no finals), from one ``ekipl.eval`` (one engine for all its
     models), kept in ``out/<arm>.json`` and ``out/final-<arm>.json``: a kept file is not measured
     again."""
-    kept = {part: out / f"{pre}{arm}.json" for part, pre in (("pass", ""), ("final", "final-"))}
+    files = {part: out / f"{pre}{arm}.json" for part, pre in (("pass", ""), ("final", "final-"))}
     want = {"pass": data, "final": large}
-    todo = {part for part in kept if want[part] is not None and not kept[part].is_file()}
+    todo = {part for part in files if want[part] is not None and not files[part].is_file()}
     for part in set(want) - todo:
-        if kept[part].is_file():
-            print(f"[boundary] {out.name}/{kept[part].name}: evaluated earlier, kept", flush=True)
+        if files[part].is_file():
+            print(f"[boundary] {out.name}/{files[part].name}: evaluated earlier, kept", flush=True)
     if todo:
         cmd = [sys.executable, "-m", "ekipl.eval"]
         for name, path in models.items():
@@ -82,8 +82,8 @@ def evaluate_arm(
         parts = by_part(json.loads((out / arm / "eval.json").read_text()))
         out.mkdir(parents=True, exist_ok=True)
         for part in todo:
-            kept[part].write_text(json.dumps(parts[part], indent=1))
-    return tuple(json.loads(f.read_text()) if f.is_file() else [] for f in kept.values())
+            files[part].write_text(json.dumps(parts[part], indent=1))
+    return tuple(json.loads(f.read_text()) if f.is_file() else [] for f in files.values())
 
 
 def by_part(rows: list[dict]) -> dict[str, list[dict]]:

@@ -94,10 +94,14 @@ def finished(run_dir: Path, steps: int) -> float | None:
     return float(info["seconds"]) if info.get("steps") == steps else None
 
 
-def step0_row(run_dir: Path | None, steps: int) -> dict | None:
+def step0_row(run_dir: Path | None, steps: int, extra: list[str]) -> dict | None:
     """A finished run's step-0 validation row: the warm start's held-out scores, which every run of
-    a batch (one warm start, one data seed, greedy) measures alike."""
+    a batch (one warm start, one data seed, greedy) measures alike. None where that run finished
+    other steps or ran with other overrides than ``extra`` (another batch in the same folder)."""
     if run_dir is None or finished(run_dir, steps) is None:
+        return None
+    cmd = json.loads((run_dir / "done.json").read_text()).get("cmd", [])
+    if cmd[len(cmd) - len(extra) :] != extra:
         return None
     rows = [r for r in load_rows(run_dir) if r["step"] == 0 and "val/id/accuracy" in r]
     return rows[0] if rows else None
@@ -136,7 +140,7 @@ def run_arm(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     common = [f"trainer.seed={seed}", f"trainer.steps={steps}", f"trainer.output_dir={run_dir}"]
-    shared = None if arm == "sft_traces" else step0_row(step0, steps)
+    shared = None if arm == "sft_traces" else step0_row(step0, steps, extra)
     t0 = time.perf_counter()
     if arm == "sft_traces":
         cmds = sft_commands(run_dir, common, extra)

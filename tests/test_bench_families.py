@@ -300,10 +300,13 @@ def test_a_batch_measures_the_warm_starts_step_0_validation_once_and_every_run_s
     (first / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     (first / "val" / "step_000000.id.jsonl").write_text('{"id": "a"}\n')
     (first / "val" / "step_000010.id.jsonl").write_text('{"id": "b"}\n')
-    assert learning.step0_row(first, 60) is None  # not finished: the run measures its own
-    (first / "done.json").write_text(json.dumps({"steps": 60, "seconds": 1.0}))
-    assert learning.step0_row(first, 30) is None  # finished with other steps: another batch
-    assert learning.step0_row(first, 60) == step0 and learning.step0_row(None, 60) is None
+    extra = ["trainer.eval_every=10", "model.seed=1"]
+    assert learning.step0_row(first, 60, extra) is None  # not finished: the run measures its own
+    cmd = ["python", "-m", "ekipl.train", "algorithm=grpo", "logger.mode=offline", *extra]
+    (first / "done.json").write_text(json.dumps({"steps": 60, "seconds": 1.0, "cmd": cmd}))
+    assert learning.step0_row(first, 30, extra) is None  # finished with other steps: another batch
+    assert learning.step0_row(first, 60, ["trainer.eval_every=10"]) is None  # other overrides: too
+    assert learning.step0_row(first, 60, extra) == step0 and learning.step0_row(None, 60, extra) is None
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/policy/mean": 0.5}) + "\n")
     learning.share_step0(run, first, step0)
     assert learning.load_rows(run) == [step0, {"step": 1, "reward/policy/mean": 0.5}]
