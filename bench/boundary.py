@@ -56,7 +56,7 @@ def evaluate_arm(
     test splits under ``large`` (None: no finals), from one ``ekipl.eval`` (one engine for all its
     models), kept in ``out/<arm>.json`` and ``out/final-<arm>.json``: a kept file is not measured
     again."""
-    files = {part: out / f"{pre}{arm}.json" for part, pre in (("pass", ""), ("final", "final-"))}
+    files = kept_files(out, arm)
     want = {"pass": data, "final": large}
     todo = {part for part in files if want[part] is not None and not files[part].is_file()}
     for part in set(want) - todo:
@@ -213,11 +213,17 @@ def run_model_seed(run: Path, default: int) -> int:
     return int(json.loads(config.read_text())["model"].get("seed", default))
 
 
+def kept_files(out: Path, file_name: str) -> dict[str, Path]:
+    """Where an arm's evaluations are kept (``file_name``: :func:`name`'s): its pass@k on the
+    validated splits and its greedy finals on the large ones."""
+    return {"pass": out / f"{file_name}.json", "final": out / f"final-{file_name}.json"}
+
+
 def kept(out: Path, arm: str, final: bool) -> bool:
     """Whether ``arm``'s evaluations are kept under ``out`` (the pass@k one and, with ``final``, the
     large-split one): then its policies are not needed again."""
-    names = [name(arm)] + ([f"final-{name(arm)}"] if final else [])
-    return all((out / f"{n}.json").is_file() for n in names)
+    files = kept_files(out, name(arm))
+    return all(files[part].is_file() for part in ["pass", *(["final"] if final else [])])
 
 
 def family_models(

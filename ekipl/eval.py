@@ -319,11 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         }
         columns = Columns(args.prompt_key, args.answer_key, args.image_key, args.cot_key)
         splits = {}
-        greedy = _pairs(args.greedy_split, "greedy-split")
-        both = set(greedy) & set(_pairs(args.split, "split"))
+        sampled, greedy = _pairs(args.split, "split"), _pairs(args.greedy_split, "greedy-split")
+        both = set(greedy) & set(sampled)
         if both:
             raise DataError(f"--split and --greedy-split both name {sorted(both)}: names must be unique")
-        for name, path in (_pairs(args.split, "split") | greedy).items():
+        for name, path in (sampled | greedy).items():
             ds = load_task_file(
                 path,
                 image_root=args.image_root,

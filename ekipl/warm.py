@@ -60,8 +60,8 @@ WARM_STARTS: dict[str, WarmStart] = {
     # instead of 478 with it, and a warm-start step 1.31 s instead of 1.86 on 2 cores.
     # TRANCE's policy is trained 150 steps, not 300: at 300 it scored 0.72 and 0.90 (model.seed 0
     # and 1) on a dev split (data seed 1's test rows; the runs' test splits are data seed 0's), far
-    # above the 20-50% a warm start should leave RL; at 150, 0.40 and 0.64; at 100, 0.20 (under the
-    # majority answer's ~0.29) and 0.35 (bench/LEARNING.md). Its auxiliary model stays 300 steps on.
+    # above the 20-50% a warm start should leave RL; at 150, 0.40 and 0.64; at 100, 0.20 (under that
+    # split's majority answer, 0.23) and 0.35 (bench/LEARNING.md). Its auxiliary model stays 300 steps on.
     **{
         f"learn-qwen2-vl-{task}-{kind}": WarmStart(base=base, task=task, steps=steps, freeze_vision=True)
         for task, policy, policy_steps in (
