@@ -179,12 +179,15 @@ def sft_commands(run_dir: Path, common: list[str], extra: list[str]) -> list[lis
     """The continued-SFT control: ``ekipl.sft`` from the RL arms' warm start on the same prompts
     (same sampler, seed and steps) with the RL arms' learning rate, then ``ekipl.eval`` (greedy, the
     validation's scoring and token budget) on the warm start and the result, on the same splits."""
+    from ekipl.runtime import resolve_model
+
     sft_extra = [x for x in extra if not x.startswith("trainer.eval_every=")]
     data = run_dir / "data" / "counting"
+    warm = resolve_model("learn-qwen2-vl-sft", model_seed_of(extra))  # the run's own model.seed
     return [
         [sys.executable, "-m", "ekipl.sft", "+experiment=learn_counting", *common, "logger.mode=offline",
          *sft_extra],
-        [sys.executable, "-m", "ekipl.eval", "--model", "warm=learn-qwen2-vl-sft",
+        [sys.executable, "-m", "ekipl.eval", "--model", f"warm={warm}",
          "--model", f"sft={run_dir / 'policy'}", "--split", f"id={data / 'test_id.json'}",
          "--split", f"ood={data / 'test_ood.json'}", "--k", "1", "--max-tokens", "128",
          "--out", str(run_dir / "eval")],

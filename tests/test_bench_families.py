@@ -311,3 +311,24 @@ def test_a_batch_measures_the_warm_starts_step_0_validation_once_and_every_run_s
     learning.share_step0(run, first, step0)
     assert learning.load_rows(run) == [step0, {"step": 1, "reward/policy/mean": 0.5}]
     assert sorted(p.name for p in (run / "val").iterdir()) == ["step_000000.id.jsonl"]
+
+
+def test_the_sft_control_evaluates_the_warm_start_of_the_runs_own_model_seed(tmp_path, monkeypatch):
+    """The continued-SFT control scores its own starting point beside its result: with
+    ``model.seed=1`` that is seed 1's warm start (the cached build's directory), not seed 0's."""
+    from bench import learning
+    from ekipl import warm
+
+    monkeypatch.setenv("EKIPL_CACHE", str(tmp_path / "cache"))
+    name = "learn-qwen2-vl-sft"
+    built = {}
+    for seed in (0, 1):  # a finished build is its directory with ekipl_warm.json: nothing rebuilds
+        digest = warm._digest(name, warm.WARM_STARTS[name], seed)
+        built[seed] = tmp_path / "cache" / "models" / f"{name}-s{seed}-{digest}"
+        built[seed].mkdir(parents=True)
+        (built[seed] / "ekipl_warm.json").write_text("{}")
+    for seed in (0, 1):
+        extra = ["trainer.eval_every=10", *([f"model.seed={seed}"] if seed else [])]
+        sft, ev = learning.sft_commands(tmp_path / "run", ["trainer.seed=0"], extra)
+        assert f"model.seed={seed}" in sft or seed == 0
+        assert ev[ev.index("--model") + 1] == f"warm={built[seed]}"
