@@ -16,7 +16,8 @@ arm whose evaluations are kept is reported without its policies (bench/results/ 
 not the policies; each family's warm start follows its runs' own ``model.seed``). Writes the
 tables into bench/LEARNING.md (between its own markers) and the curves to bench/boundary.png, one
 row per family. A one-model row (the warm start) carries its standard error over the problems
-where an arm's carries the std over its seeds.
+where an arm's carries the std over its seeds. Last comes the issue's bar (:func:`bar_table`): the
+paper's three claims, EKIPL against GRPO, per family and averaged over the families, with a verdict.
 
     .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2] \
         [--family-arms grpo ekipl ekipl_gated] [--more] [--runs DIR] [--counting-runs DIR] [--out DIR]
@@ -174,6 +175,92 @@ def final_table(finals: dict[str, dict[str, list[dict]]]) -> str:
     return "\n".join(lines)
 
 
+def claim_cells(finals: dict[str, list[dict]], passes: dict[str, list[dict]], conv: dict | None) -> dict:
+    """One family's cells of :func:`bar_table` (EKIPL against GRPO) and the numbers they average:
+    ID and OOD differences on the final splits (± the standard error of the difference over the
+    seeds), pass@16 of EKIPL, GRPO and the warm start, and EKIPL's steps to GRPO's final ID accuracy
+    on the in-loop curves (``conv``: bench/families.py's summary; None where the runs are absent)."""
+    from bench.families import diff_se, reach_text
+
+    cells, nums = {}, {}
+    for split in ("id", "ood"):
+        acc = {
+            a: [r["accuracy"] for r in finals.get(a, []) if r["split"] == split] for a in ("ekipl", "grpo")
+        }
+        if all(acc.values()):
+            d, se = diff_se(acc["ekipl"], acc["grpo"])
+            cells[split], nums[split], nums[f"{split}_var"] = f"{d:+.3f} ± {se:.3f}", d, se**2
+        pk = {
+            a: [r["pass@16"] for r in passes.get(a, []) if r["split"] == split]
+            for a in ("ekipl", "grpo", "warm start")
+        }
+        if all(pk.values()):
+            means = [statistics.mean(pk[a]) for a in ("ekipl", "grpo", "warm start")]
+            cells[f"pass_{split}"] = " / ".join(f"{m:.3f}" for m in means)
+            nums[f"pass_{split}"] = means
+    if conv and "ekipl" in conv:
+        g, e = conv["grpo"], conv["ekipl"]
+        if g["grpo_final"][0] <= statistics.mean(g["start_id"]) + 1e-9:
+            cells["reach"] = "- (GRPO ends at or below its warm start)"
+        else:
+            cells["reach"] = reach_text(e["reach"])
+            got = [r for r in e["reach"] if r is not None]
+            nums["reach"] = (statistics.mean(got) if got else None, len(got) == len(e["reach"]))
+    return {"cells": cells, "nums": nums}
+
+
+def bar_table(claims: dict[str, dict], steps: int) -> str:
+    """The issue's bar: the paper's three claims, EKIPL against GRPO, per family and averaged over
+    the families that measured them (a verdict on the average, as the bar is stated)."""
+    from bench.families import NAMES
+
+    fams = list(claims)
+    lines = [
+        "The bar: the paper's claims, EKIPL against GRPO, per family and averaged over the families "
+        "(claim 1 on the final splits, ± the standard error of the difference over the seeds, the "
+        "mean's pooling the families'; claim 2 on pass@16 of the validated splits, EKIPL / GRPO / "
+        f"the warm start; claim 3 on the in-loop ID curves, of {steps} steps):",
+        "",
+        "| goal | " + " | ".join(NAMES[f] for f in fams) + " | mean over the families | verdict |",
+        "|---|" + "---|" * (len(fams) + 2),
+    ]
+    for key, goal in (("id", "ID: EKIPL − GRPO ≥ +0.050"), ("ood", "OOD: EKIPL − GRPO ≥ 0")):
+        got = [claims[f]["nums"] for f in fams if key in claims[f]["nums"]]
+        mean, verdict = "-", "not measured"
+        if got:
+            m = statistics.mean(n[key] for n in got)
+            se = math.sqrt(sum(n[f"{key}_var"] for n in got)) / len(got)
+            mean = f"{m:+.3f} ± {se:.3f} ({len(got)})"
+            verdict = "met" if m >= (0.05 if key == "id" else 0.0) - 1e-9 else "not met"
+        lines.append(_bar_row(goal, [claims[f]["cells"].get(key, "-") for f in fams], mean, verdict))
+    for key, goal in (
+        ("pass_id", "pass@16 ID: EKIPL ≥ GRPO and the warm start"),
+        ("pass_ood", "pass@16 OOD: the same"),
+    ):
+        got = [claims[f]["nums"][key] for f in fams if key in claims[f]["nums"]]
+        mean, verdict = "-", "not measured"
+        if got:
+            e, g, w = (statistics.mean(x[i] for x in got) for i in range(3))
+            mean = f"{e:.3f} / {g:.3f} / {w:.3f} ({len(got)})"
+            verdict = "met" if e >= max(g, w) - 1e-9 else "not met"
+        lines.append(_bar_row(goal, [claims[f]["cells"].get(key, "-") for f in fams], mean, verdict))
+    got = [claims[f]["nums"]["reach"] for f in fams if "reach" in claims[f]["nums"]]
+    mean, verdict = "-", "not measured"
+    if got and all(m is not None for m, _ in got):
+        m = statistics.mean(x for x, _ in got)
+        mean = f"{m:.1f} ({len(got)})"
+        verdict = "met" if m <= steps / 2 and all(every for _, every in got) else "not met"
+    elif got:
+        verdict = "not met (a family's EKIPL never reached GRPO's final)"
+    goal = f"steps to GRPO's final ID: EKIPL ≤ {steps // 2} (half)"
+    lines.append(_bar_row(goal, [claims[f]["cells"].get("reach", "-") for f in fams], mean, verdict))
+    return "\n".join(lines)
+
+
+def _bar_row(goal: str, cells: list[str], mean: str, verdict: str) -> str:
+    return f"| {goal} | " + " | ".join(cells) + f" | {mean} | {verdict} |"
+
+
 def plot(results: dict[str, dict[str, list[dict]]], path: Path, chance: dict[str, list[dict]]) -> None:
     """pass@k per arm, one row of panels (ID, OOD) per family."""
     import matplotlib
@@ -260,6 +347,7 @@ def main(argv=None) -> int:
         NAMES,
         family_root,
         make_test_splits,
+        summarize,
         validated_splits,
     )
     from bench.learning import curve, load_rows, write_markdown
@@ -286,7 +374,7 @@ def main(argv=None) -> int:
         args.arms = with_more(args.arms, MORE_ARMS)
         args.family_arms = with_more(args.family_arms, MORE_FAMILY_ARMS)
     runs, out = Path(args.runs), Path(args.out)
-    results, chance, finals, texts = {}, {}, {}, []
+    results, chance, finals, texts, claims = {}, {}, {}, [], {}
     for family in args.families:
         arms = args.arms if family == "counting" else args.family_arms
         own = family == "counting" and args.counting_runs
@@ -306,10 +394,19 @@ def main(argv=None) -> int:
             for a, m in models.items()
         }
         results[family] = {arm: passes for arm, (passes, _) in both.items()}
+        conv = None  # the in-loop curves, for claim 3 (kept with the runs' metrics)
+        if all(
+            (root / a / f"seed{s}" / "metrics.jsonl").is_file() for a in ("grpo", "ekipl") for s in args.seeds
+        ):
+            conv = summarize(
+                {a: {s: load_rows(root / a / f"seed{s}") for s in args.seeds} for a in ("grpo", "ekipl")}
+            )
+        steps = curve(load_rows(run), "val/id/accuracy")[-1][0]
         chance[family] = chance_rows(data, family)
         texts.append(f"**{NAMES[family]}**\n\n" + table(results[family], chance[family]))
         if final:
             finals[family] = {arm: finals_ for arm, (_, finals_) in both.items()}
+        claims[family] = claim_cells(finals.get(family, {}), results[family], conv)
     text = (
         f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits the "
         "runs validated on; mean ± std over the arm's seeds (the warm start, one model: ± its standard error "
@@ -322,6 +419,7 @@ def main(argv=None) -> int:
             "(TRANCE: partial credit), mean ± std over seeds (the warm start: ± its standard error over "
             "the problems, an upper bound for TRANCE's partial credit).\n\n" + final_table(finals)
         )
+    text += "\n\n" + bar_table(claims, steps)
     write_markdown(text, Path(args.md), BEGIN, END)
     plot(results, Path(args.png), chance)
     print(text)

@@ -152,14 +152,20 @@ def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, lis
     return out
 
 
-def diff(a: list[float], b: list[float]) -> str:
-    """The difference of two arms' means, ± its standard error (independent seeds)."""
+def diff_se(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The difference of two arms' means and its standard error (independent seeds; 0 for one)."""
     se = (
         (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
         if min(len(a), len(b)) > 1
-        else 0
+        else 0.0
     )
-    return f"{statistics.mean(a) - statistics.mean(b):+.3f} ± {se:.3f}"
+    return statistics.mean(a) - statistics.mean(b), se
+
+
+def diff(a: list[float], b: list[float]) -> str:
+    """The difference of two arms' means, ± its standard error (independent seeds)."""
+    d, se = diff_se(a, b)
+    return f"{d:+.3f} ± {se:.3f}"
 
 
 def reach_text(reach: list[int | None]) -> str:

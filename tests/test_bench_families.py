@@ -332,3 +332,55 @@ def test_the_sft_control_evaluates_the_warm_start_of_the_runs_own_model_seed(tmp
         sft, ev = learning.sft_commands(tmp_path / "run", ["trainer.seed=0"], extra)
         assert f"model.seed={seed}" in sft or seed == 0
         assert ev[ev.index("--model") + 1] == f"warm={built[seed]}"
+
+
+def test_the_bar_averages_each_claim_over_the_families_that_measured_it_and_gives_one_verdict():
+    """The issue's bar, as bench/boundary.py prints it: EKIPL − GRPO on the final splits per family
+    (± the standard error of the difference) and averaged; pass@16 of EKIPL / GRPO / the warm start;
+    EKIPL's steps to GRPO's final ID. A family without EKIPL, or whose GRPO never beat its warm
+    start, is left out of that claim's mean."""
+    from bench import boundary
+
+    def acc(pairs):
+        return [{"split": sp, "accuracy": v} for i, o in pairs for sp, v in (("id", i), ("ood", o))]
+
+    def p16(i, o):
+        return [{"split": "id", "pass@16": i}, {"split": "ood", "pass@16": o}]
+
+    def conv(start, grpo_final, reach):
+        return {"grpo": {"grpo_final": [grpo_final], "start_id": [start]}, "ekipl": {"reach": reach}}
+
+    a = boundary.claim_cells(
+        {"grpo": acc([(0.4, 0.3), (0.6, 0.3)]), "ekipl": acc([(0.6, 0.3), (0.7, 0.4)])},
+        {"ekipl": p16(0.9, 0.8), "grpo": p16(0.8, 0.8), "warm start": p16(0.85, 0.9)},
+        conv(0.3, 0.5, [20, 10]),
+    )
+    b = boundary.claim_cells(
+        {"grpo": acc([(0.5, 0.5), (0.5, 0.5)]), "ekipl": acc([(0.5, 0.4), (0.5, 0.4)])},
+        {"ekipl": p16(1.0, 0.7), "grpo": p16(0.9, 0.8), "warm start": p16(0.9, 0.9)},
+        conv(0.6, 0.5, [10, 10]),  # GRPO ends below its warm start: says nothing on claim 3
+    )
+    none = boundary.claim_cells({"grpo": acc([(0.5, 0.5)])}, {"grpo": p16(0.9, 0.9)}, None)
+    lines = boundary.bar_table({"counting": a, "geometry": b, "trance": none}, 60).splitlines()
+    head = "| goal | counting | structure perception | spatial transformation | mean over the families |"
+    assert lines[2] == head + " verdict |"
+    # counting ID +0.150 ± sqrt(0.02/2 + 0.005/2) = 0.112; geometry 0 ± 0; mean +0.075 ± 0.112 / 2
+    assert (
+        lines[4]
+        == "| ID: EKIPL − GRPO ≥ +0.050 | +0.150 ± 0.112 | +0.000 ± 0.000 | - | +0.075 ± 0.056 (2) | met |"
+    )
+    assert (
+        lines[5]
+        == "| OOD: EKIPL − GRPO ≥ 0 | +0.050 ± 0.050 | -0.100 ± 0.000 | - | -0.025 ± 0.025 (2) | not met |"
+    )
+    assert lines[6].endswith("| 0.950 / 0.850 / 0.875 (2) | met |")
+    assert lines[7] == (
+        "| pass@16 OOD: the same | 0.800 / 0.800 / 0.900 | 0.700 / 0.800 / 0.900 | - "
+        "| 0.750 / 0.800 / 0.900 (2) | not met |"
+    )
+    assert lines[8] == (
+        "| steps to GRPO's final ID: EKIPL ≤ 30 (half) | 15.0 (2/2 seeds) "
+        "| - (GRPO ends at or below its warm start) | - | 15.0 (1) | met |"
+    )
+    never = boundary.claim_cells({}, {}, conv(0.3, 0.5, [20, None]))
+    assert boundary.bar_table({"counting": never}, 60).splitlines()[-1].endswith("| 20.0 (1) | not met |")
