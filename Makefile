@@ -38,10 +38,10 @@ demo: install
 # The paper's table in miniature: GRPO, EKIPL and the three ablations (the auxiliary model only, the
 # traces only, continued CoT-SFT on the traces) on counting, GRPO and EKIPL on geometry and TRANCE,
 # 3 seeds per arm from each family's warm start, then pass@1-16 of every policy and its greedy score
-# on 1,000-problem splits, per family: bench/LEARNING.md. Its parts took about 1 h 58 min together on
-# a fast 2-core host (2026-12-07, AVX-512 EPYC: counting 39 min to train and 19 to evaluate, geometry
-# 17 and 7, TRANCE 28 and 11, warm starts included, less 2.6 min of step-0 validations now measured
-# once per batch), two to three times that on slower ones.
+# on 1,000-problem splits, per family: bench/LEARNING.md. From a fresh clone with an empty cache it
+# took 1 h 55 min on a fast 2-core host (2026-12-07, AVX-512 EPYC: bench.learning 38 min, counting's
+# warm starts included; bench.families 43, geometry's and TRANCE's included; bench.boundary 34), two
+# to three times that on slower ones.
 # Finished runs and evaluations are kept, so rerunning resumes.
 learn: install
 	$(PY) -m bench.learning
