@@ -353,7 +353,14 @@ def main(argv=None) -> int:
     from bench.learning import curve, load_rows, write_markdown
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument(
+        "--families",
+        "--tasks",
+        nargs="+",
+        default=list(FAMILIES),
+        choices=FAMILIES,
+        help="one or more families alone",
+    )
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="counting's arms")
     ap.add_argument(
         "--family-arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS, help="the other families' arms"

@@ -270,7 +270,14 @@ def family_runs(root: Path, family: str, arms: list[str], seeds: list[int], step
 
 def main(argv=None) -> int:
     ap = batch_args(argparse.ArgumentParser())
-    ap.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument(
+        "--families",
+        "--tasks",
+        nargs="+",
+        default=list(FAMILIES),
+        choices=FAMILIES,
+        help="one or more families alone",
+    )
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS)
     ap.add_argument("--counting-runs", help="where counting's runs are (default: --out, bench/learning.py's)")
     args = ap.parse_args(argv)

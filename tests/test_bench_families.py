@@ -136,6 +136,18 @@ def test_the_families_batch_refuses_arms_without_grpo_and_ekipl_and_the_sft_cont
     assert "keep the grpo and ekipl arms" in err and "invalid choice: 'sft_traces'" in err
 
 
+@pytest.mark.parametrize("module", ["families", "boundary"])
+def test_a_family_is_chosen_alone_with_tasks_and_an_unknown_one_is_refused(module, capsys):
+    """The issue's ``--tasks`` is ``--families`` by another name, in the batch and in the boundary."""
+    import importlib
+
+    main = importlib.import_module(f"bench.{module}").main
+    with pytest.raises(SystemExit) as e:
+        main(["--tasks", "geometry", "chess"])
+    assert e.value.code == 2
+    assert "argument --families/--tasks: invalid choice: 'chess'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", ["geometry", "trance"])
 def test_a_family_preset_has_its_own_models_and_grpo_drops_every_auxiliary_source(family):
     from runs import compose
