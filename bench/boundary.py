@@ -146,9 +146,11 @@ def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> s
     return "\n".join(lines)
 
 
-def final_table(finals: dict[str, dict[str, list[dict]]]) -> str:
-    """Greedy accuracy on the large test splits: one row per arm, ID, OOD and their mean per family."""
-    from bench.families import NAMES
+def final_table(finals: dict[str, dict[str, list[dict]]], chance: dict | None = None) -> str:
+    """Greedy accuracy on the large test splits: one row per arm, ID, OOD and their mean per family,
+    then what guessing scores on the same splits (``chance``: bench/families.py's ``guessing`` per
+    family)."""
+    from bench.families import NAMES, guessing_rows
 
     fams = list(finals)
     arms = list(dict.fromkeys(a for f in fams for a in finals[f]))
@@ -172,6 +174,8 @@ def final_table(finals: dict[str, dict[str, list[dict]]]) -> str:
             ]
             cells += [spread(by["id"], "accuracy"), spread(by["ood"], "accuracy"), spread(means, "accuracy")]
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if chance:
+        lines += guessing_rows(chance, fams)
     return "\n".join(lines)
 
 
@@ -339,18 +343,8 @@ def name(arm: str) -> str:
     return "warm" if arm == "warm start" else arm
 
 
-def main(argv=None) -> int:
-    from bench.families import (
-        ARMS,
-        FAMILIES,
-        FAMILY_ARMS,
-        NAMES,
-        family_root,
-        make_test_splits,
-        summarize,
-        validated_splits,
-    )
-    from bench.learning import curve, load_rows, write_markdown
+def parse_args(argv=None) -> argparse.Namespace:
+    from bench.families import ARMS, FAMILIES, FAMILY_ARMS
 
     ap = argparse.ArgumentParser()
     ap.add_argument(
@@ -380,55 +374,99 @@ def main(argv=None) -> int:
     if args.more:
         args.arms = with_more(args.arms, MORE_ARMS)
         args.family_arms = with_more(args.family_arms, MORE_FAMILY_ARMS)
-    runs, out = Path(args.runs), Path(args.out)
-    results, chance, finals, texts, claims = {}, {}, {}, [], {}
-    for family in args.families:
-        arms = args.arms if family == "counting" else args.family_arms
-        own = family == "counting" and args.counting_runs
-        root = Path(args.counting_runs) if own else family_root(runs, family)
-        fam_out = out if family == "counting" else out / family  # counting's, where they always were
-        run = root / arms[0] / f"seed{args.seeds[0]}"
-        model_seed = run_model_seed(run, model_seed_of(args.extra))
-        models = family_models(family, root, arms, args.seeds, model_seed, fam_out, bool(args.final_problems))
-        problems = int(curve(load_rows(run), "val/id/problems")[0][1])  # as bench/families.py reads it
-        data = validated_splits(run, family, problems)  # one data set for all
-        large = None  # generated only for what is still to evaluate (kept ones need no data)
-        final = bool(args.final_problems)
-        if final and not all(kept(fam_out, arm, True) for arm in models):
-            large = make_test_splits(run, family, args.final_problems, fam_out / f"data{args.final_problems}")
-        both = {
-            a: evaluate_arm(name(a), m, data, large, fam_out, args.max_tokens, args.max_num_seqs)
-            for a, m in models.items()
-        }
-        results[family] = {arm: passes for arm, (passes, _) in both.items()}
-        conv = None  # the in-loop curves, for claim 3 (kept with the runs' metrics)
-        if all(
-            (root / a / f"seed{s}" / "metrics.jsonl").is_file() for a in ("grpo", "ekipl") for s in args.seeds
-        ):
-            conv = summarize(
-                {a: {s: load_rows(root / a / f"seed{s}") for s in args.seeds} for a in ("grpo", "ekipl")}
-            )
-        steps = curve(load_rows(run), "val/id/accuracy")[-1][0]
-        chance[family] = chance_rows(data, family)
-        texts.append(f"**{NAMES[family]}**\n\n" + table(results[family], chance[family]))
-        if final:
-            finals[family] = {arm: finals_ for arm, (_, finals_) in both.items()}
-        claims[family] = claim_cells(finals.get(family, {}), results[family], conv)
+    return args
+
+
+def evaluate_family(family: str, args: argparse.Namespace) -> dict:
+    """One family's evaluations (kept ones read back) and what its report needs: pass@k per arm,
+    the greedy finals per arm (None with ``--final-problems 0``), guessing on both kinds of split,
+    the bar's cells and the runs' step count."""
+    from bench.families import (
+        family_root,
+        guessing,
+        make_test_splits,
+        summarize,
+        temporary_splits,
+        validated_splits,
+    )
+    from bench.learning import curve, load_rows
+
+    arms = args.arms if family == "counting" else args.family_arms
+    own = family == "counting" and args.counting_runs
+    root = Path(args.counting_runs) if own else family_root(Path(args.runs), family)
+    out = Path(args.out) if family == "counting" else Path(args.out) / family  # where they always were
+    run = root / arms[0] / f"seed{args.seeds[0]}"
+    n = args.final_problems
+    models = family_models(
+        family, root, arms, args.seeds, run_model_seed(run, model_seed_of(args.extra)), out, n > 0
+    )
+    problems = int(curve(load_rows(run), "val/id/problems")[0][1])  # as bench/families.py reads it
+    data = validated_splits(run, family, problems)  # one data set for all
+    large, guess = None, None
+    if n:  # kept beside the evaluations while one is still to take, else only for guessing's rows
+        todo = not all(kept(out, arm, True) for arm in models)
+        large = (
+            make_test_splits(run, family, n, out / f"data{n}") if todo else temporary_splits(run, family, n)
+        )
+        guess = guessing(large, family)
+    both = {
+        a: evaluate_arm(name(a), m, data, large, out, args.max_tokens, args.max_num_seqs)
+        for a, m in models.items()
+    }
+    passes = {arm: rows for arm, (rows, _) in both.items()}
+    finals = {arm: rows for arm, (_, rows) in both.items()} if n else None
+    conv = None  # the in-loop curves, for claim 3 (kept with the runs' metrics)
+    seeds = {a: [root / a / f"seed{s}" for s in args.seeds] for a in ("grpo", "ekipl")}
+    if all((r / "metrics.jsonl").is_file() for rs in seeds.values() for r in rs):
+        conv = summarize(
+            {a: dict(zip(args.seeds, map(load_rows, rs), strict=True)) for a, rs in seeds.items()}
+        )
+    return {
+        "passes": passes,
+        "finals": finals,
+        "chance": chance_rows(data, family),
+        "guess": guess,
+        "claims": claim_cells(finals or {}, passes, conv),
+        "steps": curve(load_rows(run), "val/id/accuracy")[-1][0],
+    }
+
+
+def report(families: dict[str, dict], final_problems: int) -> str:
+    """The pass@k tables, the final scores and the bar, from :func:`evaluate_family`'s results."""
+    from bench.families import NAMES
+
     text = (
         f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits the "
         "runs validated on; mean ± std over the arm's seeds (the warm start, one model: ± its standard error "
         "over the problems, sqrt(p (1 - p) / problems), exact at k = 16); the last rows "
-        "are what guessing gives on the same splits.\n\n" + "\n\n".join(texts)
+        "are what guessing gives on the same splits.\n\n"
+        + "\n\n".join(f"**{NAMES[f]}**\n\n" + table(r["passes"], r["chance"]) for f, r in families.items())
     )
+    finals = {f: r["finals"] for f, r in families.items() if r["finals"] is not None}
     if finals:
+        guesses = {f: families[f]["guess"] for f in finals}
         text += (
-            f"\n\nFinal scores: greedy accuracy on test splits of {args.final_problems} problems each "
+            f"\n\nFinal scores: greedy accuracy on test splits of {final_problems} problems each "
             "(TRANCE: partial credit), mean ± std over seeds (the warm start: ± its standard error over "
-            "the problems, an upper bound for TRANCE's partial credit).\n\n" + final_table(finals)
+            "the problems, an upper bound for TRANCE's partial credit); the last rows are what guessing "
+            "scores on the same splits.\n\n" + final_table(finals, guesses)
         )
-    text += "\n\n" + bar_table(claims, steps)
+    steps = next(iter(families.values()))["steps"]
+    return text + "\n\n" + bar_table({f: r["claims"] for f, r in families.items()}, steps)
+
+
+def main(argv=None) -> int:
+    from bench.learning import write_markdown
+
+    args = parse_args(argv)
+    families = {family: evaluate_family(family, args) for family in args.families}
+    text = report(families, args.final_problems)
     write_markdown(text, Path(args.md), BEGIN, END)
-    plot(results, Path(args.png), chance)
+    plot(
+        {f: r["passes"] for f, r in families.items()},
+        Path(args.png),
+        {f: r["chance"] for f, r in families.items()},
+    )
     print(text)
     return 0
 

@@ -117,6 +117,11 @@ def validated_splits(run: Path, family: str, problems: int) -> Path:
     data = run / "data" / family
     if (data / "test_id.json").is_file():
         return data
+    return temporary_splits(run, family, problems)
+
+
+def temporary_splits(run: Path, family: str, problems: int) -> Path:
+    """:func:`make_test_splits` into a folder removed at exit (a few seconds for 1,000 rows)."""
     root = Path(tempfile.mkdtemp(prefix="ekipl-families-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     return make_test_splits(run, family, problems, root)
@@ -129,6 +134,22 @@ def guessing(data: Path, task: str) -> dict[str, dict[str, float]]:
         uniform, majority, _ = guess_scores(data, task, split)
         out[split] = {"uniform": statistics.mean(uniform), "majority": statistics.mean(majority)}
     return out
+
+
+def guessing_rows(chance: dict[str, dict[str, dict[str, float]]], fams: list[str]) -> list[str]:
+    """The paper-layout rows of what guessing scores (:func:`guessing` per family): ID, OOD and
+    their mean per family, ``-`` where a family has none."""
+    lines = []
+    for kind, label in (("uniform", "uniform guess (the row's kind)"), ("majority", "majority answer")):
+        cells = []
+        for f in fams:
+            if f not in chance:
+                cells += ["-"] * 3
+                continue
+            i, o = chance[f]["id"][kind], chance[f]["ood"][kind]
+            cells += [f"{i:.3f}", f"{o:.3f}", f"{(i + o) / 2:.3f}"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def summarize(runs: dict[str, dict[int, list[dict]]]) -> dict[str, dict[str, list[float]]]:
@@ -202,12 +223,7 @@ def tables(summary: dict[str, dict], chance: dict[str, dict], steps: int, proble
             for k in ("id", "ood", "mean")
         ]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    for kind, label in (("uniform", "uniform guess (the row's kind)"), ("majority", "majority answer")):
-        cells = []
-        for f in fams:
-            i, o = chance[f]["id"][kind], chance[f]["ood"][kind]
-            cells += [f"{i:.3f}", f"{o:.3f}", f"{(i + o) / 2:.3f}"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += guessing_rows(chance, fams)
     lines += [
         "",
         "The three claims per family: each arm − GRPO (± the standard error of the difference over "

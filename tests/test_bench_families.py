@@ -191,6 +191,14 @@ def test_the_final_scores_table_averages_seeds_per_split_and_marks_a_missing_arm
     assert lines[2] == "| warm start | " + " | ".join(warm) + " |"
     # grpo: ID 0.6 ± 0.141, OOD 0.2 ± 0.141, per-seed means 0.4 and 0.4; no TRANCE runs
     assert lines[3] == "| grpo | 0.600 ± 0.141 | 0.200 ± 0.141 | 0.400 ± 0.000 | - | - | - |"
+    # what guessing scores on the same splits, ID, OOD and their mean; "-" for a family without
+    chance = {
+        "geometry": {"id": {"uniform": 0.1, "majority": 0.25}, "ood": {"uniform": 0.2, "majority": 0.15}}
+    }
+    lines = boundary.final_table(finals, chance).splitlines()
+    assert lines[:4] == boundary.final_table(finals).splitlines() and len(lines) == 6
+    assert lines[4] == "| uniform guess (the row's kind) | 0.100 | 0.200 | 0.150 | - | - | - |"
+    assert lines[5] == "| majority answer | 0.250 | 0.150 | 0.200 | - | - | - |"
 
 
 @pytest.mark.parametrize("task", ["geometry", "trance"])
@@ -396,3 +404,37 @@ def test_the_bar_averages_each_claim_over_the_families_that_measured_it_and_give
     )
     never = boundary.claim_cells({}, {}, conv(0.3, 0.5, [20, None]))
     assert boundary.bar_table({"counting": never}, 60).splitlines()[-1].endswith("| 20.0 (1) | not met |")
+
+
+def test_the_report_gives_finals_and_guessing_only_for_the_families_that_took_finals():
+    """bench/boundary.py's report: a pass@k table per family, the final scores with what guessing
+    scores on the large splits for the families evaluated on them (``--final-problems 0`` takes
+    none), then the bar."""
+    from bench import boundary
+
+    def family(finals, guess):
+        passes = {
+            "grpo": [
+                {"split": sp, "problems": 10, **{f"pass@{k}": 0.5 for k in boundary.KS}}
+                for sp in ("id", "ood")
+            ]
+        }
+        chance = [{"split": sp, "model": "majority answer", "pass@1": 0.2} for sp in ("id", "ood")]
+        claims = boundary.claim_cells(finals or {}, passes, None)
+        return {
+            "passes": passes,
+            "finals": finals,
+            "chance": chance,
+            "guess": guess,
+            "claims": claims,
+            "steps": 60,
+        }
+
+    finals = {"grpo": [{"split": sp, "accuracy": 0.4, "problems": 1000} for sp in ("id", "ood")]}
+    guess = {sp: {"uniform": 0.1, "majority": 0.3} for sp in ("id", "ood")}
+    text = boundary.report({"geometry": family(finals, guess), "trance": family(None, None)}, 1000)
+    assert "**structure perception**" in text and "**spatial transformation**" in text
+    final = text.split("Final scores")[1].split("The bar")[0]
+    assert "| model | structure perception ID |" in final and "spatial transformation ID" not in final
+    assert "| majority answer | 0.300 | 0.300 | 0.300 |" in final
+    assert "Final scores" not in boundary.report({"trance": family(None, None)}, 0)
