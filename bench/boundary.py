@@ -344,17 +344,10 @@ def name(arm: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from bench.families import ARMS, FAMILIES, FAMILY_ARMS
+    from bench.families import ARMS, FAMILY_ARMS, add_families_option
 
     ap = argparse.ArgumentParser()
-    ap.add_argument(
-        "--families",
-        "--tasks",
-        nargs="+",
-        default=list(FAMILIES),
-        choices=FAMILIES,
-        help="one or more families alone",
-    )
+    add_families_option(ap)
     ap.add_argument("--arms", nargs="+", default=DEFAULT_ARMS, help="counting's arms")
     ap.add_argument(
         "--family-arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS, help="the other families' arms"

@@ -284,8 +284,8 @@ def family_runs(root: Path, family: str, arms: list[str], seeds: list[int], step
     return runs
 
 
-def main(argv=None) -> int:
-    ap = batch_args(argparse.ArgumentParser())
+def add_families_option(ap: argparse.ArgumentParser) -> None:
+    """``--families`` (the issue's ``--tasks``): one or more families alone; all by default."""
     ap.add_argument(
         "--families",
         "--tasks",
@@ -294,6 +294,11 @@ def main(argv=None) -> int:
         choices=FAMILIES,
         help="one or more families alone",
     )
+
+
+def main(argv=None) -> int:
+    ap = batch_args(argparse.ArgumentParser())
+    add_families_option(ap)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS)
     ap.add_argument("--counting-runs", help="where counting's runs are (default: --out, bench/learning.py's)")
     args = ap.parse_args(argv)
