@@ -393,7 +393,8 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
     models = family_models(
         family, root, arms, args.seeds, run_model_seed(run, model_seed_of(args.extra)), out, n > 0
     )
-    problems = int(curve(load_rows(run), "val/id/problems")[0][1])  # as bench/families.py reads it
+    run_rows = load_rows(run)
+    problems = int(curve(run_rows, "val/id/problems")[0][1])  # as bench/families.py reads it
     data = validated_splits(run, family, problems)  # one data set for all
     large, guess = None, None
     if n:  # kept beside the evaluations while one is still to take, else only for guessing's rows
@@ -420,7 +421,7 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
         "chance": chance_rows(data, family),
         "guess": guess,
         "claims": claim_cells(finals or {}, passes, conv),
-        "steps": curve(load_rows(run), "val/id/accuracy")[-1][0],
+        "steps": curve(run_rows, "val/id/accuracy")[-1][0],
     }
 
 
