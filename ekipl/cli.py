@@ -1,4 +1,4 @@
-"""The ``ekipl`` command line: ``ekipl data make ...``, ``ekipl models build ...``."""
+"""The ``ekipl`` command line: ``ekipl data make ...``, ``ekipl models build ...``, ``ekipl plan ...``."""
 
 from __future__ import annotations
 
@@ -63,6 +63,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     plot.set_defaults(fn=_plot)
 
+    sub.add_parser(
+        "plan", help="where a run's actors would go and whether it fits (ekipl.plan)", add_help=False
+    )
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["plan"]:  # its own parser: Hydra overrides follow the flags
+        from ekipl.plan import main as plan_main
+
+        return plan_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -13,14 +13,21 @@ import os
 from typing import Any
 
 from ekipl.algo.objective import ObjectiveConfig
+from ekipl.engines.vllm_backend import EngineKeys
 from ekipl.learner.config import LearnerConfig
 from ekipl.rollout.coordinator import RolloutConfig
 from ekipl.rollout.sources import SourceConfig
 
 
 @dataclasses.dataclass
-class ModelConfig:
-    path: str = "tiny-qwen2-vl"  # a local directory, a HF id in the local cache, or a tiny model name
+class ModelConfig(EngineKeys):
+    """The policy, and its vLLM engines' settings (``EngineKeys``: gpu_memory_utilization,
+    enforce_eager, max_num_seqs, max_num_batched_tokens, enable_prefix_caching, tensor and pipeline
+    parallel sizes; unset: the device's defaults)."""
+
+    # A local directory, a tiny model or warm-start name (built on the driver), or a HF id: an id
+    # goes to each actor as an id and is resolved on the actor's node, in its HF cache or cache_dir.
+    path: str = "tiny-qwen2-vl"
     dtype: str = "float32"
     max_model_len: int = 2048
     engine_replicas: int = 1
@@ -28,8 +35,10 @@ class ModelConfig:
     engine_num_gpus: float = 0.0
     # Custom Ray resources per policy engine replica (placement on labelled nodes).
     engine_resources: dict[str, float] = dataclasses.field(default_factory=dict)
-    tensor_parallel_size: int = 1  # GPUs per policy engine replica (vLLM tensor parallelism)
     seed: int = 0
+    # A HF cache on storage every node mounts (None: each node's own HF cache); ids of the policy
+    # and of the auxiliary models are resolved there. Nothing is downloaded either way.
+    cache_dir: str | None = None
     # The image budget, in pixels per image (None: the processor's own). The same values reach the
     # policy engines, the auxiliary engines (unless aux.NAME sets its own), the learner's processor
     # and validation, so every side counts the same image tokens. Reason-RFT: max_pixels 480,000.
@@ -50,6 +59,7 @@ class ModelConfig:
             )
         if self.mm_cache_gb < 0:
             raise ValueError(f"model.mm_cache_gb must be >= 0, got {self.mm_cache_gb}")
+        self.check_engine_keys("model", self.engine_num_gpus, "engine_num_gpus")
 
 
 OVERLONG = ("drop", "error")
@@ -170,6 +180,30 @@ class LoggerConfig:
     init_timeout_s: float = 20.0
 
 
+PLACEMENT_STRATEGIES = ("STRICT_PACK", "PACK", "SPREAD", "STRICT_SPREAD")
+
+
+@dataclasses.dataclass
+class PlacementConfig:
+    """Ray placement groups (ekipl.placement): the learner ranks and the policy engines in one group,
+    each auxiliary replica in its own."""
+
+    # STRICT_PACK: the learner ranks and the policy engines on one node, as the /dev/shm weight
+    # buffer wants; PACK: on one node where it fits, else across nodes; SPREAD: across nodes.
+    strategy: str = "STRICT_PACK"
+    aux_strategy: str = "STRICT_PACK"  # each auxiliary replica's bundles (its TP workers: one node)
+    timeout_s: float = 300.0  # how long the run waits for Ray to reserve the groups
+
+    def __post_init__(self):
+        for key in ("strategy", "aux_strategy"):
+            if getattr(self, key) not in PLACEMENT_STRATEGIES:
+                raise ValueError(
+                    f"placement.{key}: unknown {getattr(self, key)!r}; known: {PLACEMENT_STRATEGIES}"
+                )
+        if self.timeout_s <= 0:
+            raise ValueError(f"placement.timeout_s must be > 0, got {self.timeout_s}")
+
+
 @dataclasses.dataclass
 class RunConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
@@ -181,6 +215,7 @@ class RunConfig:
     reward: RewardConfig = dataclasses.field(default_factory=RewardConfig)
     trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
     logger: LoggerConfig = dataclasses.field(default_factory=LoggerConfig)
+    placement: PlacementConfig = dataclasses.field(default_factory=PlacementConfig)
 
 
 def register() -> None:
@@ -251,9 +286,23 @@ def to_run_config(cfg) -> tuple[RunConfig, list[SourceConfig]]:
         if not isinstance(values, dict):
             raise ConfigError(f"aux.{name}: expected a mapping of source settings, got {values!r}")
         sources.append(_build(SourceConfig, f"aux.{name}", {"name": name, **values}))
+    sources = [inherit_image_budget(s, sections["model"]) for s in sources]
     run = RunConfig(aux={s.name: s for s in sources}, **sections)
     validate(run, sources)
     return run, sources
+
+
+def inherit_image_budget(source: SourceConfig, model: ModelConfig) -> SourceConfig:
+    """A model-hosting source's image budget and multimodal cache: its own where set, else the
+    policy's (so every side counts the same image tokens). The one place this is derived."""
+    if source.kind not in ("vllm", "hf"):
+        return source
+    return dataclasses.replace(
+        source,
+        min_pixels=model.min_pixels if source.min_pixels is None else source.min_pixels,
+        max_pixels=model.max_pixels if source.max_pixels is None else source.max_pixels,
+        mm_cache_gb=model.mm_cache_gb if source.mm_cache_gb is None else source.mm_cache_gb,
+    )
 
 
 def validate(run: RunConfig, sources: list[SourceConfig]) -> None:

@@ -30,6 +30,7 @@ import argparse
 import json
 import math
 import sys
+import types
 from collections.abc import Collection
 from pathlib import Path
 
@@ -142,6 +143,7 @@ def evaluate(
     max_pixels: int | None = None,
     greedy_only: Collection[str] = (),
     max_num_seqs: int | None = None,
+    engine=None,
 ) -> list[dict]:
     """Rows ``{"model", "split", metrics...}`` for every model x split. Models after the first are
     loaded into the first one's engine (they must share its architecture). ``records``, when given,
@@ -149,7 +151,9 @@ def evaluate(
     ``scorer``: how answers are scored (default: the built-in task rewards); ``min_pixels`` /
     ``max_pixels``: the image budget, for the engine and the processor alike; ``greedy_only``: the
     splits scored without samples; ``max_num_seqs``: the engine's sequences in flight (None: the
-    engine's default). On CPU the samples depend on it (one generator, reseeded per split, draws for
+    engine's default); ``engine``: the engine's settings
+    (:class:`~ekipl.engines.vllm_backend.EngineKeys`; it supersedes ``max_num_seqs``). On CPU the
+    samples depend on the sequences in flight (one generator, reseeded per split, draws for
     the whole batch); the greedy answers did not in bench/boundary.py's check."""
     from ekipl.engines import vllm_backend as vb
     from ekipl.models import hf
@@ -157,19 +161,16 @@ def evaluate(
     n = (k if isinstance(k, int) else max(k)) if n is None else n
     names = list(models)
     first = models[names[0]]
-    in_flight = {"max_num_seqs": max_num_seqs} if max_num_seqs else {}
-    llm = vb.start_engine(
-        vb.EngineSpec(
-            model=first,
-            seed=seed,
-            dtype=dtype,
-            max_model_len=max_model_len,
-            enable_weight_sync=len(names) > 1,
-            min_pixels=min_pixels,
-            max_pixels=max_pixels,
-            **in_flight,
-        )
+    keys = engine or vb.EngineKeys(max_num_seqs=max_num_seqs)
+    section = types.SimpleNamespace(
+        **vars(keys),
+        dtype=dtype,
+        max_model_len=max_model_len,
+        min_pixels=min_pixels,
+        max_pixels=max_pixels,
+        mm_cache_gb=0.0,
     )
+    llm = vb.start_engine(vb.engine_spec(section, first, seed, enable_weight_sync=len(names) > 1))
     processor = hf.load_processor(first, min_pixels, max_pixels)
     rows = []
     for name in names:
@@ -258,6 +259,19 @@ def _parser() -> argparse.ArgumentParser:
         help="sequences in flight in the engine (default: the engine's, 64); on 2 CPU cores 256 was "
         "~20%% faster; on CPU the sampled answers (not the greedy ones) depend on it",
     )
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=None,
+        help="the engine's share of its GPU (default: 0.85 on GPU, 0.15 of NUMA node 0's RAM on CPU)",
+    )
+    p.add_argument(
+        "--enforce-eager",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="no CUDA graphs (default: graphs on GPU, eager on CPU)",
+    )
+    p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs of the engine (vLLM TP)")
     p.add_argument("--limit", type=int, default=0, help="first N problems of each split (0: all)")
     p.add_argument("--format-rule", default="strict", help="strict or reason_rft (see ekipl.tasks.rewards)")
     p.add_argument("--reward-function", default="", help="FILE.py:NAME, as reward.function in training")
@@ -341,6 +355,19 @@ def main(argv: list[str] | None = None) -> int:
             raise DataError("--k must be >= 1")
         if args.max_num_seqs is not None and args.max_num_seqs < 1:
             raise DataError(f"--max-num-seqs {args.max_num_seqs}: must be >= 1")
+        from ekipl.engines.vllm_backend import EngineKeys
+
+        engine = EngineKeys(
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            enforce_eager=args.enforce_eager,
+            max_num_seqs=args.max_num_seqs,
+            tensor_parallel_size=args.tensor_parallel_size,
+        )
+        try:
+            tp = args.tensor_parallel_size
+            engine.check_engine_keys("eval", tp if tp > 1 else 0, "gpus")
+        except ValueError as e:
+            raise DataError(str(e).replace("eval.", "--").replace("_", "-")) from None
         rows = evaluate(
             models,
             splits,
@@ -354,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             min_pixels=args.min_pixels,
             max_pixels=args.max_pixels,
             greedy_only=set(greedy),
-            max_num_seqs=args.max_num_seqs,
+            engine=engine,
         )
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"ekipl eval: error: {e}", file=sys.stderr)

@@ -22,10 +22,12 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. K consecutive non-finite steps); the last checkpoint is intact."""
 
 
-def resolve_model(path: str, seed: int = 0, key: str = "model.path") -> str:
-    """A model's directory: a local directory as is; a tiny model or warm-start name built locally
-    (cached); a HF id's snapshot in the local HF cache. Anything else raises :class:`ConfigError`
-    naming ``key`` (nothing is downloaded: fetch it first with ``huggingface-cli download``)."""
+def resolve_model(path: str, seed: int = 0, key: str = "model.path", cache_dir: str | None = None) -> str:
+    """A model's directory on the driver: a local directory as is; a tiny model or warm-start name
+    built locally (cached); a HF id's snapshot in the local HF cache (or ``cache_dir``), where the
+    driver needs only its config, tokenizer and processor files. Anything else raises
+    :class:`ConfigError` naming ``key`` (nothing is downloaded). The actors get :func:`actor_model`."""
+    from ekipl.models.resolve import ModelNotFoundError, on_node
     from ekipl.models.tiny import TINY_MODELS, build_tiny
     from ekipl.warm import WARM_STARTS, build_warm
 
@@ -36,23 +38,29 @@ def resolve_model(path: str, seed: int = 0, key: str = "model.path") -> str:
     local = Path(path).expanduser()
     if local.is_dir() and (local / "adapter_config.json").is_file() and not (local / "config.json").is_file():
         return merge_adapter(local, seed, key)
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ConfigError(f"{key}: {path} is a directory without a config.json (not a model)")
-        return str(local)
-    looks_local = path.startswith(("/", "./", "../", "~")) or path.count("/") > 1
-    if not looks_local:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HFValidationError
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(f"{key}: {path} is a directory without a config.json (not a model)")
+    try:
+        return on_node(path, cache_dir, key)
+    except ModelNotFoundError as e:
+        raise ConfigError(
+            f"{e}. The driver's node needs the model's config, tokenizer and processor files only "
+            f"(huggingface-cli download {path} --include '*.json' '*.txt' '*.jinja'); the nodes that "
+            "run it need the weights"
+        ) from None
 
-        try:
-            return snapshot_download(path, local_files_only=True)
-        except (OSError, HFValidationError):
-            pass
-    raise ConfigError(
-        f"{key}: {path!r} is neither a model directory, a tiny model or warm-start name, nor a HF id "
-        "in the local cache (fetch it first: huggingface-cli download ID)"
-    )
+
+def actor_model(path: str, resolved: str) -> str:
+    """What an actor is given for the model ``path`` that the driver resolved to ``resolved``: a HF id
+    as the id (each node resolves it in its own cache, :func:`ekipl.models.resolve.on_node`), anything
+    built or found locally as its directory."""
+    from ekipl.models.resolve import is_hub_id
+    from ekipl.models.tiny import TINY_MODELS
+    from ekipl.warm import WARM_STARTS
+
+    if path in TINY_MODELS or path in WARM_STARTS or not is_hub_id(path):
+        return resolved
+    return path
 
 
 def merge_adapter(adapter_dir: Path, seed: int = 0, key: str = "model.path") -> str:
@@ -239,54 +247,6 @@ class ImageCheck:
         return out
 
 
-def write_placement(path: Path, router, sources, learner) -> dict:
-    """Which Ray node each actor landed on (logged, and written to ``placement.json``)."""
-    import ray
-
-    nodes = {
-        "policy": ray.get([a.node_id.remote() for a in router.actors]),
-        "learner": ray.get([w.node_id.remote() for w in learner.workers]),
-        "aux": {
-            s.name: ray.get([a.node_id.remote() for a in s.actors]) for s in sources if hasattr(s, "actors")
-        },
-    }
-    path.write_text(json.dumps(nodes, indent=1))
-    log.info("placement (Ray node ids): %s", json.dumps(nodes))
-    return nodes
-
-
-def check_resources(run: RunConfig, sources, cluster: dict) -> None:
-    """Fail at start-up, naming the keys, when the actors cannot all be placed at once."""
-    need: dict[str, float] = {}
-
-    def add(n: float, cpus: float, gpus: float, custom: dict):
-        for name, amount in (("CPU", cpus), ("GPU", gpus), *custom.items()):
-            need[name] = need.get(name, 0.0) + n * float(amount)
-
-    m, lc = run.model, run.learner
-    add(m.engine_replicas, m.engine_num_cpus, m.engine_num_gpus, m.engine_resources)
-    add(lc.world_size, lc.num_cpus_per_worker, lc.num_gpus_per_worker, lc.resources)
-    for s in sources:
-        if s.kind == "vllm":
-            add(s.replicas, s.num_cpus, s.num_gpus, s.resources)
-    custom = {k: v for k, v in need.items() if k not in ("CPU", "GPU") and v > cluster.get(k, 0.0)}
-    if custom:
-        raise ConfigError(
-            "the actors need custom Ray resources the cluster lacks: "
-            + ", ".join(f"{k}={v:g} (cluster has {cluster.get(k, 0.0):g})" for k, v in custom.items())
-            + "; start nodes with --resources, or change model.engine_resources, aux.*.resources or "
-            "learner.resources"
-        )
-    need_cpu, need_gpu = need.get("CPU", 0.0), need.get("GPU", 0.0)
-    have_cpu, have_gpu = cluster.get("CPU", 0.0), cluster.get("GPU", 0.0)
-    if need_cpu > have_cpu or need_gpu > have_gpu:
-        raise ConfigError(
-            f"the actors need {need_cpu:g} CPUs and {need_gpu:g} GPUs but the Ray cluster has {have_cpu:g} "
-            f"and {have_gpu:g}: lower model.engine_num_cpus, aux.*.num_cpus, learner.num_cpus_per_worker or "
-            f"learner.world_size, or give Ray more (trainer.ray_num_cpus sets logical CPUs of a local Ray)"
-        )
-
-
 def export_policy(learner, model_path: str, out: Path) -> None:
     """Write the trained policy in ``save_pretrained``'s layout (weights + config + processor)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +261,19 @@ def export_policy(learner, model_path: str, out: Path) -> None:
             and f.name != "model.safetensors.index.json"
         ):
             shutil.copy2(f, out / f.name)
+
+
+def compose(overrides) -> object:
+    """The Hydra config that ``python -m ekipl.train OVERRIDES...`` would run (no run directory)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from ekipl.config import register
+
+    register()
+    conf_dir = str(Path(__file__).resolve().parent.parent / "conf")
+    with initialize_config_dir(version_base="1.3", config_dir=conf_dir):
+        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def config_tree(cfg) -> dict:

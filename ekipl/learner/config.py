@@ -61,6 +61,10 @@ class LearnerConfig:
     vision_lr: float | None = None
     bf16: bool = False  # GPU only; CPU trains in fp32
     sync_bucket_mb: int = 64
+    # DeepSpeed's communication overlap: the gradient reduction runs beside the backward pass into
+    # one contiguous buffer (the GPU presets turn both on; on CPU gloo gains nothing from them).
+    overlap_comm: bool = False
+    contiguous_gradients: bool = False
     num_cpus_per_worker: float = 1.0
     num_gpus_per_worker: float = 0.0
     # Custom Ray resources each rank needs, e.g. {learner_node: 1} to keep ranks on labelled nodes.
@@ -106,8 +110,8 @@ class LearnerConfig:
             "gradient_clipping": self.grad_clip,
             "zero_optimization": {
                 "stage": self.zero_stage,
-                "overlap_comm": False,
-                "contiguous_gradients": False,
+                "overlap_comm": self.overlap_comm,
+                "contiguous_gradients": self.contiguous_gradients,
             },
             "optimizer": {
                 "type": "AdamW",

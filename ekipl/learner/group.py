@@ -64,9 +64,14 @@ class LearnerGroup:
         cfg: LearnerConfig,
         objective: ObjectiveConfig,
         seed: int = 0,
-        scheduling_strategy=None,
+        placement=None,
         resources: dict | None = None,
+        cache_dir: str | None = None,
     ):
+        """``model_path``: a directory, or a HF id each rank resolves on its own node (in
+        ``cache_dir`` or its HF cache). ``placement``: the run's
+        :class:`~ekipl.placement.Placement` (rank R on bundle ``learner/R``); None: Ray places the
+        ranks by their resources."""
         import ray
 
         self.cfg, self.objective = cfg, objective
@@ -74,10 +79,14 @@ class LearnerGroup:
         opts = dict(num_cpus=cfg.num_cpus_per_worker, num_gpus=cfg.num_gpus_per_worker, max_restarts=0)
         if resources:
             opts["resources"] = resources
-        if scheduling_strategy is not None:
-            opts["scheduling_strategy"] = scheduling_strategy
+
+        def options(rank: int) -> dict:
+            if placement is None:
+                return opts
+            return {**opts, "scheduling_strategy": placement.strategy(f"learner/{rank}")}
+
         self.workers = [
-            actor.options(**opts).remote(r, cfg.world_size, model_path, cfg, objective, seed)
+            actor.options(**options(r)).remote(r, cfg.world_size, model_path, cfg, objective, seed, cache_dir)
             for r in range(cfg.world_size)
         ]
         # The group meets on rank 0's node, wherever Ray put it (ranks may span nodes).

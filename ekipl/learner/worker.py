@@ -1,7 +1,7 @@
 """One learner rank: a DeepSpeed ZeRO engine around the policy, the objective, and weight export.
 
-:class:`Learner` is plain Python; :func:`remote_learner` wraps it as a Ray actor. All ranks of a
-:class:`~ekipl.learner.group.LearnerGroup` call each method together (they hold collectives).
+:class:`Learner` is plain Python; :class:`~ekipl.learner.group.LearnerGroup` runs it as Ray
+actors, and all its ranks call each method together (they hold collectives).
 """
 
 from __future__ import annotations
@@ -169,8 +169,10 @@ class Learner:
         cfg: LearnerConfig,
         objective: O.ObjectiveConfig,
         seed: int = 0,
+        cache_dir: str | None = None,
     ):
         self.rank, self.world_size, self.model_path, self.seed = rank, world_size, model_path, seed
+        self.cache_dir = cache_dir  # where a HF id model_path is looked up on this rank's node
         self.cfg, self.objective = cfg, objective
         shm = "/dev/shm" if os.path.isdir("/dev/shm") else None
         self.sync_dir = tempfile.mkdtemp(prefix=f"ekipl-sync-r{rank}-", dir=shm)  # on this rank's node
@@ -192,8 +194,13 @@ class Learner:
         return addr, port
 
     def setup(self, master_addr: str, master_port: int) -> None:
+        from ekipl.engines.device import require_cuda
+        from ekipl.models.resolve import on_node
+
         rank, world_size, cfg, objective = self.rank, self.world_size, self.cfg, self.objective
-        model_path, seed = self.model_path, self.seed
+        require_cuda(f"learner rank {rank}", cfg.num_gpus_per_worker)  # never a silent CPU fallback
+        self.model_path = model_path = on_node(self.model_path, self.cache_dir)  # on this rank's node
+        seed = self.seed
         gpus = torch.cuda.device_count()
         local_rank = rank % gpus if gpus else 0
         if not gpus:
@@ -566,6 +573,11 @@ class Learner:
 
         return ray.get_runtime_context().get_node_id()
 
+    def gpu_ids(self) -> list:
+        import ray
+
+        return list(ray.get_gpu_ids())
+
     def state_dict_cpu(self) -> dict[str, torch.Tensor]:
         """Full weights on rank 0 (all ranks must call; for tests and checkpoints)."""
         from safetensors.torch import load_file
@@ -574,9 +586,3 @@ class Learner:
             path = os.path.join(d, "w.safetensors")
             self.export_weights(path)
             return load_file(path) if self.rank == 0 else {}
-
-
-def remote_learner():
-    import ray
-
-    return ray.remote(Learner)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 from ekipl.engines import vllm_backend as vb
@@ -23,24 +24,27 @@ class PolicyRouter:
         resources: dict | None = None,
         actors: list | None = None,
         engine_share: int | None = None,
+        placement=None,
     ):
         """``engine_share``: engines of the run generating at once on one CPU machine (default: the
-        replicas); they split its cores. Ignored on GPU."""
-        import ray
-
-        from ekipl.engines.policy import PolicyEngine
+        replicas); they split its cores. Ignored on GPU. ``placement``: the run's
+        :class:`~ekipl.placement.Placement` (None: Ray places the actors by their resources)."""
+        from ekipl.engines.policy import start_engine_actor
 
         if actors is None:
-            opts = dict(
-                num_cpus=num_cpus,
-                num_gpus=num_gpus,
-                max_restarts=0,
-                runtime_env=vb.actor_runtime_env(share=engine_share or replicas, num_gpus=num_gpus),
-            )
-            if resources:
-                opts["resources"] = dict(resources)
-            spec.enable_weight_sync = True
-            actors = [ray.remote(PolicyEngine).options(**opts).remote(spec) for _ in range(replicas)]
+            actors = [
+                start_engine_actor(
+                    dataclasses.replace(spec, enable_weight_sync=True),
+                    f"policy/{r}",
+                    num_cpus,
+                    num_gpus,
+                    resources,
+                    engine_share or replicas,
+                    placement,
+                    max_restarts=0,
+                )
+                for r in range(replicas)
+            ]
         self.actors = actors
         self.in_flight = [0] * len(actors)
         self._lock = threading.Lock()

@@ -26,6 +26,7 @@ import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
+from ekipl.engines import vllm_backend as vb
 from ekipl.tasks.prompts import build_messages
 from ekipl.tasks.sample import Sample
 
@@ -35,7 +36,10 @@ KINDS = ("vllm", "openai", "dataset", "hf")
 
 
 @dataclasses.dataclass
-class SourceConfig:
+class SourceConfig(vb.EngineKeys):
+    """One auxiliary source (``aux.NAME.*``); a vllm source's engine settings are
+    :class:`~ekipl.engines.vllm_backend.EngineKeys` (unset: the device's defaults)."""
+
     name: str = "aux"
     kind: str = "dataset"
     k: int = 1
@@ -49,7 +53,6 @@ class SourceConfig:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     resources: dict = dataclasses.field(default_factory=dict)
-    tensor_parallel_size: int = 1  # vLLM tensor parallelism inside the actor (set num_gpus to match)
     max_model_len: int = 2048
     # vllm/hf: the image budget and vLLM's multimodal cache (None: the policy's model.* values)
     min_pixels: int | None = None
@@ -79,6 +82,8 @@ class SourceConfig:
         local = self.model.startswith(("/", "./", "../", "~"))  # otherwise a HF id or a tiny model name
         if self.kind in ("vllm", "hf") and local and not os.path.isdir(os.path.expanduser(self.model)):
             raise ValueError(f"aux.{self.name}.model: no such model directory: {self.model}")
+        if self.kind == "vllm":
+            self.check_engine_keys(f"aux.{self.name}", self.num_gpus, "num_gpus")
         if self.kind == "openai" and not (self.base_url and self.model):
             raise ValueError(f"aux.{self.name}: an openai source needs base_url and model")
 
@@ -128,35 +133,38 @@ class DatasetSource(Source):
 
 
 class VllmSource(Source):
-    def __init__(self, cfg: SourceConfig, seed: int = 0, engine_share: int = 1):
-        import ray
-
-        from ekipl.engines import vllm_backend as vb
-        from ekipl.engines.policy import PolicyEngine
+    def __init__(
+        self,
+        cfg: SourceConfig,
+        seed: int = 0,
+        engine_share: int = 1,
+        files: str | None = None,
+        cache_dir: str | None = None,
+        placement=None,
+    ):
+        """``cfg.model`` goes to the engines as it is (a HF id is resolved on their nodes, in
+        ``cache_dir`` or their HF cache); ``files``: the model's directory on this node, for its
+        processor (default: ``cfg.model``). ``placement``: the run's placement groups."""
+        from ekipl.engines.policy import start_engine_actor
         from ekipl.models import hf
 
         super().__init__(cfg)
-        self.processor = hf.load_processor(cfg.model, cfg.min_pixels, cfg.max_pixels)
-        spec = vb.EngineSpec(
-            model=cfg.model,
-            seed=seed,
-            dtype="auto",
-            max_model_len=cfg.max_model_len,
-            tensor_parallel_size=cfg.tensor_parallel_size,
-            min_pixels=cfg.min_pixels,
-            max_pixels=cfg.max_pixels,
-            mm_cache_gb=cfg.mm_cache_gb or 0.0,
-        )
-        opts = dict(
-            num_cpus=cfg.num_cpus,
-            num_gpus=cfg.num_gpus,
-            max_restarts=-1,
-            max_task_retries=0,
-            runtime_env=vb.actor_runtime_env(share=engine_share, num_gpus=cfg.num_gpus),
-        )
-        if cfg.resources:
-            opts["resources"] = dict(cfg.resources)
-        self.actors = [ray.remote(PolicyEngine).options(**opts).remote(spec) for _ in range(cfg.replicas)]
+        self.processor = hf.load_processor(files or cfg.model, cfg.min_pixels, cfg.max_pixels)
+        spec = vb.engine_spec(cfg, cfg.model, seed, dtype="auto", cache_dir=cache_dir)
+        self.actors = [
+            start_engine_actor(
+                spec,
+                f"aux/{cfg.name}/{r}",
+                cfg.num_cpus,
+                cfg.num_gpus,
+                cfg.resources,
+                engine_share,
+                placement,
+                max_restarts=-1,
+                max_task_retries=0,
+            )
+            for r in range(cfg.replicas)
+        ]
         self._seed = seed
         self.calls = 0  # generate() calls that reached the engines (the cache spares the rest)
 
@@ -366,11 +374,12 @@ class OpenAISource(Source):
         self._client.close()
 
 
-def make_source(cfg: SourceConfig, seed: int = 0, engine_share: int = 1) -> Source:
+def make_source(cfg: SourceConfig, seed: int = 0, engine_share: int = 1, **engine) -> Source:
     """The source for ``cfg``. ``engine_share``: how many engines of the run generate at the same time
-    on one CPU machine (vllm sources split its cores with them; ignored on GPU)."""
+    on one CPU machine (vllm sources split its cores with them; ignored on GPU). ``engine``: a vllm
+    source's ``files``, ``cache_dir`` and ``placement`` (:class:`VllmSource`)."""
     if cfg.kind == "vllm":
-        return VllmSource(cfg, seed, engine_share=engine_share)
+        return VllmSource(cfg, seed, engine_share=engine_share, **engine)
     return {"dataset": DatasetSource, "openai": OpenAISource, "hf": HFSource}[cfg.kind](
         *((cfg,) if cfg.kind == "dataset" else (cfg, seed))
     )
