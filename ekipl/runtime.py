@@ -27,7 +27,7 @@ def resolve_model(path: str, seed: int = 0, key: str = "model.path", cache_dir: 
     built locally (cached); a HF id's snapshot in the local HF cache (or ``cache_dir``), where the
     driver needs only its config, tokenizer and processor files. Anything else raises
     :class:`ConfigError` naming ``key`` (nothing is downloaded). The actors get :func:`actor_model`."""
-    from ekipl.models.resolve import ModelNotFoundError, on_node
+    from ekipl.models.resolve import ModelNotFoundError, looks_local, on_node
     from ekipl.models.tiny import TINY_MODELS, build_tiny
     from ekipl.warm import WARM_STARTS, build_warm
 
@@ -40,6 +40,10 @@ def resolve_model(path: str, seed: int = 0, key: str = "model.path", cache_dir: 
         return merge_adapter(local, seed, key)
     if local.is_dir() and not (local / "config.json").is_file():
         raise ConfigError(f"{key}: {path} is a directory without a config.json (not a model)")
+    if looks_local(path) and not local.is_dir():
+        raise ConfigError(
+            f"{key}: {path!r} is neither a model directory, a tiny model or warm-start name, nor a HF id"
+        )
     try:
         return on_node(path, cache_dir, key)
     except ModelNotFoundError as e:

@@ -241,13 +241,13 @@ def two_ranks(stage: int, **extra) -> LearnerConfig:
     )
 
 
-def train_one_step(tiny_vlm, b, stage):
+def train_one_step(tiny_vlm, b, stage, objective=None):
     from ekipl.learner.group import LearnerGroup
 
     # 5-row LM-head chunks: the ranks' micro-batches make different numbers of chunks (ZeRO-3 must
     # still gather the head as often on every rank)
     cfg = two_ranks(stage, logits_chunk_tokens=5)
-    group = LearnerGroup(str(tiny_vlm), cfg, O.ObjectiveConfig())
+    group = LearnerGroup(str(tiny_vlm), cfg, objective or O.ObjectiveConfig())
     before = group.state_dict()
     metrics = group.train_step(b)
     return group, before, metrics, group.state_dict()
@@ -255,8 +255,12 @@ def train_one_step(tiny_vlm, b, stage):
 
 @pytest.fixture(scope="module")
 def zero3(ray_local, batch, tiny_vlm):
-    """A ZeRO-3 group after one step; shared by the equivalence and the weight-sync tests."""
-    group, before, metrics, after = train_one_step(tiny_vlm, batch[0], stage=3)
+    """A ZeRO-3 group after one step; shared by the equivalence, sharded-reference and weight-sync
+    tests. Its β > 0 gives it a reference model, sharded like the policy; at the first step π_θ =
+    π_ref, so the KL term and its gradient are 0 and the update equals the one-process one."""
+    group, before, metrics, after = train_one_step(
+        tiny_vlm, batch[0], stage=3, objective=O.ObjectiveConfig(kl_coef=0.05)
+    )
     yield group, before, metrics, after
     group.shutdown()
 
@@ -333,6 +337,34 @@ def test_token_budget_micro_batches_on_two_ranks_match_one_process(
 def test_zero3_on_two_gloo_ranks_matches_one_process(zero3, reference):
     _, before, metrics, after = zero3
     check_against_reference(3, before, metrics, after, reference)
+
+
+@pytest.mark.slow
+def test_zero3_reference_is_sharded_and_scores_with_the_base_weights(zero3, batch, tiny_vlm):
+    """learner.zero_stage=3: the model loads under zero.Init and the frozen reference is a ZeRO-3
+    engine of its own, each rank holding a shard of it (no whole copy per rank); after an update its
+    log-probs still equal the base model's in one process, where the policy's have moved."""
+    group = zero3[0]
+    b = batch[0]
+    counts = group._call("held_parameters")
+    total = counts[0]["reference_total"]
+    assert total == counts[0]["policy_total"] > 0
+    for c in counts:
+        assert 0 < c["reference_local"] < total and 0 < c["policy_local"] < total, c
+        assert c["loaded_sharded"] == 1, c  # built and loaded under zero.Init, never whole
+    assert sum(c["reference_local"] for c in counts) >= total
+    shards, plans = group._shards(b)
+    refs = group._call("logprobs", shards, plans, reference=True)
+    pols = group._call("logprobs", shards, plans)
+    model = hf.load_model(tiny_vlm).eval()
+    moved = 0.0
+    for s, ref, pol in zip(shards, refs, pols, strict=True):  # each rank's rows, at its own width
+        with torch.no_grad():
+            base, _ = full_logprobs(model, s)
+        m = s.completion_mask.bool()
+        assert (ref[:, : m.shape[1]] - base)[m].abs().max() < 1e-5
+        moved = max(moved, float((pol[:, : m.shape[1]] - base)[m].abs().max()))
+    assert moved > 1e-4  # the policy did move
 
 
 def completion_logprobs(model, enc, prompt_ids: list[int], comp: list[int]) -> torch.Tensor:

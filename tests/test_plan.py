@@ -203,3 +203,27 @@ def test_placement_groups_without_ray():
     )
     slots = place(groups(run, sources)[:1], nodes)
     assert sorted({s.node for s in slots.values()}) == [0, 1]
+
+
+GPU_PRESETS = [
+    "counting_2b",
+    "counting_7b",
+    "counting_qwen25vl_7b",
+    "geometry_2b",
+    "geometry_7b",
+    "trance_2b",
+    "trance_7b",
+]
+
+
+@pytest.mark.parametrize("preset", GPU_PRESETS)
+def test_gpu_presets_fit_one_node_overlap_communication_and_sample_one_step_off(preset):
+    run, sources = to_run_config(compose([f"+experiment={preset}"]))
+    rows = make_plan(run, sources, described_nodes(1, 8, None, []), 80.0)
+    assert all(r.gib is not None and r.gib <= 80 for r in rows)
+    zero = run.learner.deepspeed_config(1)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["overlap_comm"] and zero["contiguous_gradients"]
+    assert run.rollout.one_step_off
+    cpu, _ = to_run_config(compose(["+experiment=cpu_demo"]))
+    cpu_zero = cpu.learner.deepspeed_config(1)["zero_optimization"]
+    assert not cpu_zero["overlap_comm"] and not cpu_zero["contiguous_gradients"]

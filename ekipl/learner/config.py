@@ -102,6 +102,19 @@ class LearnerConfig:
                     f"({'learner.freeze_vision' if self.freeze_vision else 'learner.lora leaves it frozen'})"
                 )
 
+    def reference_config(self) -> dict:
+        """DeepSpeed's config of the frozen reference under ZeRO-3: partitioned like the policy, no
+        optimizer (forward passes only)."""
+        return {
+            "train_micro_batch_size_per_gpu": self.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            "train_batch_size": self.micro_batch_size * self.world_size,
+            "zero_optimization": {"stage": 3},
+            "bf16": {"enabled": self.bf16},
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
     def deepspeed_config(self, n_micro: int) -> dict:
         return {
             "train_micro_batch_size_per_gpu": self.micro_batch_size,

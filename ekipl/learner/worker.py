@@ -157,6 +157,18 @@ def _import_deepspeed_muon_uncompiled() -> None:
         compiler.compile = compile_
 
 
+def _zero_init(cfg: LearnerConfig, ds_config: dict):
+    """Under ZeRO-3 (full-parameter training), transformers' ``HfDeepSpeedConfig``: while the object
+    lives, ``from_pretrained`` builds the model inside DeepSpeed's ``zero.Init`` and loads each
+    weight into its shards, so no rank ever holds the whole model. None otherwise (LoRA wraps a
+    whole frozen base; ZeRO-1/2 keep whole weights on every rank anyway)."""
+    if cfg.zero_stage != 3 or cfg.lora.enabled:
+        return None
+    from transformers.integrations import HfDeepSpeedConfig
+
+    return HfDeepSpeedConfig(ds_config)
+
+
 class Learner:
     """One rank. Construction is cheap; :meth:`setup` joins the process group and builds the
     DeepSpeed engine (rank 0's :meth:`rendezvous` says where the group meets)."""
@@ -229,7 +241,12 @@ class Learner:
         deepspeed.init_distributed(dist_backend="nccl" if gpus else "gloo", auto_mpi_discovery=False)
         torch.manual_seed(seed)
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        self._n_micro = 1
+        ds_config = cfg.deepspeed_config(self._n_micro)
+        self._zero_init = _zero_init(cfg, ds_config)  # while it lives, models load sharded (ZeRO-3)
         model = hf.load_model(model_path, dtype=dtype)
+        # whether the weights arrived as ZeRO-3 shards (zero.Init), before DeepSpeed wrapped them
+        self._loaded_sharded = all(hasattr(p, "ds_id") for p in model.parameters())
         if cfg.pack_sequences:
             require_packable(model)
         tower = family_of_model(model).vision_tower(model) if cfg.freeze_vision else None
@@ -244,16 +261,46 @@ class Learner:
             if cfg.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
             model = wrap(model, cfg.lora)
-        self._n_micro = 1
         self.engine, _, _, _ = deepspeed.initialize(
-            model=model,
-            model_parameters=param_groups(model, cfg.vision_lr),
-            config=cfg.deepspeed_config(self._n_micro),
+            model=model, model_parameters=param_groups(model, cfg.vision_lr), config=ds_config
         )
         self.ref = None
         if objective.kl_coef > 0 and not cfg.lora.enabled:  # β = 0 skips the reference entirely;
             # with LoRA it is the same model with its adapters off (logprobs(reference=True))
-            self.ref = hf.load_model(model_path, dtype=dtype).to(self.device).eval().requires_grad_(False)
+            self.ref = self._reference(deepspeed, model_path, dtype)
+
+    def _reference(self, deepspeed, model_path: str, dtype) -> torch.nn.Module:
+        """The frozen reference policy. Under ZeRO-3 it is sharded like the policy (loaded under
+        zero.Init, then a ZeRO-3 engine without an optimizer: forward passes gather each layer as
+        the policy's do); under ZeRO-1/2 each rank holds a whole copy."""
+        from ekipl.models import hf
+
+        ref = hf.load_model(model_path, dtype=dtype).eval().requires_grad_(False)
+        if self.cfg.zero_stage != 3:
+            return ref.to(self.device)
+        self._ref_engine, _, _, _ = deepspeed.initialize(model=ref, config=self.cfg.reference_config())
+        return self._ref_engine.module.eval()
+
+    def held_parameters(self) -> dict[str, int]:
+        """Parameters this rank holds of the policy and of the reference, against their totals (under
+        ZeRO-3 a shard of each: ``ds_tensor`` is the rank's partition), and whether the policy was
+        loaded as shards (zero.Init) rather than whole."""
+
+        def held(module) -> tuple[int, int]:
+            if module is None:
+                return 0, 0
+            ps = list(module.parameters())
+            local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in ps)
+            return local, sum(getattr(p, "ds_numel", p.numel()) for p in ps)
+
+        (pl, pt), (rl, rt) = held(self.engine.module), held(self.ref)
+        return {
+            "policy_local": pl,
+            "policy_total": pt,
+            "reference_local": rl,
+            "reference_total": rt,
+            "loaded_sharded": int(self._loaded_sharded),
+        }
 
     # -------------------------------------------------------------------------------------------
     def _zero3_group(self) -> bool:

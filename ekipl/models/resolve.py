@@ -41,10 +41,14 @@ def on_node(ref: str, cache_dir: str | None = None, key: str = "model.path") -> 
             pass
     import socket
 
-    where = f"the HF cache {cache_dir}" if cache_dir else "this node's HF cache"
+    where = (
+        f"model.cache_dir={cache_dir}"
+        if cache_dir
+        else f"HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}"
+    )
     raise ModelNotFoundError(
-        f"{key}: {ref!r} is not a model directory on node {socket.gethostname()}, nor in {where} "
-        f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}). Nothing is downloaded at run "
-        f"time: fetch it on every node that runs it first (huggingface-cli download {ref}), or set "
-        "model.cache_dir to a HF cache on storage every node mounts"
+        f"{key}: {ref!r} is neither a model directory nor a HF id in the local cache of node "
+        f"{socket.gethostname()} ({where}). Nothing is downloaded at run time: fetch it first on every "
+        f"node that runs it (huggingface-cli download {ref}), or set model.cache_dir to a HF cache on "
+        "storage every node mounts"
     )
