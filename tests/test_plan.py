@@ -227,3 +227,26 @@ def test_gpu_presets_fit_one_node_overlap_communication_and_sample_one_step_off(
     cpu, _ = to_run_config(compose(["+experiment=cpu_demo"]))
     cpu_zero = cpu.learner.deepspeed_config(1)["zero_optimization"]
     assert not cpu_zero["overlap_comm"] and not cpu_zero["contiguous_gradients"]
+
+
+def test_hub_ids_reach_actors_as_ids_and_resolve_in_the_nodes_cache(tmp_path, tiny_vlm, monkeypatch):
+    """A HF id is resolved on the node that runs it (model.cache_dir: a HF cache every node mounts),
+    never sent as the driver's cache path; a node without it says which node and what to fetch."""
+    from ekipl.models.resolve import ModelNotFoundError, on_node
+    from ekipl.runtime import actor_model, resolve_model
+
+    cache = tmp_path / "hf"
+    snap = cache / "models--org--tiny" / "snapshots" / "abc123"
+    snap.mkdir(parents=True)
+    (cache / "models--org--tiny" / "refs").mkdir()
+    (cache / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    for f in tiny_vlm.iterdir():
+        (snap / f.name).symlink_to(f)
+    assert on_node("org/tiny", str(cache)) == str(snap)
+    driver = resolve_model("org/tiny", key="model.path", cache_dir=str(cache))
+    assert driver == str(snap) and actor_model("org/tiny", driver) == "org/tiny"
+    assert actor_model(str(tiny_vlm), str(tiny_vlm)) == str(tiny_vlm)  # a local directory as it is
+    assert actor_model("tiny-qwen2-vl", "/cache/tiny") == "/cache/tiny"  # built on the driver
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    with pytest.raises(ModelNotFoundError, match=r"aux.big.model: 'org/other' is neither .* of node"):
+        on_node("org/other", None, "aux.big.model")
