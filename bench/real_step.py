@@ -59,7 +59,7 @@ def draws() -> list[int]:
 def samples(path: str, n: int) -> list:
     """``n`` text-only samples whose rendered prompt is exactly PROMPT_LEN tokens."""
     from ekipl.models import hf
-    from ekipl.rollout.coordinator import render_prompt
+    from ekipl.tasks.prompts import render_prompt
     from ekipl.tasks.sample import Sample
 
     processor = hf.load_processor(path)

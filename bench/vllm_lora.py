@@ -60,8 +60,8 @@ def export_versions(model: str, out: Path) -> list[Path]:
 def requests(model: str, n: int):
     from ekipl.engines import vllm_backend as vb
     from ekipl.models import hf
-    from ekipl.rollout.coordinator import render_prompt
     from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.prompts import render_prompt
     from ekipl.tasks.synth import make_dataset
 
     data = load_task_file(make_dataset("counting", tempfile.mkdtemp(), n_train=n, n_test=1)["train"])

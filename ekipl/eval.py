@@ -90,31 +90,36 @@ def score_split(samples, greedy, sampled, k, scorer=None) -> tuple[dict, list[di
     return summarize(pairs, accs, k), records
 
 
-def split_requests(processor, samples) -> list:
-    """The engine requests of a split: each problem's chat prompt with its images."""
+def split_requests(processor, samples, system_prompt: bool = False) -> list:
+    """The engine requests of a split: each problem's chat prompt (rendered as training renders it,
+    :func:`~ekipl.tasks.prompts.render_prompt`) with its images."""
     from ekipl.engines import vllm_backend as vb
-    from ekipl.tasks.prompts import build_messages
+    from ekipl.tasks.prompts import render_prompt
 
     return [
-        vb.Request(
-            prompt=processor.apply_chat_template(
-                build_messages(s), add_generation_prompt=True, tokenize=False
-            ),
-            images=s.load_images(),
-        )
-        for s in samples
+        vb.Request(prompt=render_prompt(processor, s, system_prompt), images=s.load_images()) for s in samples
     ]
 
 
 def evaluate_split(
-    llm, processor, samples, k, n: int, temperature: float, max_tokens: int, seed=0, scorer=None
+    llm,
+    processor,
+    samples,
+    k,
+    n: int,
+    temperature: float,
+    max_tokens: int,
+    seed=0,
+    scorer=None,
+    system_prompt: bool = False,
 ):
     """Greedy and sampled answers for ``samples`` from one engine: (metrics, per-problem records).
-    The engine's prefix cache is emptied first, so the split is scored as in a fresh engine."""
+    The engine's prefix cache is emptied first, so the split is scored as in a fresh engine.
+    ``system_prompt``: the prompt as a run with ``rollout.system_prompt=true`` trains on it."""
     from ekipl.engines import vllm_backend as vb
 
     vb.forget_prefixes(llm)
-    requests = split_requests(processor, samples)
+    requests = split_requests(processor, samples, system_prompt)
     banned = vb.placeholder_token_ids(llm)
     greedy_p = vb.sampling_params(n=1, temperature=0.0, max_tokens=max_tokens, banned_token_ids=banned)
     greedy = [c.text for (c,) in vb.generate(llm, requests, greedy_p)]
@@ -144,6 +149,7 @@ def evaluate(
     greedy_only: Collection[str] = (),
     max_num_seqs: int | None = None,
     engine=None,
+    system_prompt: bool = False,
 ) -> list[dict]:
     """Rows ``{"model", "split", metrics...}`` for every model x split. Models after the first are
     loaded into the first one's engine (they must share its architecture). ``records``, when given,
@@ -152,7 +158,8 @@ def evaluate(
     ``max_pixels``: the image budget, for the engine and the processor alike; ``greedy_only``: the
     splits scored without samples; ``max_num_seqs``: the engine's sequences in flight (None: the
     engine's default); ``engine``: the engine's settings
-    (:class:`~ekipl.engines.vllm_backend.EngineKeys`; it supersedes ``max_num_seqs``). On CPU the
+    (:class:`~ekipl.engines.vllm_backend.EngineKeys`; it supersedes ``max_num_seqs``);
+    ``system_prompt``: prompts as ``rollout.system_prompt=true`` renders them. On CPU the
     samples depend on the sequences in flight (one generator, reseeded per split, draws for
     the whole batch); the greedy answers did not in bench/boundary.py's check."""
     from ekipl.engines import vllm_backend as vb
@@ -182,7 +189,7 @@ def evaluate(
         for split, samples in splits.items():
             n_split = 0 if split in greedy_only else n
             metrics, recs = evaluate_split(
-                llm, processor, samples, k, n_split, temperature, max_tokens, seed, scorer
+                llm, processor, samples, k, n_split, temperature, max_tokens, seed, scorer, system_prompt
             )
             if records is not None:
                 records[(name, split)] = recs
@@ -272,6 +279,12 @@ def _parser() -> argparse.ArgumentParser:
         help="no CUDA graphs (default: graphs on GPU, eager on CPU)",
     )
     p.add_argument("--tensor-parallel-size", type=int, default=1, help="GPUs of the engine (vLLM TP)")
+    p.add_argument(
+        "--system-prompt",
+        action="store_true",
+        help="render prompts with the R1-style system message, as a run with rollout.system_prompt=true "
+        "trained on them",
+    )
     p.add_argument("--limit", type=int, default=0, help="first N problems of each split (0: all)")
     p.add_argument("--format-rule", default="strict", help="strict or reason_rft (see ekipl.tasks.rewards)")
     p.add_argument("--reward-function", default="", help="FILE.py:NAME, as reward.function in training")
@@ -382,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
             max_pixels=args.max_pixels,
             greedy_only=set(greedy),
             engine=engine,
+            system_prompt=args.system_prompt,
         )
     except (DataError, ConfigError, FileNotFoundError) as e:
         print(f"ekipl eval: error: {e}", file=sys.stderr)

@@ -162,7 +162,7 @@ def drop_overlong(ds, processor, run: RunConfig, name: str):
     """``ds`` without the rows whose prompt leaves no room for one completion token within
     ``model.max_model_len`` (counted in ``ds.report.overlong``), or DataError naming the first one
     under ``data.overlong=error``."""
-    from ekipl.rollout.coordinator import render_prompt
+    from ekipl.tasks.prompts import render_prompt
 
     limit = run.model.max_model_len - 1
     bad = []

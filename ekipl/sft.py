@@ -27,9 +27,11 @@ from ekipl.tasks.sample import DataError
 log = logging.getLogger("ekipl.sft")
 
 
-def sft_groups(samples, processor, max_tokens: int):
-    """One group per sample whose only action is its recorded trace, in the policy's tokens."""
-    from ekipl.rollout.coordinator import render_prompt, text_token_ids
+def sft_groups(samples, processor, max_tokens: int, system_prompt: bool = False):
+    """One group per sample whose only action is its recorded trace, in the policy's tokens, after
+    the prompt as RL renders it (``rollout.system_prompt``)."""
+    from ekipl.rollout.coordinator import text_token_ids
+    from ekipl.tasks.prompts import render_prompt
     from ekipl.types import Action, Group
 
     tok = getattr(processor, "tokenizer", processor)
@@ -37,7 +39,13 @@ def sft_groups(samples, processor, max_tokens: int):
     groups = []
     for s in samples:
         ids, text = text_token_ids(tok, s.cot, eos, max_tokens)
-        groups.append(Group(sample=s, prompt=render_prompt(processor, s), actions=[Action("cot", ids, text)]))
+        groups.append(
+            Group(
+                sample=s,
+                prompt=render_prompt(processor, s, system_prompt),
+                actions=[Action("cot", ids, text)],
+            )
+        )
     return groups
 
 
@@ -104,7 +112,9 @@ def run(cfg) -> dict:
             if len(samples) < run_cfg.learner.world_size:
                 log.warning("step %d: too few usable rows after bad images; skipped", step)
                 continue
-            groups = sft_groups(samples, processor, run_cfg.rollout.aux_max_tokens)
+            groups = sft_groups(
+                samples, processor, run_cfg.rollout.aux_max_tokens, run_cfg.rollout.system_prompt
+            )
             batch = collate(groups, processor, torch.zeros(len(groups)))
             m = learner.train_step(batch, sft=True)
             m["timing/step"] = time.perf_counter() - ts

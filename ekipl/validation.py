@@ -24,8 +24,9 @@ class Validator:
         max_tokens: int,
         scorer,
         out_dir: Path | None,
+        system_prompt: bool = False,
     ):
-        self.splits, self.processor = splits, processor
+        self.splits, self.processor, self.system_prompt = splits, processor, system_prompt
         self.k, self.temperature, self.max_tokens = k, temperature, max_tokens
         self.scorer, self.out_dir = scorer, out_dir
         self._requests: dict[str, list] = {}
@@ -57,16 +58,22 @@ class Validator:
             max_tokens=t.eval_max_tokens or run.rollout.max_tokens,
             scorer=scorer,
             out_dir=out / "val",
+            system_prompt=run.rollout.system_prompt,  # the prompt the policy trains on
         )
+
+    def requests(self, name: str) -> list:
+        """A split's engine requests, rendered as training renders its prompts (images decoded once
+        per run)."""
+        if name not in self._requests:
+            self._requests[name] = split_requests(self.processor, self.splits[name], self.system_prompt)
+        return self._requests[name]
 
     def run(self, router, step: int) -> dict:
         """Every split through ``router`` (a :class:`~ekipl.rollout.policy.PolicyRouter`)."""
         t0 = time.perf_counter()
         out: dict[str, float] = {}
         for name, samples in self.splits.items():
-            if name not in self._requests:  # images decoded once per run
-                self._requests[name] = split_requests(self.processor, samples)
-            requests = self._requests[name]
+            requests = self.requests(name)
             greedy = [
                 c.text for (c,) in router.generate(requests, n=1, temperature=0.0, max_tokens=self.max_tokens)
             ]

@@ -33,7 +33,7 @@ def test_force_lengths_ends_each_row_of_transformers_generate_at_its_length(tiny
 def test_the_bench_prompts_are_all_exactly_prompt_len_tokens(tiny_lm):
     from bench.real_step import PROMPT_LEN, samples
     from ekipl.models import hf
-    from ekipl.rollout.coordinator import render_prompt
+    from ekipl.tasks.prompts import render_prompt
 
     processor = hf.load_processor(str(tiny_lm))
     tok = getattr(processor, "tokenizer", processor)

@@ -80,3 +80,38 @@ def test_greedy_only_reports_accuracy_and_no_pass_at_k():
     md = table([{"model": "m", "split": "final", **out}, {"model": "m", "split": "id", **sampled}])
     assert md.splitlines()[0] == "| model | split | problems | accuracy | format | pass@1 | pass@4 |"
     assert "| m | final | 2 | 0.500 | 1.000 | - | - |" in md  # a greedy-only split beside a sampled one
+
+
+@pytest.mark.parametrize("system_prompt", [False, True])
+def test_validation_and_eval_render_the_prompt_training_renders(tmp_path, tiny_vlm, system_prompt):
+    """rollout.system_prompt reaches validation and ekipl.eval: their requests carry the prompt the
+    rollout coordinator trains on, with the system message exactly when it is on."""
+    from ekipl.config import to_run_config
+    from ekipl.eval import split_requests
+    from ekipl.models import hf
+    from ekipl.rollout.coordinator import RolloutCoordinator
+    from ekipl.runtime import load_data
+    from ekipl.tasks.prompts import SYSTEM_PROMPT
+    from ekipl.validation import Validator
+
+    run, _ = to_run_config(
+        {
+            "data": {"synthetic_size": 8},
+            "trainer": {"eval_every": 1, "output_dir": str(tmp_path)},
+            "rollout": {"system_prompt": system_prompt},
+        }
+    )
+    processor = hf.load_processor(tiny_vlm)
+    scorer = run.reward.scorer()
+    load_data(run, tmp_path, scorer.tasks)  # writes the synthetic held-out splits
+    validator = Validator.from_config(run, tmp_path, processor, scorer)
+    coord = RolloutCoordinator(run.rollout, None, [], processor, scorer)
+    try:
+        for name, samples in validator.splits.items():
+            training = [coord.prompt(s) for s in samples]
+            assert [r.prompt for r in validator.requests(name)] == training
+            assert [r.prompt for r in split_requests(processor, samples, system_prompt)] == training
+            assert all((SYSTEM_PROMPT in p) == system_prompt for p in training)
+    finally:
+        coord.shutdown()
+        scorer.close()

@@ -28,8 +28,8 @@ from ekipl.engines import vllm_backend as vb
 from ekipl.rollout import selection
 from ekipl.rollout.cache import ActionCache, cache_key
 from ekipl.rollout.sources import Source
-from ekipl.tasks.prompts import build_messages
-from ekipl.tasks.sample import DataError, Sample
+from ekipl.tasks.prompts import render_prompt
+from ekipl.tasks.sample import Sample
 from ekipl.tasks.scorer import Scorer
 from ekipl.types import POLICY, Action, Group
 
@@ -101,23 +101,6 @@ class RolloutConfig:
         if self.gate_threshold is not None:
             return pass_rate <= self.gate_threshold + 1e-9
         return pass_rate < self.pass_threshold
-
-
-def render_prompt(processor, sample: Sample, system_prompt: bool = False) -> str:
-    """The policy's chat text for ``sample``, with exactly one placeholder per image (else DataError)."""
-    text = processor.apply_chat_template(
-        build_messages(sample, system_prompt), add_generation_prompt=True, tokenize=False
-    )
-    image_token = getattr(processor, "image_token", "<|image_pad|>")
-    found = text.count(image_token)
-    if found != len(sample.image_paths):
-        raise DataError.of(
-            sample,
-            f"the prompt has {found} image placeholders for {len(sample.image_paths)} images "
-            "(does the problem text contain an image token?)",
-            "problem",
-        )
-    return text
 
 
 def text_token_ids(tokenizer, text: str, eos_id: int, max_tokens: int) -> tuple[list[int], str]:

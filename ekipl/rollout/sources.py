@@ -27,7 +27,7 @@ import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 from ekipl.engines import vllm_backend as vb
-from ekipl.tasks.prompts import build_messages
+from ekipl.tasks.prompts import build_messages, render_prompt
 from ekipl.tasks.sample import Sample
 
 log = logging.getLogger(__name__)
@@ -190,9 +190,7 @@ class VllmSource(Source):
 
         reqs = []
         for s in samples:
-            prompt = self.processor.apply_chat_template(
-                build_messages(s, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
-            )
+            prompt = render_prompt(self.processor, s, self.cfg.system_prompt)
             reqs.append(vb.Request(prompt=prompt, images=s.load_images()))
         # The seed follows the batch's content, not a call counter, so a resumed run samples the
         # same actions for the same batch as an uninterrupted one.
@@ -249,9 +247,7 @@ class HFSource(Source):
 
         out = []
         for s in samples:
-            text = self.processor.apply_chat_template(
-                build_messages(s, self.cfg.system_prompt), add_generation_prompt=True, tokenize=False
-            )
+            text = render_prompt(self.processor, s, self.cfg.system_prompt)
             images = s.load_images()
             enc = self.processor(text=[text], images=images or None, return_tensors="pt")
             torch.manual_seed(self.seed)

@@ -5,11 +5,15 @@ built-in three (a user's own, scored by ``reward.function``) gets the problem te
 the same format instruction for a "final answer". ``build_messages`` returns chat
 messages for a processor's chat template; ``system_prompt=True`` moves the format instruction into
 a system message (the R1-style variant) and leaves the user turn as the bare question.
+
+:func:`render_prompt` is the one place a prompt becomes chat text: training's rollout, the
+auxiliary sources, validation, ``ekipl.eval``, CoT-SFT and the over-length check all call it, so
+``rollout.system_prompt`` reaches every one of them.
 """
 
 from __future__ import annotations
 
-from .sample import Sample
+from .sample import DataError, Sample
 
 FORMAT_TAIL = "Output the thinking process in <think> </think> and {what} in <answer> </answer> tags."
 
@@ -80,3 +84,21 @@ def build_messages(sample: Sample, system_prompt: bool = False) -> list[dict]:
     if system_prompt:
         messages.insert(0, {"role": "system", "content": SYSTEM_PROMPT})
     return messages
+
+
+def render_prompt(processor, sample: Sample, system_prompt: bool = False) -> str:
+    """``processor``'s chat text for ``sample``, with exactly one placeholder per image (else
+    DataError naming the row)."""
+    text = processor.apply_chat_template(
+        build_messages(sample, system_prompt), add_generation_prompt=True, tokenize=False
+    )
+    image_token = getattr(processor, "image_token", "<|image_pad|>")
+    found = text.count(image_token)
+    if found != len(sample.image_paths):
+        raise DataError.of(
+            sample,
+            f"the prompt has {found} image placeholders for {len(sample.image_paths)} images "
+            "(does the problem text contain an image token?)",
+            "problem",
+        )
+    return text
