@@ -71,8 +71,11 @@ def score_split(samples, greedy, sampled, k, scorer=None) -> tuple[dict, list[di
 
     scorer = scorer or Scorer()
     pairs, accs, records = [], [], []
+    greedy_scores = scorer.score_batch(list(greedy[: len(samples)]), list(samples), evaluation=True)
+    flat = [(t, s) for s, texts in zip(samples, sampled, strict=True) for t in texts] if sampled else []
+    flat_scores = iter(scorer.score_batch([t for t, _ in flat], [s for _, s in flat], evaluation=True))
     for i, s in enumerate(samples):
-        r = scorer.score(greedy[i], s, evaluation=True)
+        r = greedy_scores[i]
         pairs.append((r.accuracy, r.format))
         rec = {
             "id": s.id,
@@ -80,7 +83,7 @@ def score_split(samples, greedy, sampled, k, scorer=None) -> tuple[dict, list[di
             "greedy": {"text": greedy[i], "accuracy": r.accuracy, "format": r.format},
         }
         if sampled:
-            scored = [scorer.score(t, s, evaluation=True) for t in sampled[i]]
+            scored = [next(flat_scores) for _ in sampled[i]]
             accs.append([x.accuracy for x in scored])
             rec["samples"] = [
                 {"text": t, "accuracy": x.accuracy, "format": x.format}
@@ -334,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from ekipl.config import ConfigError
     from ekipl.runtime import resolve_model
     from ekipl.tasks.loader import Columns, load_task_file
+    from ekipl.tasks.scorer import RewardFunctionError
 
     records: dict = {}
     args = _parser().parse_args(argv)
@@ -360,6 +364,12 @@ def main(argv: list[str] | None = None) -> int:
                 image_dir=Path(args.out) / "images",
             )
             splits[name] = list(ds)[: args.limit or None]
+        first = next((s for samples in splits.values() for s in samples), None)
+        if first is not None:
+            try:  # one call of --reward-function on a real row before the engine starts
+                scorer.probe(first)
+            except RewardFunctionError as e:
+                raise DataError(str(e)) from None
         if args.n is not None and args.n < 0:
             raise DataError(f"--n {args.n}: samples per problem must be >= 0 (0: greedy only)")
         if args.n is not None and 0 < args.n < max(args.k):

@@ -43,6 +43,7 @@ from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and eki
     load_data,
     resolve_model,
 )
+from ekipl.tasks.scorer import RewardFunctionError
 
 _load_data = load_data  # the benches' name for it
 
@@ -141,6 +142,10 @@ class Trainer:
         self.data = drop_overlong(
             load_data(run_cfg, out, self.scorer.tasks), self.processor, run_cfg, "train"
         )
+        try:  # one call of a reward.function on a real row, before anything starts
+            self.scorer.probe(self.data[0])
+        except RewardFunctionError as e:
+            raise ConfigError(str(e)) from None
         self.validator = Validator.from_config(
             run_cfg, out, self.processor, self.scorer
         )  # bad splits fail here

@@ -24,8 +24,8 @@ REWARDS = textwrap.dedent(
     def failed(completion, sample):
         return 0.0  # every answer wrong, every group tied
 
-    def parity(completion, sample):
-        return float(len(completion) % 2)  # half the 2-sample groups tie
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None):  # verl's contract
+        return float(len(solution_str) % 2)  # half the 2-sample groups tie
     """
 )
 
@@ -179,7 +179,8 @@ def test_dynamic_sampling_stops_at_the_round_limit(gated_coordinator, counting_d
 
 @pytest.mark.slow
 def test_dynamic_sampling_fills_the_batch_and_a_resumed_run_is_step_equal(ray_local, tmp_path, reward_file):
-    """GRPO with a reward that ties half the 2-sample groups: extra rounds fill the batch; a run
+    """GRPO with a reward that ties half the 2-sample groups (a verl-style ``compute_score`` file,
+    called as verl calls it, with non-zero rewards and no errors): extra rounds fill the batch; a run
     resumed from step 2's checkpoint redoes step 3 as the uninterrupted run did (the sampler's
     position, which the extra rounds move, is in the checkpoint). The learner trains LoRA adapters
     (learner.lora): its checkpoints hold the adapters alone, with their optimizer state, and the
@@ -190,7 +191,7 @@ def test_dynamic_sampling_fills_the_batch_and_a_resumed_run_is_step_equal(ray_lo
         *(o for o in SMALL if not o.startswith("aux.")),
         "algorithm=grpo",
         "aux=none",
-        f"reward.function={reward_file}:parity",
+        f"reward.function={reward_file}:compute_score",  # a verl reward file, as it is
         "rollout.n=2",
         "rollout.group_size=2",
         "rollout.dynamic_sampling=true",
@@ -205,6 +206,7 @@ def test_dynamic_sampling_fills_the_batch_and_a_resumed_run_is_step_equal(ray_lo
     ref = tmp_path / "ref"
     run(compose([*overrides, f"trainer.output_dir={ref}"]))
     got = rows(ref)
+    assert all(r["reward/errors"] == 0 for r in got) and any(r["reward/policy/mean"] > 0 for r in got)
     assert all(r["rollout/sample_rounds"] <= 4 and r["rollout/groups_kept"] <= 2 for r in got)
     assert any(r["rollout/sample_rounds"] > 1 for r in got), [r["rollout/sample_rounds"] for r in got]
     assert all(r["rollout/prompts_drawn"] == 2 * r["rollout/sample_rounds"] for r in got)

@@ -54,6 +54,27 @@ REWARDS = textwrap.dedent(
         return {"accuracy": 1.0}
 
     not_callable = 3
+
+    def one_arg(completion):
+        return 1.0
+
+    def needs_column(completion, sample):
+        return float(sample.meta["no_such_column"])
+
+    def compute_score(data_source, solution_str, ground_truth, extra_info=None, scale=1.0):  # verl
+        hit = float(ground_truth in solution_str)
+        total = scale * (hit + 0.5 * (data_source == "mine"))
+        return {"score": total, "acc": hit == 1.0, "kind": extra_info["kind"]}
+
+    def easyr1_seq(reward_input, format_weight=0.5):  # EasyR1 reward_type=sequential
+        acc = float(reward_input["ground_truth"] in reward_input["response"])
+        return {"overall": acc + reward_input["response_length"], "accuracy": acc, "format": format_weight}
+
+    def easyr1_batch(reward_inputs):  # EasyR1 reward_type=batch: every score says the batch's size
+        return [{"overall": float(len(reward_inputs)), "accuracy": 0.0, "format": 1.0} for _ in reward_inputs]
+
+    def batched(completions, samples, weight=1.0):  # ekipl's batch form: once per batch
+        return [weight * len(completions) for _ in completions]
     """
 )
 
@@ -116,6 +137,8 @@ def test_a_faulty_user_reward_scores_zero_is_counted_and_logged_once(reward_file
         ("{f}:not_callable", "'not_callable' is not callable"),
         ("{d}/nope.py:fn", "no such file"),
         ("{f}", "expected 'path/to/file.py:function_name'"),
+        ("{f}:one_arg", "accepted contracts: ekipl: fn(completion, sample"),  # no contract fits
+        ("{f}:needs_column", "one call on sample"),  # fits one, but a call on a real row fails
     ],
 )
 def test_a_bad_reward_function_exits_2_at_start_up_naming_the_key(
@@ -131,6 +154,32 @@ def test_a_bad_reward_function_exits_2_at_start_up_naming_the_key(
         main()
     err = capsys.readouterr().err
     assert e.value.code == 2 and "ekipl: error: reward.function: " in err and message in err, err
+
+
+def test_verl_and_easyr1_reward_files_and_the_batch_form_are_called_as_written(reward_file):
+    """The contract is told by the signature: verl's keyword call (task, answer, the row's other
+    columns), EasyR1's reward_input dicts (sequential, and batched once per batch), and ekipl's
+    batch form, once per batch; their results are brought to ekipl's reward."""
+    from ekipl.tasks.rewards import Reward
+    from ekipl.tasks.scorer import Scorer
+
+    samples = [S(kind="k"), S(task="other", answer="7", kind="k")]
+    texts = ["<answer>42</answer>", "no"]
+    cases = [
+        # no format of its own: ekipl's check of the text (no <think>: 0), logged, never added
+        ("compute_score", {"scale": 2.0}, [Reward(1.0, 0.0, 3.0), Reward(0.0, 0.0, 0.0)]),
+        ("easyr1_seq", {}, [Reward(1.0, 0.5, 4.0), Reward(0.0, 0.5, 2.0)]),  # + response_length
+        ("easyr1_batch", {}, [Reward(0.0, 1.0, 2.0)] * 2),
+        ("batched", {"weight": 0.5}, [Reward(1.0, 0.0, 1.0)] * 2),
+    ]
+    for name, kwargs, want in cases:
+        sc = Scorer(function=f"{reward_file}:{name}", function_kwargs=kwargs)
+        try:
+            assert sc.score_batch(texts, samples, lengths=[3, 2]) == want, name
+            assert sc.errors == 0
+            sc.probe(samples[0])
+        finally:
+            sc.close()
 
 
 def test_builtin_rewards_are_entries_of_the_same_registry():

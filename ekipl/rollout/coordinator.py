@@ -284,17 +284,23 @@ class RolloutCoordinator:
         return render_prompt(self.processor, sample, self.cfg.system_prompt)
 
     def _aux_action(self, source: str, text: str, sample: Sample) -> Action:
+        """An external action in the policy's tokens, not yet scored (:meth:`_score`)."""
         ids, text = text_token_ids(self.tokenizer, text, self.eos_id, self.cfg.aux_max_tokens)
-        r = self.scorer.score(text, sample)
         return Action(
             source=source,
             token_ids=ids,
             text=text,
-            reward=r.total,
-            accuracy=r.accuracy,
-            format=r.format,
             truncated=ids[-1:] != [self.eos_id],  # cut at rollout.aux_max_tokens
         )
+
+    def _score(self, pairs: list[tuple[Action, Sample]]) -> None:
+        """Score actions in one batch (a user's reward function gets it whole) and fill in their
+        reward, accuracy and format."""
+        rewards = self.scorer.score_batch(
+            [a.text for a, _ in pairs], [s for _, s in pairs], lengths=[len(a.token_ids) for a, _ in pairs]
+        )
+        for (a, _), r in zip(pairs, rewards, strict=True):
+            a.reward, a.accuracy, a.format = r.total, r.accuracy, r.format
 
     @staticmethod
     def _requests(prompts: list[str], samples: list[Sample]) -> list[vb.Request]:
@@ -413,6 +419,7 @@ class RolloutCoordinator:
         candidates = [
             [self._policy_action(c, s) for c in comps] for s, comps in zip(samples, completions, strict=True)
         ]
+        self._score([(a, s) for s, acts in zip(samples, candidates, strict=True) for a in acts])
         t2 = time.perf_counter()
         if self.cfg.on_demand:
             need = [
@@ -424,9 +431,13 @@ class RolloutCoordinator:
             everyone = list(range(len(samples)))
             aux_texts = [(name, everyone, f.result()) for name, f in aux_futs.items()]
         t3 = time.perf_counter()
+        aux_pairs = []
         for name, idx, texts_per_sample in aux_texts:
             for i, texts in zip(idx, texts_per_sample, strict=True):
-                candidates[i] += [self._aux_action(name, t, samples[i]) for t in texts]
+                actions = [self._aux_action(name, t, samples[i]) for t in texts]
+                aux_pairs += [(a, samples[i]) for a in actions]
+                candidates[i] += actions
+        self._score(aux_pairs)
         out = _Round(samples=samples, candidates=candidates, early=early)
         if self.cfg.gate_prefetch:  # its memory of the visits: the policy's own pass rate
             self._last_pass.update(
@@ -447,14 +458,11 @@ class RolloutCoordinator:
         return out
 
     def _policy_action(self, c: vb.Completion, s: Sample) -> Action:
-        r = self.scorer.score(c.text, s)
+        """A policy sample as an action, not yet scored (:meth:`_score`)."""
         return Action(
             source=POLICY,
             token_ids=list(c.token_ids),
             text=c.text,
-            reward=r.total,
-            accuracy=r.accuracy,
-            format=r.format,
             sampling_logprobs=list(c.logprobs),
             truncated=c.finish_reason == "length",  # hit rollout.max_tokens, no end token
         )

@@ -1,8 +1,10 @@
 """The worker process of a user's reward function (:class:`ekipl.tasks.scorer.UserReward`).
 
-``python -m ekipl.tasks.reward_worker FILE NAME`` imports ``FILE``, answers ``("ok", None)`` or
-``("error", why)``, then answers each ``(completion, sample, kwargs)`` frame on stdin with
-``("ok", result)`` or ``("error", "Type: message")``. What the function prints goes to stderr, so it
+``python -m ekipl.tasks.reward_worker FILE NAME`` reads the function's kwargs (the first frame on
+stdin), imports ``FILE``, tells the function's contract (:mod:`ekipl.tasks.contracts`) and answers
+``("ok", contract)`` or ``("error", why)``, then answers each ``(completions, samples, lengths)``
+frame with ``("ok", [("ok", value) | ("error", why), ...])``, or ``("error", why)`` when a batched
+call failed whole. What the function prints goes to stderr, so it
 never corrupts the frames on stdout.
 """
 
@@ -11,7 +13,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-import traceback
 
 
 def load(file: str, name: str):
@@ -33,31 +34,32 @@ def load(file: str, name: str):
 
 
 def main(argv: list[str]) -> None:
+    from ekipl.tasks.contracts import ContractError, call, describe, detect
     from ekipl.tasks.scorer import receive, send
 
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the protocol's own copy of stdout
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # prints go to stderr
     inp = os.fdopen(os.dup(sys.stdin.fileno()), "rb")
+    kwargs = receive(inp)  # reward.function_kwargs, sent first
     try:
         fn = load(argv[0], argv[1])
-    except ValueError as e:
+        contract = detect(fn, kwargs)
+    except (ValueError, ContractError) as e:
         send(out, ("error", str(e)))
         return
-    send(out, ("ok", None))
+    send(out, ("ok", contract))
     while True:
         try:
-            completion, sample, kwargs = receive(inp)
+            completions, samples, lengths = receive(inp)
         except EOFError:
             return
         try:
-            send(out, ("ok", fn(completion, sample, **kwargs)))
-        except Exception as e:  # noqa: BLE001 -- reported to the scorer, which counts it
-            last = traceback.extract_tb(e.__traceback__)[-1:]
-            where = f" (at {os.path.basename(last[0].filename)}:{last[0].lineno})" if last else ""
+            send(out, ("ok", call(contract, fn, completions, samples, kwargs, lengths)))
+        except Exception as e:  # noqa: BLE001 -- a batched call failed: reported, counted per completion
             try:
-                send(out, ("error", f"{type(e).__name__}: {e}{where}"))
-            except Exception:  # an unpicklable result or error text
-                send(out, ("error", f"{type(e).__name__} (unprintable){where}"))
+                send(out, ("error", describe(e)))
+            except Exception:  # an unpicklable error text
+                send(out, ("error", f"{type(e).__name__} (unprintable)"))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ have it too)::
   completion (``reward.format_rule``), logged and never added. They are logged per source as
   ``reward/<source>/{mean,accuracy,format}``, like the built-in ones.
 
+**Other contracts.** A reward file written for verl (``compute_score(data_source, solution_str,
+ground_truth, extra_info)``) or EasyR1 (``compute_score(reward_input)`` or
+``compute_score(reward_inputs)``), or a batch form ``fn(completions, samples)`` called once per
+batch, is called the way it is written: :mod:`ekipl.tasks.contracts` tells them apart by the
+signature. A function no contract can call, or one whose call on the first real row fails, is
+refused at start-up (``reward.function``, exit 2), listing the contracts accepted.
+
 ``reward.function=path/to/file.py:name`` loads it once at start-up (a missing file or name is a
 :class:`RewardFunctionError` naming the key) and it then scores every sample, whatever its task.
 It runs in a worker process of its own (:mod:`ekipl.tasks.reward_worker`): a call that raises,
@@ -92,6 +99,8 @@ class UserReward:
         self._start()  # a missing name or a file that fails to import fails here, at start-up
 
     def _start(self) -> None:
+        from .contracts import accepted
+
         env = dict(os.environ)
         root = str(Path(__file__).resolve().parents[2])  # the directory holding the ekipl package
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
@@ -101,13 +110,18 @@ class UserReward:
             stdout=subprocess.PIPE,
             env=env,
         )
+        send(self.proc.stdin, self.kwargs)
         status = self._wait(max(60.0, self.timeout_s))
         if status is None:
             self.close()
             raise RewardFunctionError(f"{self.key}: {self.file} did not load within 60 s")
         if status[0] != "ok":
             self.close()
-            raise RewardFunctionError(f"{self.key}: {status[1]}")
+            msg = status[1]
+            if "accepted contracts" not in msg:
+                msg += f" (accepted contracts: {accepted()})"
+            raise RewardFunctionError(f"{self.key}: {msg}")
+        self.contract = status[1]
 
     def _wait(self, timeout: float):
         """The worker's next frame, or None when none came within ``timeout`` (or it died)."""
@@ -120,12 +134,23 @@ class UserReward:
             return None
 
     def __call__(self, completion: str, sample: Sample):
-        """The function's raw result; raises on its error, a time-out or a dead worker."""
+        """The function's raw result for one completion; raises on its error, a time-out or a dead
+        worker."""
+        kind, value = self.call_many([completion], [sample])[0]
+        if kind == "error":
+            raise RuntimeError(value)
+        return value
+
+    def call_many(self, completions: list, samples: list, lengths: list | None = None) -> list:
+        """One ``("ok", result)`` or ``("error", why)`` per completion: the whole batch in one frame,
+        scored as the function's contract says (a batched contract in one call). Raises, for the
+        batch, on a time-out (``reward.timeout_s`` per completion), a dead worker or a batched call's
+        error."""
         if self.proc is None or self.proc.poll() is not None:
             self.restarts += 1
             self._start()
-        send(self.proc.stdin, (completion, sample, self.kwargs))
-        reply = self._wait(self.timeout_s)
+        send(self.proc.stdin, (list(completions), list(samples), lengths))
+        reply = self._wait(self.timeout_s * max(1, len(completions)))
         if reply is None:
             died = self.proc.poll() is not None
             self.close()
@@ -170,6 +195,52 @@ class Scorer:
     def tasks(self) -> tuple[str, ...] | None:
         """The task names this scorer can score (None: any, a user function scores them all)."""
         return None if self.user is not None else tuple(REWARDS)
+
+    def score_batch(
+        self, completions: list, samples: list, evaluation: bool = False, lengths: list | None = None
+    ) -> list[Reward]:
+        """:meth:`score` for each (completion, sample), a user's function called once for the batch
+        (its contract decides whether that is one call or one per completion). ``lengths``: the
+        completions' token counts, for contracts that take them (EasyR1's ``response_length``)."""
+        completions = ["" if c is None else c if isinstance(c, str) else str(c) for c in completions]
+        if self.user is None or not completions:
+            return [self.score(c, s, evaluation) for c, s in zip(completions, samples, strict=True)]
+        name = f"{self.user.file.name}:{self.user.name}"
+        try:
+            replies = self.user.call_many(completions, samples, lengths)
+        except Exception as e:  # noqa: BLE001 -- a time-out or dead worker: every completion scores 0
+            replies = [("error", f"{type(e).__name__}: {e}")] * len(completions)
+        out = []
+        for c, s, (kind, value) in zip(completions, samples, replies, strict=True):
+            try:
+                if kind == "error":
+                    raise RuntimeError(value)
+                out.append(to_reward(value, c, self.weights.format_rule))
+            except Exception as e:  # noqa: BLE001 -- a reward never stops a run
+                self._fault(name, s, e)
+                out.append(ZERO)
+        return out
+
+    def probe(self, sample: Sample) -> None:
+        """One call of the user's function on a real sample (a well-formed answer to it), at
+        start-up: a function that cannot be called that way raises :class:`RewardFunctionError`
+        naming the key and the contracts accepted, before any step runs."""
+        if self.user is None:
+            return
+        from .contracts import accepted
+
+        answer = f"<think>probe</think><answer>{sample.answer}</answer>"
+        try:
+            ((kind, value),) = self.user.call_many([answer], [sample], [len(answer.split())])
+            if kind == "error":
+                raise RuntimeError(value)
+            to_reward(value, answer, self.weights.format_rule)
+        except Exception as e:  # noqa: BLE001 -- reported as the key's error
+            raise RewardFunctionError(
+                f"{self.user.key}: {self.user.file.name}:{self.user.name} was detected as the "
+                f"{self.user.contract!r} contract, and one call on sample {sample.id!r} failed: "
+                f"{type(e).__name__}: {e}. Accepted contracts: {accepted()}"
+            ) from None
 
     def score(self, completion: str, sample: Sample, evaluation: bool = False) -> Reward:
         if not isinstance(completion, str):
