@@ -45,7 +45,7 @@ def ekipl_config(world_size: int, one_step_off: bool = False):
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.config import RunConfig
     from ekipl.learner.config import LearnerConfig
-    from ekipl.rollout.coordinator import RolloutConfig
+    from ekipl.rollout.config import RolloutConfig
 
     cfg = RunConfig()
     cfg.data.prompts_per_step = PROMPTS

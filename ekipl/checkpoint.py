@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ekipl.rollout.cache import file_digest
+from ekipl.tasks.sample import file_digest
 
 log = logging.getLogger(__name__)
 

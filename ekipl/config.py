@@ -15,7 +15,7 @@ from typing import Any
 from ekipl.algo.objective import ObjectiveConfig
 from ekipl.engines.vllm_backend import EngineKeys
 from ekipl.learner.config import LearnerConfig
-from ekipl.rollout.coordinator import RolloutConfig
+from ekipl.rollout.config import RolloutConfig
 from ekipl.rollout.sources import SourceConfig
 
 

@@ -82,7 +82,8 @@ def test_replace_failed_swaps_only_failed_policy_actions_for_better_ones():
 @pytest.fixture
 def gated_coordinator(policy_router, tiny_vlm, reward_file):
     from ekipl.models import hf
-    from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
+    from ekipl.rollout.config import RolloutConfig
+    from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.sources import DatasetSource, SourceConfig
     from ekipl.tasks.scorer import Scorer
 
@@ -150,7 +151,7 @@ def test_gate_prefetch_starts_guidance_for_prompts_that_failed_their_last_visit(
     assert (m["aux/gate_prefetched"], m["aux/gate_unused"], m["aux/requests_total"]) == (0.0, 1.0, 1.0)
     assert all(a.is_policy for _, acts in solved.last_candidates for a in acts)
     with pytest.raises(ValueError, match="rollout.gate_prefetch"):
-        from ekipl.rollout.coordinator import RolloutConfig
+        from ekipl.rollout.config import RolloutConfig
 
         RolloutConfig(gate_prefetch=True)
 

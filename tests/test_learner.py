@@ -447,7 +447,8 @@ def test_one_step_off_rollout_samples_with_the_weights_it_started_with(
     samples differently. Its finished actions survive a JSON round trip (checkpoints)."""
     import json
 
-    from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
+    from ekipl.rollout.config import RolloutConfig
+    from ekipl.rollout.coordinator import RolloutCoordinator
 
     b, _, proc = batch
     group = zero3[0]

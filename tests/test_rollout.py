@@ -11,7 +11,8 @@ from openai_stub import ANSWER, SECRET
 
 from ekipl.rollout import selection
 from ekipl.rollout.cache import ActionCache, cache_key
-from ekipl.rollout.coordinator import RolloutConfig, RolloutCoordinator
+from ekipl.rollout.config import RolloutConfig
+from ekipl.rollout.coordinator import RolloutCoordinator
 from ekipl.rollout.sources import DatasetSource, OpenAISource, SourceConfig
 from ekipl.tasks.rewards import score
 from ekipl.tasks.sample import DataError, Sample

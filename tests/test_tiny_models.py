@@ -64,7 +64,7 @@ def test_the_prompt_corpus_shortens_prompts_and_names_its_text(monkeypatch):
 
     assert tiny._digest("tiny-qwen2-vl", spec_for("tiny-qwen2-vl"), 0) == "928fdb8163bf"
     assert tiny._digest("learn-qwen2-vl", spec_for("learn-qwen2-vl"), 0) == "c37f4c3ae423"
-    row, _ = synth._trance(synth._rng(7, "trance", "test_id", 0), ood=False)  # not a corpus row
+    row, _ = synth._trance(synth.seeded_rng(7, "trance", "test_id", 0), ood=False)  # not a corpus row
     text = prompts.user_text(Sample(id="x", task="trance", problem=row["problem"], answer=row["answer"]))
     old, new = (tiny._build_tokenizer(1024, 0, corpus) for corpus in (1, 2))
     n_old, n_new = (len(t(text)["input_ids"]) for t in (old, new))

@@ -9,6 +9,10 @@ import time
 from ekipl.engines import vllm_backend as vb
 
 
+class PolicyEngineError(RuntimeError):
+    """The policy engine died or failed: training cannot go on without it."""
+
+
 class PolicyEngine:
     def __init__(self, spec: vb.EngineSpec, name: str = "engine", gpus: float = 0.0):
         """``gpus``: the GPUs this actor asked Ray for; it stops here, saying why, when it cannot

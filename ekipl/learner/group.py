@@ -186,11 +186,11 @@ class LearnerGroup:
         on rank 0's node map that file; engines on other nodes get its bytes through Ray's object
         store (one transfer per engine, fetched from rank 0's node). One call per engine either
         way: never one remote call per tensor. A failed engine raises
-        :class:`~ekipl.rollout.policy.PolicyEngineError`.
+        :class:`~ekipl.engines.policy.PolicyEngineError`.
         """
         import ray
 
-        from ekipl.rollout.policy import PolicyEngineError
+        from ekipl.engines.policy import PolicyEngineError
 
         t0 = time.perf_counter()
         path, nbytes = self.export_weights()

@@ -310,12 +310,12 @@ def _task_texts(seed: int, rows: int = 64) -> list[str]:
     each digest of a corpus-2 build); they are dropped, never written."""
     from ekipl.tasks.prompts import SYSTEM_PROMPT, user_text
     from ekipl.tasks.sample import Sample
-    from ekipl.tasks.synth import GENERATORS, _rng
+    from ekipl.tasks.synth import GENERATORS, seeded_rng
 
     lines = [SYSTEM_PROMPT]
     for task, make in GENERATORS.items():
         for i in range(rows):
-            row, _ = make(_rng(seed, task, "train", i), ood=False)
+            row, _ = make(seeded_rng(seed, task, "train", i), ood=False)
             sample = Sample(id=str(i), task=task, problem=row["problem"], answer=row["answer"])
             lines += [user_text(sample), row["cot"]]
     return lines

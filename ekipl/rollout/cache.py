@@ -14,13 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-
-def file_digest(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from ekipl.tasks.sample import file_digest
 
 
 def cache_key(model: str, prompt: str, image_paths: list[str] | tuple[str, ...], params: dict) -> str:

@@ -6,10 +6,7 @@ import dataclasses
 import threading
 
 from ekipl.engines import vllm_backend as vb
-
-
-class PolicyEngineError(RuntimeError):
-    """The policy engine died or failed: training cannot go on without it."""
+from ekipl.engines.policy import PolicyEngineError
 
 
 class PolicyRouter:

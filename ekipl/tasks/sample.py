@@ -88,3 +88,14 @@ class Sample:
 
     def image_exists(self) -> list[str]:
         return [p for p in self.image_paths if not Path(p).is_file()]
+
+
+def file_digest(path: str) -> str:
+    """The SHA-256 of a file's bytes (an image's identity in cache keys; a checkpoint file's)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

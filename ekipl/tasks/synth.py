@@ -64,7 +64,9 @@ SPLITS = ("train", "test_id", "test_ood")
 VERSIONS = {"counting": 1, "geometry": 3, "trance": 5}
 
 
-def _rng(seed: int, *parts) -> random.Random:
+def seeded_rng(seed: int, *parts) -> random.Random:
+    """A generator seeded by ``seed`` and the names of what it makes (task, split, row): each row
+    draws the same numbers whatever was made before it."""
     h = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
     return random.Random(int.from_bytes(h[:8], "big"))
 
@@ -361,7 +363,7 @@ def make_split(task: str, split: str, n: int, out: Path, seed: int) -> Path:
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(n):
-        rng = _rng(seed, task, split, i)
+        rng = seeded_rng(seed, task, split, i)
         row, images = GENERATORS[task](rng, ood=(split == "test_ood"))
         sid = f"{task}-{split}-{i:06d}"
         names = []
