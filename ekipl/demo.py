@@ -1,56 +1,48 @@
-"""`make demo`: the main job, on the embedded default: local Ray on CPU, and a policy that learns.
+"""`make demo`: does external guidance help? GRPO and EKIPL side by side, on local Ray on CPU.
 
-Reason-RFT's two stages on the synthetic counting task, through the whole distributed path:
+Both arms start from the same CoT-SFT warm start (``learn-qwen2-vl-sft``, and the stronger
+``learn-qwen2-vl-aux`` that EKIPL asks; ``ekipl.warm`` builds both once, about 5 minutes on 2 cores,
+then caches them under ``$EKIPL_CACHE``) and train 60 steps on the synthetic counting task through
+the whole path: a policy vLLM engine in a Ray actor, the auxiliary model in its own, the recorded
+traces, a DeepSpeed learner, weight sync after every step, validation every 10 steps, W&B offline.
+They are seed 0 of ``make learn``'s GRPO and EKIPL counting runs, overrides for overrides.
 
-1. **CoT-SFT warm start**: the ``learn-qwen2-vl`` policy fine-tuned on the recorded traces
-   (``ekipl.warm``; built once, about 3 minutes on 2 cores, then cached under ``$EKIPL_CACHE``);
-2. **EKIPL**: the ``learn_counting`` preset with the recorded CoT traces as the auxiliary source (a
-   policy vLLM engine in a Ray actor, 2 DeepSpeed ZeRO-2 learner ranks on gloo, weight sync after
-   every step, held-out validation every few steps, W&B offline, checkpoints).
-
-It prints the per-step table, draws the curves (``curves.png``: reward, held-out accuracy, the
-action-source ratio, lengths, the update's health), and ends with the evaluation table
-(``ekipl.eval``): the trained policy against the warm start it began from, on the ID and OOD test
-splits. ``make learn`` runs the full comparison (GRPO, EKIPL, EKIPL-shaped, seeds:
-bench/LEARNING.md). Extra arguments are Hydra overrides, e.g. ``python -m ekipl.demo trainer.steps=8``.
+It ends with both arms' curves in one picture and the answer: greedy accuracy of the warm start,
+GRPO and EKIPL on the same 1,000 held-out problems, and EKIPL's lead over GRPO with the standard
+error of the paired difference. When one seed in ten minutes cannot separate the arms it says so
+and points at ``make learn`` (3 seeds per arm, bench/LEARNING.md). Extra arguments are Hydra
+overrides for both arms, e.g. ``python -m ekipl.demo trainer.steps=20``.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-EVAL_PROBLEMS = 64
-DEMO = [
-    "+experiment=learn_counting",
-    "aux.aux_model=null",  # the recorded traces only: no second warm start to build
-    "learner.world_size=2",  # ZeRO-2 over 2 gloo ranks, as on a cluster
-    "learner.micro_batch_size=4",
-    "trainer.steps=48",
-    # the whole held-out splits (128 problems each: a binomial std of about 4 points) every 12 steps;
-    # 32 problems every 8 moved 0.34, 0.28, 0.31, 0.41, ... from noise alone
-    "trainer.eval_every=12",
-    "trainer.eval_limit=0",
-    "trainer.save_every=24",
-    "trainer.log_samples_every=8",
-    "trainer.output_dir=outputs/demo",
+OUT = Path("outputs/demo")
+FINAL_PROBLEMS = 1000
+BASE = [
+    "+experiment=learn_counting",  # make learn's counting preset (conf/experiment/learn_counting.yaml)
+    "trainer.seed=0",
+    "trainer.steps=60",
+    "trainer.eval_every=10",
+    "trainer.log_samples_every=5",
+    "logger.mode=offline",
 ]
+ARMS = {"GRPO": ["algorithm=grpo", "aux=none"], "EKIPL": []}
 
 COLUMNS = [
     ("step", "step", "{:.0f}"),
-    ("policy reward", "reward/policy/mean", "{:.2f}"),
+    ("reward", "reward/policy/mean", "{:.2f}"),
     ("policy acc.", "reward/policy/accuracy", "{:.2f}"),
-    ("trace share", "select/ratio/dataset", "{:.2f}"),
-    ("aux win rate", "select/aux_win_rate", "{:.2f}"),
-    ("val ID acc.", "val/id/accuracy", "{:.2f}"),
-    ("val OOD acc.", "val/ood/accuracy", "{:.2f}"),
-    ("length", "length/policy/mean", "{:.0f}"),
-    ("truncated", "length/policy/truncated_frac", "{:.2f}"),
+    ("external share", "select/ratio/external", "{:.2f}"),
+    ("val ID acc.", "val/id/accuracy", "{:.3f}"),
+    ("val OOD acc.", "val/ood/accuracy", "{:.3f}"),
     ("entropy", "actor/entropy", "{:.3f}"),
-    ("grad norm", "actor/grad_norm", "{:.2f}"),
     ("step s", "timing/step", "{:.1f}"),
 ]
 
@@ -65,73 +57,123 @@ def table(rows: list[dict]) -> str:
     return "\n".join([head, sep, *body])
 
 
-def main(argv: list[str]) -> int:
-    from hydra import compose, initialize_config_dir
+def _external_share(row: dict) -> dict:
+    """The share of the selected actions that came from outside the policy (every non-policy source)."""
+    shares = [v for k, v in row.items() if k.startswith("select/ratio/") and k != "select/ratio/policy"]
+    return {**row, "select/ratio/external": sum(shares)} if "select/ratio/policy" in row else row
 
-    from ekipl.config import ConfigError, register
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """Mean of ``a - b`` over the same problems and its standard error (the sample std of the
+    per-problem differences over sqrt(n)): the two models' agreement on easy and hard problems
+    cancels, which two independent binomial errors would count twice."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(d)
+    mean = sum(d) / n
+    var = sum((x - mean) ** 2 for x in d) / (n - 1)
+    return mean, math.sqrt(var / n)
+
+
+def verdict(diff: float, se: float) -> str:
+    pts, spts = 100 * diff, 100 * se
+    z = diff / se if se > 0 else float("inf")
+    if z >= 2:
+        return (
+            f"EKIPL leads GRPO by {pts:+.1f} ± {spts:.1f} points ({z:.1f} standard errors): on this seed the "
+            "external actions helped. One seed says nothing of the spread across seeds: make learn runs 3 "
+            "per arm (bench/LEARNING.md)."
+        )
+    if z <= -2:
+        return (
+            f"GRPO leads EKIPL by {-pts:.1f} ± {spts:.1f} points ({-z:.1f} standard errors) on this seed: "
+            "guidance did not help here. make learn (3 seeds per arm, bench/LEARNING.md) says whether that "
+            "holds beyond one seed."
+        )
+    return (
+        f"EKIPL - GRPO = {pts:+.1f} ± {spts:.1f} points ({z:.1f} standard errors): one seed of 60 steps "
+        "cannot separate the arms. The answer needs more seeds: make learn (3 seeds per arm, about 2 "
+        "hours on 2 cores; bench/LEARNING.md)."
+    )
+
+
+def train_arms(argv: list[str]) -> dict[str, dict]:
+    """Both arms, one after the other: each arm's run summary and metrics rows."""
     from ekipl.metrics import read_metrics
-    from ekipl.runtime import resolve_model
-    from ekipl.tasks.sample import DataError
+    from ekipl.runtime import compose
     from ekipl.train import run
 
-    register()
-    conf = Path(__file__).resolve().parent.parent / "conf"
-    with initialize_config_dir(version_base="1.3", config_dir=str(conf)):
-        cfg = compose(config_name="config", overrides=[*DEMO, *argv])
-    out = Path(cfg.trainer.output_dir)
-    if out.exists() and cfg.trainer.resume == "never":  # the demo's own directory: start afresh
-        shutil.rmtree(out)
-        print(f"[demo] replaced the previous demo run in {out}")
-    t0 = time.time()
-    warm = resolve_model(cfg.model.path, cfg.model.seed)  # stage 1, CoT-SFT (cached after the first run)
-    print(f"[demo] warm start (CoT-SFT) ready in {time.time() - t0:.0f}s: {warm}")
-    t1 = time.time()
-    try:
+    out = {}
+    for arm, overrides in ARMS.items():
+        run_dir = OUT / arm.lower()
+        cfg = compose([*BASE, *overrides, f"trainer.output_dir={run_dir}", *argv])
+        if run_dir.exists() and cfg.trainer.resume == "never":  # the demo's own directory: afresh
+            shutil.rmtree(run_dir)
+        t0 = time.time()
         summary = run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"ekipl: error: {e}", file=sys.stderr)
-        return 2
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if r["step"] > 0 or "val/id/accuracy" in r]
-    steps, skipped = summary["steps"], summary["skipped_steps"]
-    print(f"\n[demo] {steps} EKIPL steps ({skipped} skipped) in {time.time() - t1:.0f}s")
-    print(table(rows))
-    from ekipl.plot import plot_runs
+        rows = [_external_share(r) for r in read_metrics(run_dir / "metrics.jsonl")]
+        done = f"{summary['steps']} steps ({summary['skipped_steps']} skipped)"
+        print(f"\n[demo] {arm}: {done} in {time.time() - t0:.0f}s")
+        print(table([r for r in rows if "val/id/accuracy" in r or r["step"] % 10 == 0]))
+        out[arm] = {"summary": summary, "dir": run_dir, "cfg": cfg}
+    return out
 
-    png = plot_runs([out], out / "curves.png")
-    print(
-        f"\n[demo] metrics: {out / 'metrics.jsonl'}; curves: {png}; sampled groups: {out / 'samples.jsonl'}"
-    )
-    print(f"[demo] W&B offline run under {out / 'wandb'} (upload later with `wandb sync`)")
-    print(f"[demo] trained policy (transformers/vLLM loadable): {summary['export']}")
 
-    # The evaluation table: the trained policy against the warm start it began from.
+def final_scores(arms: dict[str, dict], warm: str) -> tuple[list[dict], dict[str, list[float]]]:
+    """Greedy accuracy of the warm start and both arms on the same FINAL_PROBLEMS held-out problems,
+    and each model's per-problem correctness."""
     from ekipl.eval import evaluate, write
     from ekipl.eval import table as eval_table
     from ekipl.tasks.loader import load_task_file
+    from ekipl.tasks.synth import make_split
 
-    t2 = time.time()
-    data = out / "data" / cfg.data.synthetic_task
-    splits = {s: list(load_task_file(data / f"test_{s}.json"))[:EVAL_PROBLEMS] for s in ("id", "ood")}
-    models = {"trained": summary["export"], "warm start": warm}
+    cfg = arms["GRPO"]["cfg"]
+    path = make_split(
+        cfg.data.synthetic_task, "test_id", FINAL_PROBLEMS, OUT / "data", cfg.data.synthetic_seed
+    )
+    samples = list(load_task_file(path))
+    models = {"warm start": warm, **{arm: a["summary"]["export"] for arm, a in arms.items()}}
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the in-process engine's start-up chatter
     records: dict = {}
     rows = evaluate(
         models,
-        splits,
-        k=4,
-        temperature=1.0,
+        {"id": samples},
+        k=1,
         max_tokens=cfg.rollout.max_tokens,
         dtype=cfg.model.dtype,
         records=records,
+        greedy_only={"id"},
     )
-    js, md = write(rows, out / "eval", records)
-    print(
-        f"\n[demo] evaluation ({EVAL_PROBLEMS} problems per split, greedy + 4 samples) "
-        f"in {time.time() - t2:.0f}s"
-    )
+    write(rows, OUT / "eval", records)
     print(eval_table(rows))
-    print(f"[demo] evaluation table: {md} and {js}; completions under {out / 'eval' / 'completions'}")
-    print(f"[demo] done in {time.time() - t0:.0f}s. The GRPO vs EKIPL comparison over seeds: make learn")
+    correct = {m: [r["greedy"]["accuracy"] for r in records[(m, "id")]] for m in models}
+    return rows, correct
+
+
+def main(argv: list[str]) -> int:
+    from ekipl.config import ConfigError
+    from ekipl.runtime import resolve_model
+    from ekipl.tasks.sample import DataError
+
+    t0 = time.time()
+    try:
+        warm = resolve_model("learn-qwen2-vl-sft", 0)  # stage 1, CoT-SFT (cached after the first run)
+        resolve_model("learn-qwen2-vl-aux", 0)  # EKIPL's stronger auxiliary model
+        print(f"[demo] warm starts ready in {time.time() - t0:.0f}s")
+        arms = train_arms(argv)
+    except (ConfigError, DataError) as e:
+        print(f"ekipl: error: {e}", file=sys.stderr)
+        return 2
+    from ekipl.plot import plot_runs
+
+    png = plot_runs([a["dir"] for a in arms.values()], OUT / "curves.png")
+    print(f"\n[demo] both arms' curves: {png}; W&B offline runs under {OUT}/*/wandb")
+    t1 = time.time()
+    print(f"\n[demo] greedy accuracy on the same {FINAL_PROBLEMS} held-out (ID) problems:")
+    _, correct = final_scores(arms, warm)
+    diff, se = paired_difference(correct["EKIPL"], correct["GRPO"])
+    print(f"[demo] evaluated in {time.time() - t1:.0f}s; completions under {OUT / 'eval'}")
+    print(f"\n[demo] {verdict(diff, se)}")
+    print(f"[demo] done in {time.time() - t0:.0f}s")
     return 0
 
 

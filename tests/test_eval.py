@@ -115,3 +115,18 @@ def test_validation_and_eval_render_the_prompt_training_renders(tmp_path, tiny_v
     finally:
         coord.shutdown()
         scorer.close()
+
+
+def test_the_demo_states_the_paired_difference_with_its_standard_error():
+    from ekipl.demo import paired_difference, verdict
+
+    # 8 problems: EKIPL right on 5, GRPO on 3; they agree on 4 of them
+    ekipl = [1, 1, 1, 1, 1, 0, 0, 0]
+    grpo = [1, 1, 1, 0, 0, 0, 0, 0]
+    diff, se = paired_difference(ekipl, grpo)
+    # differences 0,0,0,1,1,0,0,0: mean 0.25, sample variance (2 x 0.5625 + 6 x 0.0625) / 7
+    assert diff == pytest.approx(0.25)
+    assert se == pytest.approx(math.sqrt((2 * 0.5625 + 6 * 0.0625) / 7 / 8))
+    assert "cannot separate" in verdict(diff, se) and "make learn" in verdict(diff, se)
+    assert verdict(0.064, 0.015).startswith("EKIPL leads GRPO by +6.4 ± 1.5 points (4.3 standard errors)")
+    assert verdict(-0.05, 0.01).startswith("GRPO leads EKIPL by 5.0")
