@@ -324,7 +324,7 @@ def family_models(
     is reported if its final policies exist or its evaluations are kept under ``out`` (the policies
     of bench/results/ runs are not in git; their evaluations are)."""
     from bench.families import WARM
-    from ekipl.runtime import resolve_model
+    from ekipl.modelref import resolve_model
 
     warm = "kept" if kept(out, "warm start", final) else str(resolve_model(WARM[family][0], model_seed))
     models = {"warm start": {"warm": warm}}

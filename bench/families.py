@@ -308,7 +308,7 @@ def main(argv=None) -> int:
     out, extra = Path(args.out), [f"trainer.eval_every={args.eval_every}", *args.extra]
     t_all = time.perf_counter()
     if not args.report_only:
-        from ekipl.runtime import resolve_model
+        from ekipl.modelref import resolve_model
 
         model_seed = model_seed_of(args.extra)
         for family in args.families:

@@ -179,7 +179,7 @@ def sft_commands(run_dir: Path, common: list[str], extra: list[str]) -> list[lis
     """The continued-SFT control: ``ekipl.sft`` from the RL arms' warm start on the same prompts
     (same sampler, seed and steps) with the RL arms' learning rate, then ``ekipl.eval`` (greedy, the
     validation's scoring and token budget) on the warm start and the result, on the same splits."""
-    from ekipl.runtime import resolve_model
+    from ekipl.modelref import resolve_model
 
     sft_extra = [x for x in extra if not x.startswith("trainer.eval_every=")]
     data = run_dir / "data" / "counting"
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     t_all = time.perf_counter()
     times: dict[str, list[float]] = {arm: [] for arm in args.arms}
     if not args.report_only:
-        from ekipl.runtime import resolve_model
+        from ekipl.modelref import resolve_model
 
         t0 = time.perf_counter()  # the warm starts: built once, cached by recipe and model seed
         model_seed = model_seed_of(args.extra)

@@ -81,13 +81,14 @@ def run_ekipl(a: argparse.Namespace) -> dict:
     import ray
 
     from bench.trl_compare import ekipl_config
+    from ekipl.data import ImageCheck, Sampler
     from ekipl.engines import vllm_backend as vb
     from ekipl.learner.group import LearnerGroup
     from ekipl.models import hf
     from ekipl.models.tiny import build_tiny
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
-    from ekipl.train import ImageCheck, Sampler, StepParts
+    from ekipl.train import StepParts
 
     lengths, path = draws(), str(build_tiny(MODEL))
     data, processor = samples(path, PROMPTS * (a.repeats + 1)), hf.load_processor(path)

@@ -66,18 +66,20 @@ def main(argv: list[str]) -> int:
     import ray
 
     from ekipl.config import to_run_config
+    from ekipl.data import ImageCheck, Sampler, load_data
     from ekipl.engines import vllm_backend as vb
     from ekipl.learner.group import LearnerGroup
+    from ekipl.modelref import resolve_model
     from ekipl.models import hf
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.policy import PolicyRouter
     from ekipl.rollout.sources import make_source
-    from ekipl.train import ImageCheck, Sampler, StepParts, _load_data, resolve_model
+    from ekipl.train import StepParts
 
     out = Path(tempfile.mkdtemp(prefix="ekipl-bench-step-"))
     base = ["+experiment=cpu_demo", "data.synthetic_size=32", f"trainer.output_dir={out}", "learner.lr=1e-6"]
     run_cfg, source_cfgs = to_run_config(compose(base))
-    data = _load_data(run_cfg, out)
+    data = load_data(run_cfg, out)
     model = resolve_model(run_cfg.model.path)
     for s in source_cfgs:
         if s.kind == "vllm":

@@ -67,8 +67,9 @@ def ekipl_config(world_size: int, one_step_off: bool = False):
 
 def run_steps(cfg, samples: list, router, learner, processor, repeats: int) -> list[dict]:
     """The trainer's step function ``repeats`` times after one warm-up step; their metrics."""
+    from ekipl.data import ImageCheck, Sampler
     from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.train import ImageCheck, Sampler, StepParts
+    from ekipl.train import StepParts
 
     learner.sync_weights(router.actors)  # the engine may hold another learner's weights
     coord = RolloutCoordinator(cfg.rollout, router, [], processor)

@@ -40,7 +40,7 @@ def export_versions(model: str, out: Path) -> list[Path]:
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig, LoraSettings
     from ekipl.learner.worker import Learner
-    from ekipl.runtime import export_policy
+    from ekipl.modelref import export_policy
 
     cfg = LearnerConfig(world_size=1, zero_stage=2, lora=LoraSettings(rank=RANK, alpha=16.0))
     learner = Learner(0, 1, model, cfg, ObjectiveConfig(), seed=0)
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
     if a.way:
         Path(a.out).write_text(json.dumps(run_way(a)))
         return 0
-    from ekipl.runtime import resolve_model
+    from ekipl.modelref import resolve_model
 
     model = resolve_model(a.model)
     versions = export_versions(model, Path(tempfile.mkdtemp(prefix="ekipl-bench-vllm-lora-")))

@@ -98,8 +98,8 @@ def verdict(diff: float, se: float) -> str:
 
 def train_arms(argv: list[str]) -> dict[str, dict]:
     """Both arms, one after the other: each arm's run summary and metrics rows."""
+    from ekipl.cluster import compose
     from ekipl.metrics import read_metrics
-    from ekipl.runtime import compose
     from ekipl.train import run
 
     out = {}
@@ -151,7 +151,7 @@ def final_scores(arms: dict[str, dict], warm: str) -> tuple[list[dict], dict[str
 
 def main(argv: list[str]) -> int:
     from ekipl.config import ConfigError
-    from ekipl.runtime import resolve_model
+    from ekipl.modelref import resolve_model
     from ekipl.tasks.sample import DataError
 
     t0 = time.time()

@@ -335,7 +335,7 @@ def _scorer(args):
 
 def main(argv: list[str] | None = None) -> int:
     from ekipl.config import ConfigError
-    from ekipl.runtime import resolve_model
+    from ekipl.modelref import resolve_model
     from ekipl.tasks.loader import Columns, load_task_file
     from ekipl.tasks.scorer import RewardFunctionError
 

@@ -215,8 +215,8 @@ def parse_args(argv):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from ekipl.cluster import compose
     from ekipl.config import to_run_config
-    from ekipl.runtime import compose
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -53,19 +53,12 @@ def run(cfg) -> dict:
     import ray
 
     from ekipl.algo.objective import ObjectiveConfig
+    from ekipl.cluster import config_tree, init_ray
+    from ekipl.data import ImageCheck, Sampler, load_data
     from ekipl.learner.batch import collate
     from ekipl.learner.group import LearnerGroup
+    from ekipl.modelref import check_family, export_policy, resolve_model
     from ekipl.models import hf
-    from ekipl.runtime import (
-        ImageCheck,
-        Sampler,
-        check_family,
-        config_tree,
-        export_policy,
-        init_ray,
-        load_data,
-        resolve_model,
-    )
 
     tree = config_tree(cfg)
     tree["aux"] = {}  # SFT has no auxiliary sources
@@ -135,7 +128,7 @@ def run(cfg) -> dict:
 
 
 def main() -> None:
-    from ekipl.runtime import hydra_main
+    from ekipl.cluster import hydra_main
 
     hydra_main(run)
 

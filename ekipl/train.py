@@ -27,25 +27,12 @@ from pathlib import Path
 import torch
 
 from ekipl import checkpoint as ckpt
+from ekipl.cluster import TrainingError, config_tree, hydra_main, init_ray
 from ekipl.config import ConfigError, RunConfig, to_run_config
+from ekipl.data import ImageCheck, Sampler, drop_overlong, load_data
 from ekipl.metrics import MetricsLog, redact
-from ekipl.runtime import (  # noqa: F401 -- re-exported: benches, tests and ekipl.sft import them from here
-    ImageCheck,
-    Sampler,
-    TrainingError,
-    actor_model,
-    check_family,
-    config_tree,
-    drop_overlong,
-    export_policy,
-    hydra_main,
-    init_ray,
-    load_data,
-    resolve_model,
-)
+from ekipl.modelref import actor_model, check_family, export_policy, resolve_model
 from ekipl.tasks.scorer import RewardFunctionError
-
-_load_data = load_data  # the benches' name for it
 
 log = logging.getLogger("ekipl.train")
 

@@ -35,13 +35,13 @@ class Validator:
     def from_config(cls, run, out: Path, processor, scorer) -> Validator | None:
         """The run's validator, or None when validation is off. Bad split files raise DataError;
         prompts too long for the model are dropped or refused as the training data's are."""
-        from ekipl.runtime import drop_overlong, load_split
+        from ekipl.data import drop_overlong, load_split
 
         t, d = run.trainer, run.data
         if not (t.eval_every or t.eval_before_train):
             return None
         files = dict(d.val_files)
-        if not files:  # the synthetic data's held-out splits (ekipl.runtime.load_data wrote them)
+        if not files:  # the synthetic data's held-out splits (ekipl.data.load_data wrote them)
             root = out / "data" / d.synthetic_task
             files = {"id": str(root / "test_id.json"), "ood": str(root / "test_ood.json")}
         splits = {}

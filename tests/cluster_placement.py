@@ -12,8 +12,8 @@ from contextlib import redirect_stdout
 
 import ray
 
+from ekipl.cluster import compose
 from ekipl.config import to_run_config
-from ekipl.runtime import compose
 
 address, tiny = sys.argv[1], sys.argv[2]
 ray.init(address=address, log_to_driver=False, configure_logging=False)

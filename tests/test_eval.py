@@ -87,10 +87,10 @@ def test_validation_and_eval_render_the_prompt_training_renders(tmp_path, tiny_v
     """rollout.system_prompt reaches validation and ekipl.eval: their requests carry the prompt the
     rollout coordinator trains on, with the system message exactly when it is on."""
     from ekipl.config import to_run_config
+    from ekipl.data import load_data
     from ekipl.eval import split_requests
     from ekipl.models import hf
     from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.runtime import load_data
     from ekipl.tasks.prompts import SYSTEM_PROMPT
     from ekipl.validation import Validator
 

@@ -3,8 +3,8 @@ included) points down or sideways, never up, and no package reaches into another
 
     0  tasks, algo, engines, models, types       what everything else is made of
     1  rollout, learner                          side by side, each on layer 0 only
-    2  config, runtime, placement, checkpoint,   a run's configuration and the services around
-       metrics, warm                             its loop
+    2  config, modelref, data, cluster,          a run's configuration and the services around
+       placement, checkpoint, metrics, warm      its loop (models, data, Hydra and Ray)
     3  train, sft, eval, validation, plan,       the entry points and what only they use
        demo, cli, plot
 """
@@ -19,7 +19,9 @@ PKG = Path(__file__).resolve().parent.parent / "ekipl"
 LAYERS = {
     **dict.fromkeys(("tasks", "algo", "engines", "models", "types"), 0),
     **dict.fromkeys(("rollout", "learner"), 1),
-    **dict.fromkeys(("config", "runtime", "placement", "checkpoint", "metrics", "warm"), 2),
+    **dict.fromkeys(
+        ("config", "modelref", "data", "cluster", "placement", "checkpoint", "metrics", "warm"), 2
+    ),
     **dict.fromkeys(("train", "sft", "eval", "validation", "plan", "demo", "cli", "plot"), 3),
 }
 

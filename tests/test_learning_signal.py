@@ -69,8 +69,9 @@ def trace_logprobs_hf(model, processor, traces) -> torch.Tensor:
 
 def run_steps(run_cfg, learner, data, router, processor, sources, negate: bool):
     """STEPS of the trainer's step: (metrics, the traces trained on)."""
+    from ekipl.data import ImageCheck, Sampler
     from ekipl.rollout.coordinator import RolloutCoordinator
-    from ekipl.train import Hooks, ImageCheck, Sampler, StepParts
+    from ekipl.train import Hooks, StepParts
 
     def flip(step, batch):
         batch.advantages = -batch.advantages
@@ -127,10 +128,11 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
 ):
     import ray
 
+    from ekipl.data import ImageCheck, Sampler
     from ekipl.learner.group import LearnerGroup
     from ekipl.rollout.coordinator import RolloutCoordinator
     from ekipl.rollout.sources import DatasetSource, SourceConfig
-    from ekipl.train import ImageCheck, Sampler, StepParts
+    from ekipl.train import StepParts
 
     run_cfg, _ = to_run_config(compose([*OVERRIDES, *extra]))
     processor = hf.load_processor(tiny_vlm)

@@ -55,7 +55,7 @@ def test_lora_on_two_ranks_equals_one_process_and_the_engine_gets_the_merged_wei
     import ray
 
     from ekipl.learner.group import LearnerGroup, shard_rows
-    from ekipl.runtime import export_policy, resolve_model
+    from ekipl.modelref import export_policy, resolve_model
 
     b, groups, proc = batch
     # several LM-head chunks per micro-batch, each recomputed in the backward

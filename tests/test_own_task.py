@@ -318,8 +318,8 @@ def test_the_image_budget_reaches_the_processor_and_the_engine_arguments(tiny_vl
 
 def test_overlong_prompts_are_dropped_and_counted_or_refused(tiny_vlm, own_data, tmp_path):
     from ekipl.config import to_run_config
+    from ekipl.data import drop_overlong, prompt_length
     from ekipl.models import hf
-    from ekipl.runtime import drop_overlong, prompt_length
 
     ds = load_task_file(own_data["train"], task="own", columns=COLUMNS, tasks=None, image_dir=tmp_path)
     proc = hf.load_processor(tiny_vlm)
@@ -355,7 +355,7 @@ def _msgs(s):
 def test_model_paths_are_refused_naming_the_key(tmp_path, capsys):
     from ekipl.config import ConfigError
     from ekipl.eval import main as eval_main
-    from ekipl.runtime import resolve_model
+    from ekipl.modelref import resolve_model
 
     (tmp_path / "empty").mkdir()
     for path, message in (

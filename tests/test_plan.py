@@ -8,12 +8,12 @@ import json
 
 import pytest
 
+from ekipl.cluster import compose
 from ekipl.config import ConfigError, to_run_config
 from ekipl.engines import vllm_backend as vb
 from ekipl.models import memory as mem
 from ekipl.placement import Node, groups, place
 from ekipl.plan import described_nodes, main, make_plan
-from ekipl.runtime import compose
 
 GIB = 2**30
 
@@ -232,8 +232,8 @@ def test_gpu_presets_fit_one_node_overlap_communication_and_sample_one_step_off(
 def test_hub_ids_reach_actors_as_ids_and_resolve_in_the_nodes_cache(tmp_path, tiny_vlm, monkeypatch):
     """A HF id is resolved on the node that runs it (model.cache_dir: a HF cache every node mounts),
     never sent as the driver's cache path; a node without it says which node and what to fetch."""
+    from ekipl.modelref import actor_model, resolve_model
     from ekipl.models.resolve import ModelNotFoundError, on_node
-    from ekipl.runtime import actor_model, resolve_model
 
     cache = tmp_path / "hf"
     snap = cache / "models--org--tiny" / "snapshots" / "abc123"

@@ -172,7 +172,7 @@ def test_plot_smooths_per_step_curves_with_a_debiased_ema():
 
 
 def test_sampler_covers_each_row_once_per_epoch_and_peeking_does_not_advance():
-    from ekipl.train import Sampler
+    from ekipl.data import Sampler
 
     s = Sampler(7, seed=3, shuffle=True)
     peek = s.take(4, advance=False)

@@ -125,7 +125,8 @@ def test_nonfinite_steps_are_skipped_and_k_in_a_row_stop_the_run(ray_local, tmp_
     goes on."""
     import ray
 
-    from ekipl.train import Hooks, TrainingError, run
+    from ekipl.cluster import TrainingError
+    from ekipl.train import Hooks, run
 
     seen: dict[int, tuple] = {}
 

@@ -76,7 +76,8 @@ def _check_reference(ref: dict, ref_dir) -> None:
 
 @pytest.mark.slow
 def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_local, tmp_path):
-    from ekipl.train import Hooks, TrainingError, run
+    from ekipl.cluster import TrainingError
+    from ekipl.train import Hooks, run
 
     # 1. The driver, in its own process (and its own local Ray), killed once step 2 is saved. A
     # watcher thread does the kill, so the uninterrupted reference runs here meanwhile.
