@@ -136,7 +136,7 @@ def test_gate_prefetch_starts_guidance_for_prompts_that_failed_their_last_visit(
     _, m = failed.rollout(samples, step=1)
     assert (m["aux/gate_prefetched"], m["aux/gate_on_demand"], m["aux/requests_total"]) == (0.0, 2.0, 2.0)
     failed.prefetch(samples)  # both failed at their visit: their traces are asked now
-    assert len(failed._started) == 2
+    assert len(failed.gate._started) == 2  # the gate holds the started requests
     _, m = failed.rollout(samples, step=2)
     assert (m["aux/gate_prefetched"], m["aux/gate_on_demand"], m["aux/requests_total"]) == (2.0, 2.0, 4.0)
     assert [[a.text for a in acts if not a.is_policy] for _, acts in failed.last_candidates] == [

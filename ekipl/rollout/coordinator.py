@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from ekipl.engines import vllm_backend as vb
 from ekipl.rollout import selection
-from ekipl.rollout.cache import ActionCache, cache_key
+from ekipl.rollout.auxiliary import AuxFetcher
+from ekipl.rollout.cache import ActionCache
 from ekipl.rollout.config import RolloutConfig
+from ekipl.rollout.early import EarlyRollouts
+from ekipl.rollout.gate import Gate
 from ekipl.rollout.sources import Source
 from ekipl.tasks.prompts import render_prompt
 from ekipl.tasks.sample import Sample
@@ -59,158 +60,63 @@ class RolloutCoordinator:
         scorer: Scorer | None = None,
         cache: ActionCache | None = None,
     ):
-        """``scorer`` scores every candidate (default: the built-in task rewards, default weights)."""
+        """``scorer`` scores every candidate (default: the built-in task rewards, default weights).
+        The concerns around the policy's own samples each have a class of their own: the auxiliary
+        sources (:class:`~ekipl.rollout.auxiliary.AuxFetcher`: cache, prefetch, failures, costs), the gate
+        (:class:`~ekipl.rollout.gate.Gate`) and the early rollout
+        (:class:`~ekipl.rollout.early.EarlyRollouts`)."""
         self.cfg, self.policy, self.sources, self.processor = cfg, policy, sources, processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.eos_id = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.scorer, self.cache = scorer or Scorer(), cache
-        self._pool = ThreadPoolExecutor(max_workers=max(2, 2 * len(sources) + 1))
-        self._pending: dict[tuple[str, tuple[str, ...]], Future] = {}
-        self.failures: dict[str, int] = {s.name: 0 for s in sources}
-        self.costs: dict[str, dict[str, int]] = {s.name: {"requests": 0, "tokens": 0} for s in sources}
-        self._cost_lock = threading.Lock()
+        self.scorer = scorer or Scorer()
+        self.aux = AuxFetcher(sources, self.tokenizer, cache)
+        self.gate = Gate(cfg, self.aux)
+        self.early = EarlyRollouts()
         self._step = 0
-        self._early: EarlyRollout | None = None
-        self._last_pass: dict[str, float] = {}  # sample id -> its policy pass rate at the last visit
-        self._started: dict[tuple[str, str], tuple[Future, int]] = {}  # gate_prefetch: (source, id)
-        self.gate_counts = {"prefetched": 0, "on_demand": 0, "unused": 0}
         self.last_candidates: list[tuple[Sample, list[Action]]] = []  # the last rollout's, scored
 
-    # ------------------------------------------------------------------------------------------
-    # Auxiliary sources
+    @property
+    def failures(self) -> dict[str, int]:
+        return self.aux.failures
 
-    def _aux(self, source: Source, samples: list[Sample]) -> list[list[str]]:
-        """Texts per sample from one source, through the cache. Never raises: a failure is logged,
-        the source is restarted, and the samples get no actions from it this time."""
-        keys: list[str | None] = [None] * len(samples)
-        out: list[list[str] | None] = [None] * len(samples)
-        if self.cache is not None and source.cacheable:
-            for i, s in enumerate(samples):
-                keys[i] = cache_key(
-                    source.model_id, source.prompt_text(s), list(s.image_paths), source.cfg.sampling()
-                )
-                out[i] = self.cache.get(keys[i])
-        todo = [i for i, o in enumerate(out) if o is None]
-        if todo:
-            try:
-                texts = source.generate([samples[i] for i in todo])
-            except Exception as e:  # a dead or hung actor, an unreachable endpoint
-                self.failures[source.name] += 1
-                log.warning(
-                    "aux source %r failed (%s: %s); building groups from the remaining sources and "
-                    "restarting it",
-                    source.name,
-                    type(e).__name__,
-                    (str(e).splitlines() or [""])[0][:200],
-                )
-                try:
-                    source.restart(e)
-                except Exception as e2:
-                    log.warning("aux source %r: restart failed: %s", source.name, e2)
-                texts = [[] for _ in todo]
-            else:
-                self._count(source, len(todo), texts)
-                if self.cache is not None and source.cacheable:
-                    for i, t in zip(todo, texts, strict=True):
-                        if t:
-                            self.cache.put(keys[i], t, {"source": source.name, "sample": samples[i].id})
-            for i, t in zip(todo, texts, strict=True):
-                out[i] = t
-        return [o or [] for o in out]
+    @property
+    def cache(self) -> ActionCache | None:
+        return self.aux.cache
 
-    def _count(self, source: Source, prompts: int, texts: list[list[str]]) -> None:
-        """What guidance cost: completions asked of ``source`` (prompts x k; cache hits cost nothing)
-        and the tokens it returned, in the policy's tokens (an API bills in its own: an estimate)."""
-        tokens = sum(
-            len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for ts in texts for t in ts
-        )
-        with self._cost_lock:
-            c = self.costs[source.name]
-            c["requests"] += prompts * source.cfg.k
-            c["tokens"] += tokens
+    @property
+    def _pool(self):
+        return self.aux.pool
 
     def cost_metrics(self) -> dict[str, float]:
-        """Cumulative ``aux/requests|tokens|cost_usd/<source>`` and their totals (``aux/*_total``);
-        the cost is ``aux.NAME.price_per_1k_tokens`` x tokens / 1000."""
-        m: dict[str, float] = {}
-        with self._cost_lock:
-            for s in self.sources:
-                c = self.costs[s.name]
-                m[f"aux/requests/{s.name}"] = float(c["requests"])
-                m[f"aux/tokens/{s.name}"] = float(c["tokens"])
-                m[f"aux/cost_usd/{s.name}"] = c["tokens"] / 1000.0 * s.cfg.price_per_1k_tokens
-        for key in ("requests", "tokens", "cost_usd"):
-            m[f"aux/{key}_total"] = sum(v for k, v in m.items() if k.startswith(f"aux/{key}/"))
-        return m
+        return self.aux.cost_metrics()
 
     def prefetch(self, samples: list[Sample]) -> None:
         """Start auxiliary generation for an upcoming batch in the background (on demand, with
         ``rollout.gate_prefetch``: for the prompts that needed guidance at their last visit)."""
         if not self.cfg.prefetch:
             return
-        if self.cfg.on_demand:
-            if self.cfg.gate_prefetch:
-                self._start_likely(samples)
-            return
-        ids = tuple(s.id for s in samples)
-        for src in self.sources:
-            key = (src.name, ids)
-            if key not in self._pending:
-                self._pending[key] = self._pool.submit(self._aux, src, samples)
-
-    def _start_likely(self, samples: list[Sample]) -> None:
-        likely = [
-            s
-            for s in samples
-            if s.id in self._last_pass
-            and self.cfg.needs_guidance(self._last_pass[s.id])
-            and not any((src.name, s.id) in self._started for src in self.sources)
-        ]
-        if likely:
-            for src in self.sources:
-                fut = self._pool.submit(self._aux, src, likely)
-                for j, s in enumerate(likely):
-                    self._started[(src.name, s.id)] = (fut, j)
-
-    def _guidance(self, samples: list[Sample], need: list[int]) -> list[tuple[str, list[int], list]]:
-        """On-demand auxiliary texts for ``samples[i]``, ``i`` in ``need``: those started at the
-        prefetch (``gate_prefetch``) are taken, the rest are asked now, every source at once. Started
-        answers of the other samples are let go (counted ``unused``)."""
-        wanted = {samples[i].id for i in need}
-        plans = []
-        for src in self.sources:
-            held = {
-                s.id: self._started.pop((src.name, s.id))
-                for s in samples
-                if (src.name, s.id) in self._started
-            }
-            self.gate_counts["unused"] += sum(sid not in wanted for sid in held)
-            rest = [samples[i] for i in need if samples[i].id not in held]
-            plans.append((src, held, rest, self._pool.submit(self._aux, src, rest) if rest else None))
-        out = []
-        for src, held, rest, fut in plans:
-            fresh = iter(fut.result() if fut is not None else [])
-            texts = []
-            for i in need:
-                sid = samples[i].id
-                texts.append(held[sid][0].result()[held[sid][1]] if sid in held else next(fresh))
-            self.gate_counts["prefetched"] += len(need) - len(rest)
-            self.gate_counts["on_demand"] += len(rest)
-            out.append((src.name, need, texts))
-        return out
+        if not self.cfg.on_demand:
+            self.aux.prefetch(samples)
+        elif self.cfg.gate_prefetch:
+            self.gate.prefetch(samples)
 
     def gate_state(self) -> dict[str, float]:
-        """The policy pass rate per prompt at its last visit (``gate_prefetch``'s memory), for a
-        checkpoint: a resumed run starts the same requests early. Empty without gate_prefetch."""
-        return dict(self._last_pass)
+        return self.gate.state()
 
     def restore_gate(self, state: dict[str, float] | None) -> None:
-        self._last_pass = dict(state or {})
+        self.gate.restore(state)
 
-    def _aux_future(self, src: Source, samples: list[Sample]) -> Future:
-        return self._pending.pop((src.name, tuple(s.id for s in samples)), None) or self._pool.submit(
-            self._aux, src, samples
-        )
+    def start_early(self, samples: list[Sample], step: int) -> None:
+        """Start the policy's generation for step ``step``'s batch now, with the engines' current
+        weights (one-step-off-policy rollout); :meth:`rollout` for the same step and samples uses it."""
+        requests = self._requests([self.prompt(s) for s in samples], samples)
+        self.early.start(step, samples, self._submit(requests, step))
+
+    def early_state(self) -> dict | None:
+        return self.early.state()
+
+    def restore_early(self, state: dict | None) -> None:
+        self.early.restore(state)
 
     # ------------------------------------------------------------------------------------------
 
@@ -251,43 +157,6 @@ class RolloutCoordinator:
             ignore_eos=self.cfg.ignore_eos,
         )
 
-    def start_early(self, samples: list[Sample], step: int) -> None:
-        """Start the policy's generation for step ``step``'s batch now, with the engines' current
-        weights (one-step-off-policy rollout); :meth:`rollout` for the same step and samples uses it."""
-        requests = self._requests([self.prompt(s) for s in samples], samples)
-        self._early = EarlyRollout(step, tuple(s.id for s in samples), self._submit(requests, step))
-
-    def _take_early(self, samples: list[Sample], step: int) -> list[list[vb.Completion]] | None:
-        early, self._early = self._early, None
-        if early is None:
-            return None
-        out = early.completions()  # also when unused: a failed engine is reported, never skipped
-        if (early.step, early.sample_ids) != (step, tuple(s.id for s in samples)):
-            log.warning(
-                "the early rollout (step %d, samples %s) is not step %d's batch: generating again",
-                early.step,
-                list(early.sample_ids),
-                step,
-            )
-            return None
-        return out
-
-    def early_state(self) -> dict | None:
-        """The early rollout for the next step, finished, as JSON-able data (for a checkpoint)."""
-        if self._early is None:
-            return None
-        return {
-            "step": self._early.step,
-            "sample_ids": list(self._early.sample_ids),
-            "completions": [[dataclasses.asdict(c) for c in comps] for comps in self._early.completions()],
-        }
-
-    def restore_early(self, state: dict | None) -> None:
-        """Undo :meth:`early_state` (a resumed run continues with the early rollout it had saved)."""
-        if state:
-            done = [[vb.Completion(**c) for c in comps] for comps in state["completions"]]
-            self._early = EarlyRollout(state["step"], tuple(state["sample_ids"]), done=done)
-
     def rollout(self, samples: list[Sample], step: int | None = None, more=None) -> tuple[list[Group], dict]:
         """Groups for ``samples``. ``step`` (default: the previous call's + 1) seeds policy sampling,
         so a resumed run samples what an uninterrupted one would have. The policy's actions come
@@ -318,9 +187,8 @@ class RolloutCoordinator:
             sum(r.aux_wins for r in rounds),
             [p for r in rounds for p in r.pass_rates],
         )
-        metrics.update(self.cost_metrics())
-        if self.cfg.gate_prefetch:  # cumulative: guided prompts served early / asked late, answers let go
-            metrics.update({f"aux/gate_{k}": float(v) for k, v in self.gate_counts.items()})
+        metrics.update(self.aux.cost_metrics())
+        metrics.update(self.gate.metrics())
         metrics.update(
             {
                 "rollout/one_step_off": float(rounds[0].early),  # 1: generated before the previous update
@@ -343,9 +211,9 @@ class RolloutCoordinator:
         t0 = time.perf_counter()
         prompts = [self.prompt(s) for s in samples]
         aux_futs = (
-            {} if self.cfg.on_demand else {src.name: self._aux_future(src, samples) for src in self.sources}
+            {} if self.cfg.on_demand else {src.name: self.aux.future(src, samples) for src in self.sources}
         )
-        completions = self._take_early(samples, self._step) if rnd == 0 else None
+        completions = self.early.take(samples, self._step) if rnd == 0 else None
         early = completions is not None
         if not early:
             completions = self._submit(self._requests(prompts, samples), self._step, rnd).result()
@@ -359,7 +227,7 @@ class RolloutCoordinator:
             need = [
                 i for i, acts in enumerate(candidates) if self.cfg.needs_guidance(selection.pass_rate(acts))
             ]
-            aux_texts = self._guidance(samples, need) if need or self._started else []
+            aux_texts = self.gate.guidance(samples, need) if need or self.gate.pending() else []
             aux_texts = [t for t in aux_texts if t[1]]
         else:
             everyone = list(range(len(samples)))
@@ -373,10 +241,7 @@ class RolloutCoordinator:
                 candidates[i] += actions
         self._score(aux_pairs)
         out = _Round(samples=samples, candidates=candidates, early=early)
-        if self.cfg.gate_prefetch:  # its memory of the visits: the policy's own pass rate
-            self._last_pass.update(
-                (s.id, selection.pass_rate(c)) for s, c in zip(samples, candidates, strict=True)
-            )
+        self.gate.remember({s.id: selection.pass_rate(c) for s, c in zip(samples, candidates, strict=True)})
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
             out.pass_rates.append(selection.pass_rate(acts))
             best = selection.best(acts)
@@ -431,14 +296,11 @@ class RolloutCoordinator:
 
     def drain(self) -> None:
         """Wait for prefetched auxiliary work to land in the cache (before a checkpoint)."""
-        for f in list(self._pending.values()):
-            f.result()
+        self.aux.drain()
 
     def shutdown(self):
-        self._early = None
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        for s in self.sources:
-            s.shutdown()
+        self.early.clear()
+        self.aux.shutdown()
 
 
 @dataclasses.dataclass
@@ -452,16 +314,3 @@ class _Round:
     dropped: int = 0
     aux_wins: int = 0
     pass_rates: list[float] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass
-class EarlyRollout:
-    """The policy's generation for a coming step: in flight (``pending``) or finished (``done``)."""
-
-    step: int
-    sample_ids: tuple[str, ...]
-    pending: object = None  # a PolicyRouter.submit handle
-    done: list[list[vb.Completion]] | None = None
-
-    def completions(self) -> list[list[vb.Completion]]:
-        return self.pending.result() if self.done is None else self.done  # result() keeps its answer
