@@ -25,6 +25,7 @@ starts the requests at the batch's prefetch for the prompts that needed guidance
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 from pathlib import Path
@@ -81,10 +82,12 @@ def main(argv: list[str]) -> int:
     run_cfg, source_cfgs = to_run_config(compose(base))
     data = load_data(run_cfg, out)
     model = resolve_model(run_cfg.model.path)
-    for s in source_cfgs:
-        if s.kind == "vllm":
-            s.model = resolve_model(s.model)
-            s.max_tokens = args.max_tokens
+    source_cfgs = [  # copies with the engines' model directory and the bench's length (configs are read)
+        dataclasses.replace(s, model=resolve_model(s.model), max_tokens=args.max_tokens)
+        if s.kind == "vllm"
+        else s
+        for s in source_cfgs
+    ]
     processor = hf.load_processor(model)
     ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
