@@ -45,29 +45,29 @@ demo: install
 # traces only, continued CoT-SFT on the traces) on counting, GRPO and EKIPL on geometry and TRANCE,
 # 3 seeds per arm from each family's warm start, then pass@1-16 of every policy and its greedy score
 # on 1,000-problem splits, per family: bench/LEARNING.md. From a fresh clone with an empty cache it
-# took 1 h 55 min on a fast 2-core host (2026-12-07, AVX-512 EPYC: bench.learning 38 min, counting's
-# warm starts included; bench.families 43, geometry's and TRANCE's included; bench.boundary 34), two
+# took 1 h 55 min on a fast 2-core host (2026-12-07, AVX-512 EPYC: bench.learn.learning 38 min, counting's
+# warm starts included; bench.learn.families 43, geometry's and TRANCE's included; bench.learn.boundary 34), two
 # to three times that on slower ones.
 # Finished runs and evaluations are kept, so rerunning resumes.
 learn: install
-	$(PY) -m bench.learning
-	$(PY) -m bench.families
-	$(PY) -m bench.boundary
+	$(PY) -m bench.learn.learning
+	$(PY) -m bench.learn.families
+	$(PY) -m bench.learn.boundary
 
-# make learn, plus the arms beyond the paper (bench/learning.py's MORE_ARMS, MORE_FAMILY_ARMS): GRPO
+# make learn, plus the arms beyond the paper (bench/learn/learning.py's MORE_ARMS, MORE_FAMILY_ARMS): GRPO
 # with dynamic sampling and EKIPL with LoRA on counting, gated EKIPL (external actions only where the
 # policy fails) on every family. It resumes make learn's runs and reprints every table with the
 # extra rows.
 learn-more: install
-	$(PY) -m bench.learning --more
-	$(PY) -m bench.families --more
-	$(PY) -m bench.boundary --more
+	$(PY) -m bench.learn.learning --more
+	$(PY) -m bench.learn.families --more
+	$(PY) -m bench.learn.boundary --more
 
 lint: install
 	$(VENV)/bin/ruff check ekipl tests bench launch
 	$(VENV)/bin/ruff format --check ekipl tests bench launch
 
-# The bench group adds TRL (the baseline in bench/trl_compare.py); `make test` never installs it.
+# The bench group adds TRL (the baseline in bench/perf/trl_compare.py); `make test` never installs it.
 BENCH_STAMP := $(VENV)/.installed-$(EXTRA)-bench
 $(BENCH_STAMP): pyproject.toml uv.lock Makefile | $(UV)
 	$(UV) sync --frozen --compile-bytecode --extra $(EXTRA) --group bench --python $(PYTHON_VERSION)
@@ -77,11 +77,11 @@ $(BENCH_STAMP): pyproject.toml uv.lock Makefile | $(UV)
 bench: $(BENCH_STAMP)
 	$(PY) -m bench
 
-# bench/gpu.py on a machine with torch and transformers but no DeepSpeed (the lent GPU machines):
+# bench/perf/gpu.py on a machine with torch and transformers but no DeepSpeed (the lent GPU machines):
 # .gpu/ is what travels beside the code. DeepSpeed is pure Python (its ops build on demand, and the
 # learner uses torch's AdamW), so the copy installed here goes as it is; pydantic's compiled core
 # goes as wheels for that machine's Python ($(GPU_PY)). Versions: the ones uv.lock installed here.
-# TRL (bench/learner.py's baseline) and the datasets pieces that image lacks go as wheels too; its
+# TRL (bench/perf/learner.py's baseline) and the datasets pieces that image lacks go as wheels too; its
 # accelerate, pyarrow, pandas and the rest are the image's own.
 GPU_PY ?= 3.12
 SITE = $(VENV)/lib/python3.11/site-packages

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from bench import rollout, step, trl_compare, weight_sync
+from bench.perf import rollout, step, trl_compare, weight_sync
 
 
 def main() -> int:
@@ -19,7 +19,7 @@ def main() -> int:
         t0 = time.perf_counter()
         rc = fn([]) or rc
         took[name] = time.perf_counter() - t0
-    print("\n" + ", ".join(f"bench.{k} {v / 60:.1f} min" for k, v in took.items()), flush=True)
+    print("\n" + ", ".join(f"bench.perf.{k} {v / 60:.1f} min" for k, v in took.items()), flush=True)
     return rc
 
 

@@ -164,7 +164,7 @@ def evaluate(
     (:class:`~ekipl.engines.vllm_backend.EngineKeys`; it supersedes ``max_num_seqs``);
     ``system_prompt``: prompts as ``rollout.system_prompt=true`` renders them. On CPU the
     samples depend on the sequences in flight (one generator, reseeded per split, draws for
-    the whole batch); the greedy answers did not in bench/boundary.py's check."""
+    the whole batch); the greedy answers did not in bench/learn/boundary.py's check."""
     from ekipl.engines import vllm_backend as vb
     from ekipl.models import hf
 

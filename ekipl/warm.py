@@ -43,7 +43,7 @@ class WarmStart:
 
 
 WARM_STARTS: dict[str, WarmStart] = {
-    # The learning experiments' policy (bench/learning.py, make demo): right about a third of the
+    # The learning experiments' policy (bench/learn/learning.py, make demo): right about a third of the
     # time on held-out counting, with the format learned, so RL has room to improve.
     "learn-qwen2-vl-sft": WarmStart(base="learn-qwen2-vl", steps=300),
     # Its stronger auxiliary model, standing in for GPT-4o: the same recipe trained three times as
@@ -51,7 +51,7 @@ WARM_STARTS: dict[str, WarmStart] = {
     # always.
     "learn-qwen2-vl-aux": WarmStart(base="learn-qwen2-vl-sft", steps=600),
     # The same pair for the other two families (structure perception and spatial transformation), on
-    # each family's own synthetic rows (bench/families.py); the auxiliary model is trained twice as
+    # each family's own synthetic rows (bench/learn/families.py); the auxiliary model is trained twice as
     # long, not three times. Their vision tower stays as built (random features), which the language
     # model learns to read: with it trained, geometry's warm start did not look at its images
     # (bench/LEARNING.md). TRANCE's read none of generators 1-4's small objects either way, and

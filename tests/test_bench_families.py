@@ -1,4 +1,4 @@
-"""bench/families.py's arithmetic: what guessing scores per split (under the validation's own
+"""bench/learn/families.py's arithmetic: what guessing scores per split (under the validation's own
 scoring), and the paper-layout table from runs' metrics rows."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from bench import families
+from bench.learn import families
 
 
 def _split(root, name, task, answers, red_image):
@@ -56,7 +56,7 @@ def test_the_boundary_guess_counts_only_fully_right_answers_as_pass_at_k_does(tm
     """pass@k counts a sample right only when fully right (``ekipl.eval``), so the guessing rows
     beside it must too: on TRANCE a guess naming the right function with the wrong value has half
     credit in the accuracy table and none in pass@k."""
-    from bench import boundary
+    from bench.learn import boundary
 
     answers = ["change_color(0, red)", "change_color(0, blue)"]
     for split in ("id", "ood"):
@@ -141,7 +141,7 @@ def test_a_family_is_chosen_alone_with_tasks_and_an_unknown_one_is_refused(modul
     """The issue's ``--tasks`` is ``--families`` by another name, in the batch and in the boundary."""
     import importlib
 
-    main = importlib.import_module(f"bench.{module}").main
+    main = importlib.import_module(f"bench.learn.{module}").main
     with pytest.raises(SystemExit) as e:
         main(["--tasks", "geometry", "chess"])
     assert e.value.code == 2
@@ -159,9 +159,9 @@ def test_a_family_preset_has_its_own_models_and_grpo_drops_every_auxiliary_sourc
 
 
 def test_the_final_scores_table_averages_seeds_per_split_and_marks_a_missing_arm():
-    """bench/boundary.py's 1,000-problem table: per family ID, OOD and their per-seed mean; the one
+    """bench/learn/boundary.py's 1,000-problem table: per family ID, OOD and their per-seed mean; the one
     warm-start model with its standard error over the problems (not a std of ± 0.000)."""
-    from bench import boundary
+    from bench.learn import boundary
 
     def rows(pairs):
         return [
@@ -221,7 +221,7 @@ def test_an_arm_whose_evaluations_are_kept_is_reported_without_its_policies(tmp_
     """bench/results/ keeps the runs' metrics and the evaluations' JSON, not the policies: the
     boundary report takes such an arm from its kept evaluations (and builds no warm start for it),
     and leaves out an arm that has neither."""
-    from bench import boundary
+    from bench.learn import boundary
 
     for arm in ("warm", "final-warm", "grpo", "final-grpo", "ekipl"):  # ekipl's final one is missing
         (tmp_path / f"{arm}.json").write_text("[]")
@@ -238,9 +238,9 @@ def test_an_arm_whose_evaluations_are_kept_is_reported_without_its_policies(tmp_
 
 
 def test_one_evaluation_per_arm_is_kept_as_its_pass_at_k_and_its_final_scores():
-    """bench/boundary.py runs pass@k on the validated splits and greedy on the large ones in one
+    """bench/learn/boundary.py runs pass@k on the validated splits and greedy on the large ones in one
     ``ekipl.eval`` (one engine start per arm); its rows go back to the two files kept before."""
-    from bench import boundary
+    from bench.learn import boundary
 
     rows = [
         {"model": "m-s0", "split": "id", "pass@16": 0.9},
@@ -257,20 +257,20 @@ def test_one_evaluation_per_arm_is_kept_as_its_pass_at_k_and_its_final_scores():
 
 
 def test_the_boundary_takes_a_kept_runs_model_seed_from_its_config(tmp_path):
-    from bench import boundary
+    from bench.learn import boundary
 
     (tmp_path / "config.json").write_text(json.dumps({"model": {"seed": 1}}))
     assert boundary.run_model_seed(tmp_path, 0) == 1 and boundary.run_model_seed(tmp_path / "none", 3) == 3
 
 
 def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
-    """`make learn` runs the paper's arms and the three ablations (bench/learning.py's defaults);
+    """`make learn` runs the paper's arms and the three ablations (bench/learn/learning.py's defaults);
     `make learn-more` runs each batch with ``--more``: the same plus MORE_ARMS on counting and
     MORE_FAMILY_ARMS on the other families, each of them runnable there, none twice."""
     import re
     from pathlib import Path
 
-    from bench import families, learning
+    from bench.learn import families, learning
 
     assert learning.DEFAULT_ARMS == ["grpo", "ekipl", *learning.ABLATIONS]
     make = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
@@ -278,7 +278,7 @@ def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
     def recipe(target):
         return re.findall(r"^\t(.+)$", re.search(rf"^{target}: .*\n((?:\t.*\n)+)", make, re.M).group(1), re.M)
 
-    batches = ["bench.learning", "bench.families", "bench.boundary"]
+    batches = ["bench.learn.learning", "bench.learn.families", "bench.learn.boundary"]
     assert recipe("learn") == [f"$(PY) -m {b}" for b in batches]
     assert recipe("learn-more") == [f"$(PY) -m {b} --more" for b in batches]
     counting = learning.with_more(learning.DEFAULT_ARMS, learning.MORE_ARMS)
@@ -289,7 +289,7 @@ def test_make_learn_runs_the_issues_plan_and_learn_more_adds_every_other_arm():
 
 
 def test_the_pass_at_k_table_gives_the_one_warm_start_its_standard_error_and_arms_their_spread():
-    from bench import boundary
+    from bench.learn import boundary
 
     def row(split, p, problems=128):
         return {"split": split, "problems": problems, **{f"pass@{k}": p for k in boundary.KS}}
@@ -310,7 +310,7 @@ def test_a_batch_measures_the_warm_starts_step_0_validation_once_and_every_run_s
     their step-0 rows are identical (all 30 runs of 2026-12-07's batches, checked); a run takes the
     batch's first run's row and completions instead of measuring them again, and only from a run
     that finished."""
-    from bench import learning
+    from bench.learn import learning
 
     first, run = tmp_path / "grpo" / "seed0", tmp_path / "ekipl" / "seed1"
     for d in (first, run):
@@ -336,7 +336,7 @@ def test_a_batch_measures_the_warm_starts_step_0_validation_once_and_every_run_s
 def test_the_sft_control_evaluates_the_warm_start_of_the_runs_own_model_seed(tmp_path, monkeypatch):
     """The continued-SFT control scores its own starting point beside its result: with
     ``model.seed=1`` that is seed 1's warm start (the cached build's directory), not seed 0's."""
-    from bench import learning
+    from bench.learn import learning
     from ekipl import warm
 
     monkeypatch.setenv("EKIPL_CACHE", str(tmp_path / "cache"))
@@ -355,11 +355,11 @@ def test_the_sft_control_evaluates_the_warm_start_of_the_runs_own_model_seed(tmp
 
 
 def test_the_bar_averages_each_claim_over_the_families_that_measured_it_and_gives_one_verdict():
-    """The issue's bar, as bench/boundary.py prints it: EKIPL − GRPO on the final splits per family
+    """The issue's bar, as bench/learn/boundary.py prints it: EKIPL − GRPO on the final splits per family
     (± the standard error of the difference) and averaged; pass@16 of EKIPL / GRPO / the warm start;
     EKIPL's steps to GRPO's final ID. A family without EKIPL, or whose GRPO never beat its warm
     start, is left out of that claim's mean."""
-    from bench import boundary
+    from bench.learn import boundary
 
     def acc(pairs):
         return [{"split": sp, "accuracy": v} for i, o in pairs for sp, v in (("id", i), ("ood", o))]
@@ -407,10 +407,10 @@ def test_the_bar_averages_each_claim_over_the_families_that_measured_it_and_give
 
 
 def test_the_report_gives_finals_and_guessing_only_for_the_families_that_took_finals():
-    """bench/boundary.py's report: a pass@k table per family, the final scores with what guessing
+    """bench/learn/boundary.py's report: a pass@k table per family, the final scores with what guessing
     scores on the large splits for the families evaluated on them (``--final-problems 0`` takes
     none), then the bar."""
-    from bench import boundary
+    from bench.learn import boundary
 
     def family(finals, guess):
         passes = {

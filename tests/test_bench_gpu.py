@@ -1,4 +1,4 @@
-"""bench/gpu.py, the GPU section of the benchmarks, runs where there is no vLLM and no Ray (the lent
+"""bench/perf/gpu.py, the GPU section of the benchmarks, runs where there is no vLLM and no Ray (the lent
 GPU machines' image): here on the CPU with the tiny VLM, through the same code as on CUDA."""
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def test_gpu_bench_runs_without_vllm_or_ray(tmp_path, tiny_vlm):
     args = ["--model", str(tiny_vlm), "--stages", "2", "--repeats", "1", "--group", "4", "--tokens", "8"]
     args += ["--variants", "pack", "--longest", "8"]  # one learner variant (CUDA runs all four)
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.gpu", *args, "--json", str(out)],
+        [sys.executable, "-m", "bench.perf.gpu", *args, "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""bench/real_step.py's workload: both trainers must see the same prompts and make each completion
+"""bench/perf/real_step.py's workload: both trainers must see the same prompts and make each completion
 exactly its drawn length (the bench itself needs TRL, which `make test` does not install)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 def test_force_lengths_ends_each_row_of_transformers_generate_at_its_length(tiny_lm):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
 
-    from bench.real_step import ForceLengths
+    from bench.perf.real_step import ForceLengths
 
     tok = AutoTokenizer.from_pretrained(tiny_lm)
     model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype="float32")
@@ -31,7 +31,7 @@ def test_force_lengths_ends_each_row_of_transformers_generate_at_its_length(tiny
 
 
 def test_the_bench_prompts_are_all_exactly_prompt_len_tokens(tiny_lm):
-    from bench.real_step import PROMPT_LEN, samples
+    from bench.perf.real_step import PROMPT_LEN, samples
     from ekipl.models import hf
     from ekipl.tasks.prompts import render_prompt
 

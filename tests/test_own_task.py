@@ -446,7 +446,7 @@ def test_the_own_task_example_trains_on_two_zero3_ranks_and_evaluates(
             "base=tiny-qwen2-vl",  # loaded into the first model's engine
             "--split",
             f"test={data['test']}",
-            "--greedy-split",  # as bench/boundary.py's large final splits: greedy only, same engine
+            "--greedy-split",  # as bench/learn/boundary.py's large final splits: greedy only, same engine
             f"final={data['test']}",
             "--max-num-seqs=8",
             "--task",

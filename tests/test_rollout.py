@@ -355,7 +355,7 @@ def test_a_hung_aux_source_is_timed_out_and_killed_for_a_restart(
 
 
 def test_router_takes_one_token_limit_per_request(policy_router):
-    """Per-request max_tokens reach the engine through the router (bench/real_step.py makes each
+    """Per-request max_tokens reach the engine through the router (bench/perf/real_step.py makes each
     row of a group as long as the bench drew); a wrong count is refused before anything runs."""
     from ekipl.engines import vllm_backend as vb
 

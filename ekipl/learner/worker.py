@@ -343,7 +343,7 @@ class Learner:
 
     def _plan(self, batch: Batch, plan: list[list[int]] | None) -> list[list[int]]:
         """The micro-batches: ``plan`` as the group laid it out (the same count on every rank), or,
-        for a lone rank driven directly (bench/gpu.py), this batch's own :func:`plan_rows`."""
+        for a lone rank driven directly (bench/perf/gpu.py), this batch's own :func:`plan_rows`."""
         return plan if plan is not None else plan_rows(batch.attention_mask.sum(-1).tolist(), self.cfg)
 
     @torch.no_grad()

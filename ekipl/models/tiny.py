@@ -118,7 +118,7 @@ TINY_MODELS: dict[str, TinySpec] = {
         vision_heads=3,
     ),
     "tiny-qwen2": TinySpec(vision=False),
-    # The learning experiments' policy (bench/learning.py, make demo): big enough to resolve the
+    # The learning experiments' policy (bench/learn/learning.py, make demo): big enough to resolve the
     # synthetic scenes after a CoT-SFT warm start (24 image tokens for a 160x120 image), small enough
     # to train on 2 cores.
     "learn-qwen2-vl": TinySpec(
@@ -140,7 +140,7 @@ TINY_MODELS: dict[str, TinySpec] = {
     "bench-qwen2-75m": TinySpec(  # the TRL comparison's compute-bound size
         vision=False, hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12, num_kv_heads=4
     ),
-    # Qwen2's real vocabulary rows on a body small enough for 2 cores (bench/learner.py): the LM head
+    # Qwen2's real vocabulary rows on a body small enough for 2 cores (bench/perf/learner.py): the LM head
     # dominates, as the learner's logits do at real proportions.
     "bench-qwen2-151k": TinySpec(
         vision=False,
@@ -152,7 +152,7 @@ TINY_MODELS: dict[str, TinySpec] = {
         num_kv_heads=2,
         tie_embeddings=True,
     ),
-    # Qwen2-VL-2B's language model scaled down at its proportions (bench/learner.py's LoRA rows on
+    # Qwen2-VL-2B's language model scaled down at its proportions (bench/perf/learner.py's LoRA rows on
     # CPU): embeddings 15% of the 41M parameters (2B: 233M of 1.54B), the MLP 5.8x as wide as the
     # body (8960/1536), 6 query heads per KV head, tied embeddings.
     "bench-qwen2-2b-shape": TinySpec(
@@ -169,7 +169,7 @@ TINY_MODELS: dict[str, TinySpec] = {
         vision=False, hidden_size=768, intermediate_size=3072, num_layers=12, num_heads=12, num_kv_heads=4
     ),
     # Qwen2-VL-2B's shapes (2.21B parameters: its vocabulary rows, tied embeddings, 28 layers, the
-    # 32-block vision tower) with random weights, for the GPU benchmark (bench/gpu.py). Images are
+    # 32-block vision tower) with random weights, for the GPU benchmark (bench/perf/gpu.py). Images are
     # resized to about 448x448 pixels: ~256 merged image tokens each (266 for the synthetic images).
     "bench-qwen2-vl-2b": TinySpec(
         vocab_rows=151936,
@@ -200,7 +200,7 @@ TINY_MODELS["tiny-qwen2.5-vl"] = dataclasses.replace(TINY_MODELS["tiny-qwen2-vl"
 TINY_MODELS["tiny-qwen3-vl"] = dataclasses.replace(
     TINY_MODELS["tiny-qwen2-vl"], family="qwen3_vl", min_pixels=32 * 32 * 4, max_pixels=32 * 32 * 16
 )
-# Qwen2-VL-2B's language model alone (1.54B parameters, a text-only Qwen2), for bench/learner.py on a
+# Qwen2-VL-2B's language model alone (1.54B parameters, a text-only Qwen2), for bench/perf/learner.py on a
 # GPU: TRL's GRPOTrainer and ekipl's learner on the same text stand-in for image prompts.
 TINY_MODELS["bench-qwen2-vl-2b-lm"] = dataclasses.replace(TINY_MODELS["bench-qwen2-vl-2b"], vision=False)
 

@@ -6,7 +6,7 @@ with a forced completion length, alternating repeats so that machine noise hits 
 Prints a Markdown table of medians and the ratio (goal: actor >= 0.9x direct). The 2-replica row
 splits the same batch over two engine actors (on a 2-core machine they share the cores).
 
-    .venv/bin/python -m bench.rollout [--repeats 3] [--prompts 8] [--n 8] [--tokens 64]
+    .venv/bin/python -m bench.perf.rollout [--repeats 3] [--prompts 8] [--n 8] [--tokens 64]
 """
 
 from __future__ import annotations

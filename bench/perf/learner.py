@@ -26,7 +26,7 @@ Variants:
   tiles folded in torch); the table gives ratios against each.
 
 Reported: the learner step's time (median of repeats after a warm-up; generation is not in it: the
-two trainers generate with different engines, and bench/trl_compare.py times whole steps at a
+two trainers generate with different engines, and bench/perf/trl_compare.py times whole steps at a
 forced length), the peak resident memory *during* the steps above what the process held before
 them (Linux VmHWM, reset through ``/proc/self/clear_refs`` right before; it includes the optimizer's
 state, created at the first step), and the padding (padded positions / real tokens, as each
@@ -40,7 +40,7 @@ all with gradient checkpointing (TRL's default), plus TRL with bf16 weights (its
 setting). Memory there is ``torch.cuda.max_memory_allocated`` over the whole process: weights,
 optimizer state and the step's peak.
 
-    .venv/bin/python -m bench.learner [--repeats 3] [--model NAME] [--prompts 2] [--json FILE]
+    .venv/bin/python -m bench.perf.learner [--repeats 3] [--model NAME] [--prompts 2] [--json FILE]
 """
 
 from __future__ import annotations
@@ -58,9 +58,9 @@ from pathlib import Path
 
 import torch
 
-from bench.trainers import cuda_sync, grpo_config, step_clock
+from bench.perf.trainers import cuda_sync, grpo_config, step_clock
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODEL = "bench-qwen2-151k"
 GPU_MODEL = "bench-qwen2-vl-2b-lm"
 PROMPT_LEN = 320
@@ -123,7 +123,7 @@ def variants() -> dict[str, dict]:
 
 def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
     """Completion lengths like an RL batch's: log-normal around 90 tokens, clipped to [20, cap]
-    (here and in bench/gpu.py); a cap under 180 scales the median and the floor down with it, so
+    (here and in bench/perf/gpu.py); a cap under 180 scales the median and the floor down with it, so
     that small test runs still draw different lengths."""
     median, floor = min(90.0, cap / 2), min(20, max(1, cap // 4))
     return [min(cap, max(floor, int(math.exp(rng.gauss(math.log(median), 0.9))))) for _ in range(n)]
@@ -131,7 +131,7 @@ def skewed_lengths(n: int, rng, cap: int = 512) -> list[int]:
 
 def use_full_logits() -> None:
     """Make ekipl's learner compute log-probs as it did before completion-only logits: the LM head
-    and an fp32 log-softmax at every position (the "before" rows here and in bench/gpu.py)."""
+    and an fp32 log-softmax at every position (the "before" rows here and in bench/perf/gpu.py)."""
     import ekipl.learner.worker as worker
     from ekipl.learner.logprobs import full_logprobs
 
@@ -346,7 +346,7 @@ def head_share(model: str) -> float:
 
 
 def run_part(module: str, args: list[str], capture: bool = False) -> dict | None:
-    """``python -m MODULE ARGS --out FILE`` in a fresh process (here and in bench/gpu.py): the JSON
+    """``python -m MODULE ARGS --out FILE`` in a fresh process (here and in bench/perf/gpu.py): the JSON
     result it wrote, printed as it comes (a run cut short keeps the parts done), or None where it
     failed, the failure printed. ``capture`` keeps the child's output back, a failure's stderr
     shown."""
@@ -368,7 +368,7 @@ def run_part(module: str, args: list[str], capture: bool = False) -> dict | None
 
 def run_variants(module: str, names, shared: list[str]) -> tuple[list[dict], list[str]]:
     """``python -m MODULE --variant NAME SHARED`` for every name, each in a fresh process (here and
-    in bench/real_step.py): the rows, and the names of the variants that failed (reported, left out)."""
+    in bench/perf/real_step.py): the rows, and the names of the variants that failed (reported, left out)."""
     parts = {name: run_part(module, ["--variant", name, *shared], capture=True) for name in names}
     return [r for r in parts.values() if r], [name for name, r in parts.items() if r is None]
 
@@ -377,7 +377,7 @@ def run_all(a: argparse.Namespace) -> tuple[list[dict], list[str]]:
     """Every variant of this bench."""
     shared = ["--repeats", str(a.repeats), "--model", a.model, "--prompts", str(a.prompts)]
     names = [n for n in variants() if not a.only or any(o in n for o in a.only)]
-    return run_variants("bench.learner", names, shared)
+    return run_variants("bench.perf.learner", names, shared)
 
 
 def _reference(row: dict, column: str, rows: list[dict]) -> dict | None:
@@ -494,7 +494,7 @@ def main(argv=None) -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("bench.learner: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
+        print("bench.perf.learner: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
         return 2
     from ekipl.models.tiny import build_tiny
 

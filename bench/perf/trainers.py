@@ -1,6 +1,6 @@
-"""Helpers the trainer benchmarks share (bench/learner.py, bench/trl_compare.py, bench/real_step.py,
-bench/gpu.py): a clock that waits for the GPU, a TRL callback timing optimizer steps, and TRL's
-GRPOConfig as ekipl's side runs."""
+"""Helpers the trainer benchmarks share (bench/perf/learner.py, bench/perf/trl_compare.py,
+bench/perf/real_step.py, bench/perf/gpu.py): a clock that waits for the GPU, a TRL callback timing
+optimizer steps, and TRL's GRPOConfig as ekipl's side runs."""
 
 from __future__ import annotations
 

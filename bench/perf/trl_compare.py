@@ -1,6 +1,6 @@
 """ekipl against TRL's GRPOTrainer: time per step and tokens/s, side by side in one run.
 
-    .venv/bin/python -m bench.trl_compare [--repeats 3] [--models tiny-qwen2 bench-qwen2-75m]
+    .venv/bin/python -m bench.perf.trl_compare [--repeats 3] [--models tiny-qwen2 bench-qwen2-75m]
 
 The same for both sides: the policy (a text-only Qwen2 built locally with random weights), the
 prompts (the synthetic counting problems' text), G=8 completions for each of 2 prompts per step,
@@ -20,9 +20,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.trainers import grpo_config, step_clock
+from bench.perf.trainers import grpo_config, step_clock
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 G, PROMPTS, TOKENS, LR = 8, 2, 64, 1e-6
 
 
@@ -169,7 +169,9 @@ def main(argv: list[str]) -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("bench.trl_compare: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
+        print(
+            "bench.perf.trl_compare: TRL is missing; `make bench` installs the bench group", file=sys.stderr
+        )
         return 2
     from ekipl.models import hf
     from ekipl.models.tiny import build_tiny

@@ -1,6 +1,6 @@
 """Where an EKIPL step's time goes, and what auxiliary sources cost.
 
-    .venv/bin/python -m bench.step [--repeats 5] [--groups 4 8 16]
+    .venv/bin/python -m bench.perf.step [--repeats 5] [--groups 4 8 16]
 
 One set of actors (a policy vLLM engine -- two, in fact: one alone with every core for the rows
 without auxiliary sources, one sharing the cores with the aux engine, as the trainer sets them up
@@ -30,7 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 GUIDED_PROMPTS = 8
 PARTS = [
     ("aux wait", "timing/aux_wait"),

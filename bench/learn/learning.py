@@ -9,7 +9,7 @@ Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.tr
   the recorded trace, plain PPO-clip;
 * ``ekipl_gated``:  external actions only where every policy sample failed, replacing failed ones,
   the gated advantage rule (``algorithm=ekipl_gated``);
-* ``ekipl_lora``:   EKIPL with LoRA (rank 8, the vision tower frozen), its lr from bench/lora_pilot.py;
+* ``ekipl_lora``:   EKIPL with LoRA (rank 8, the vision tower frozen), its lr from bench/learn/lora_pilot.py;
 * ablations, where EKIPL's gain comes from: ``ekipl_aux_only`` (the auxiliary model alone, right
   only sometimes: the paper's setting), ``ekipl_traces_only`` (the always-right traces alone) and
   ``sft_traces`` (continued CoT-SFT on the traces, same prompts, steps and lr: no RL at all);
@@ -18,7 +18,7 @@ Arms (``conf/experiment/learn_counting.yaml``, each a plain ``python -m ekipl.tr
 
 `make learn` runs ``DEFAULT_ARMS``: GRPO, EKIPL and the three ablations, the arms that say whether
 EKIPL beats GRPO and why. `make learn-more` (``--more``) adds ``MORE_ARMS``, and
-``MORE_FAMILY_ARMS`` on the other families (bench/families.py).
+``MORE_FAMILY_ARMS`` on the other families (bench/learn/families.py).
 
 A finished run (its ``done.json``) is kept, not redone: rerunning the command resumes the batch.
 The warm start's step-0 validation is measured once, by the batch's first GRPO run; the other runs
@@ -33,7 +33,8 @@ Writes each run under ``--out`` (``<arm>/seed<k>/``: metrics.jsonl, val/ complet
 and the final policy in ``policy/``), the tables into ``bench/LEARNING.md`` (between its markers;
 the analysis around them is written by hand) and the curves to ``bench/learning.png``.
 
-    .venv/bin/python -m bench.learning [--seeds 0 1 2] [--arms grpo ekipl ekipl_shaped] [--more] [--steps 60]
+    .venv/bin/python -m bench.learn.learning [--seeds 0 1 2] [--arms grpo ekipl ekipl_shaped] [--more] \
+        [--steps 60]
 """
 
 from __future__ import annotations
@@ -47,15 +48,17 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # bench/: LEARNING.md, the pictures, results/
 
 
 def lora_lr() -> str:
-    """EKIPL with LoRA's learning rate: the one bench/lora_pilot.py picked on the train split's
+    """EKIPL with LoRA's learning rate: the one bench/learn/lora_pilot.py picked on the train split's
     reward (bench/results/lora_pilot.json, committed); never chosen on a test split."""
     pilot = HERE / "results" / "lora_pilot.json"
     if not pilot.is_file():
-        raise SystemExit(f"{pilot} is missing: run `python -m bench.lora_pilot` before the ekipl_lora arm")
+        raise SystemExit(
+            f"{pilot} is missing: run `python -m bench.learn.lora_pilot` before the ekipl_lora arm"
+        )
     return str(json.loads(pilot.read_text())["picked_lr"])
 
 
@@ -80,9 +83,9 @@ ABLATIONS = ["ekipl_aux_only", "ekipl_traces_only", "sft_traces"]
 DEFAULT_ARMS = ["grpo", "ekipl", *ABLATIONS]
 # `make learn-more`: the arms beyond the paper (dynamic sampling, guidance where the policy fails, LoRA)
 MORE_ARMS = ["grpo_ds", "ekipl_gated", "ekipl_lora"]
-# ... and on geometry and TRANCE (bench/families.py)
+# ... and on geometry and TRANCE (bench/learn/families.py)
 MORE_FAMILY_ARMS = ["ekipl_gated"]
-BEGIN, END = "<!-- learning:begin (bench/learning.py writes this part) -->", "<!-- learning:end -->"
+BEGIN, END = "<!-- learning:begin (bench/learn/learning.py writes this part) -->", "<!-- learning:end -->"
 
 
 def finished(run_dir: Path, steps: int) -> float | None:
@@ -128,8 +131,8 @@ def run_arm(
 ) -> float:
     """One training run as a user runs it; returns its wall time in seconds. A run that already
     finished with the same steps is kept (its recorded time is returned); a partial one is redone.
-    ``overrides`` replace the arm's own (bench/lora_pilot.py's candidates); ``experiment`` is the
-    family's preset (bench/families.py). ``step0``: a finished run of the same batch whose step-0
+    ``overrides`` replace the arm's own (bench/learn/lora_pilot.py's candidates); ``experiment`` is the
+    family's preset (bench/learn/families.py). ``step0``: a finished run of the same batch whose step-0
     validation (the warm start's) this run takes instead of measuring it again (``ekipl.train``
     with ``trainer.eval_before_train=false``; the rest of the run is unchanged, bench/LEARNING.md)."""
     run_dir = out / arm / f"seed{seed}"
@@ -436,7 +439,7 @@ def with_more(arms: list[str], more: list[str]) -> list[str]:
 
 
 def batch_args(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options every `make learn` batch takes (bench/families.py's too)."""
+    """The options every `make learn` batch takes (bench/learn/families.py's too)."""
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=10)

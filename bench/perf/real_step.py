@@ -1,12 +1,12 @@
 """The whole step on the realistic workload, generation included: ekipl against TRL's GRPOTrainer,
-side by side in one run (bench/learner.py times the learner alone on the same workload).
+side by side in one run (bench/perf/learner.py times the learner alone on the same workload).
 
-    .venv/bin/python -m bench.real_step [--repeats 3] [--json FILE]
+    .venv/bin/python -m bench.perf.real_step [--repeats 3] [--json FILE]
 
 Workload, the same for every variant and every step: ``bench-qwen2-151k`` (Qwen2's 151,936
 vocabulary rows on a 4-layer, 256-wide body), 2 prompts x G=8 per step, each prompt exactly
 ``PROMPT_LEN`` tokens after the chat template (words of one token each standing in for image
-tokens), and completion lengths drawn as bench/learner.py draws them (``skewed_lengths``: 25-395
+tokens), and completion lengths drawn as bench/perf/learner.py draws them (``skewed_lengths``: 25-395
 tokens, mean 103), row by row the same in both trainers. Each completion is made exactly its drawn
 length: in ekipl by a per-request ``max_tokens`` with EOS ignored (a group's G samples sent as G
 requests of one sample, which is how vLLM runs ``n`` samples anyway); in TRL by a logits processor
@@ -22,7 +22,7 @@ Variants, each in a fresh process:
 * TRL 1.16 GRPOTrainer in this process: transformers ``generate`` (its vLLM modes need CUDA), then its
   loop over 4 micro-batches of 4 rows; as it runs on this CPU (its LM head at every position,
   gradient checkpointing, its defaults), and on completion positions only (its Triton-device path
-  forced, as bench/learner.py does; without checkpointing, its faster setting here).
+  forced, as bench/perf/learner.py does; without checkpointing, its faster setting here).
 
 Reported (median of ``--repeats`` steps after a warm-up): the step's wall time, its generation and
 its learner share (ekipl: log-probs + update, then the weight sync; TRL: the step less ``generate``),
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from bench.learner import BUDGET, MODEL, PROMPT_LEN, run_variants, skewed_lengths
+from bench.perf.learner import BUDGET, MODEL, PROMPT_LEN, run_variants, skewed_lengths
 
 G, PROMPTS = 8, 2
 VARIANTS = {
@@ -52,7 +52,7 @@ VARIANTS = {
 
 
 def draws() -> list[int]:
-    """Each row's completion length (row g*G + j: group g's j-th sample), bench/learner.py's draws."""
+    """Each row's completion length (row g*G + j: group g's j-th sample), bench/perf/learner.py's draws."""
     return skewed_lengths(PROMPTS * G, random.Random(0))
 
 
@@ -80,7 +80,7 @@ def samples(path: str, n: int) -> list:
 def run_ekipl(a: argparse.Namespace) -> dict:
     import ray
 
-    from bench.trl_compare import ekipl_config
+    from bench.perf.trl_compare import ekipl_config
     from ekipl.data import ImageCheck, Sampler
     from ekipl.engines import vllm_backend as vb
     from ekipl.learner.group import LearnerGroup
@@ -162,7 +162,7 @@ def run_trl(name: str, a: argparse.Namespace) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList
     from trl import GRPOTrainer
 
-    from bench.trainers import grpo_config, step_clock
+    from bench.perf.trainers import grpo_config, step_clock
     from ekipl.models.tiny import build_tiny
     from ekipl.tasks.prompts import build_messages
 
@@ -265,12 +265,12 @@ def main(argv=None) -> int:
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("bench.real_step: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
+        print("bench.perf.real_step: TRL is missing; `make bench` installs the bench group", file=sys.stderr)
         return 2
     from ekipl.models.tiny import build_tiny
 
     build_tiny(MODEL)  # once, before any timing
-    rows, failed = run_variants("bench.real_step", VARIANTS, ["--repeats", str(a.repeats)])
+    rows, failed = run_variants("bench.perf.real_step", VARIANTS, ["--repeats", str(a.repeats)])
     if rows:
         print(table(rows), flush=True)
     if a.json:

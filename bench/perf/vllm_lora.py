@@ -15,7 +15,7 @@ sync takes (merged: the load; adapter: its first generate minus a steady one), a
 time (median of 3), the bytes that travel, and the largest difference between the two ways'
 log-probs of the same greedy tokens (the same tokens required).
 
-    .venv/bin/python -m bench.vllm_lora [--model tiny-qwen2-vl] [--prompts 8] [--tokens 32]
+    .venv/bin/python -m bench.perf.vllm_lora [--model tiny-qwen2-vl] [--prompts 8] [--tokens 32]
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.learner import run_part
+from bench.perf.learner import run_part
 
 RANK = 8
 
@@ -188,7 +188,8 @@ def main(argv=None) -> int:
         *map(str, versions),
     ]
     ways = {
-        w: run_part("bench.vllm_lora", ["--way", w, *shared], capture=True) for w in ("merged", "adapter")
+        w: run_part("bench.perf.vllm_lora", ["--way", w, *shared], capture=True)
+        for w in ("merged", "adapter")
     }
     if None in ways.values():
         return 1

@@ -8,7 +8,7 @@ rank 0 holds the full weights); ``--zero3-models`` also under ZeRO-3 (the weight
 against the same engine (not in ``make bench``, to keep it under 15 minutes). Prints a Markdown
 table of medians.
 
-    .venv/bin/python -m bench.weight_sync [--repeats 3] [--models tiny-qwen2 ...] [--zero3-models ...]
+    .venv/bin/python -m bench.perf.weight_sync [--repeats 3] [--models tiny-qwen2 ...] [--zero3-models ...]
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ row per family. A one-model row (the warm start) carries its standard error over
 where an arm's carries the std over its seeds. Last comes the issue's bar (:func:`bar_table`): the
 paper's three claims, EKIPL against GRPO, per family and averaged over the families, with a verdict.
 
-    .venv/bin/python -m bench.boundary [--families counting geometry trance] [--arms ...] [--seeds 0 1 2] \
-        [--family-arms grpo ekipl ekipl_gated] [--more] [--runs DIR] [--counting-runs DIR] [--out DIR]
+    .venv/bin/python -m bench.learn.boundary [--families counting geometry trance] [--arms ...] \
+        [--seeds 0 1 2] [--family-arms grpo ekipl ekipl_gated] [--more] [--runs DIR] \
+        [--counting-runs DIR] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,10 +34,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.learning import DEFAULT_ARMS, HERE, MORE_ARMS, MORE_FAMILY_ARMS, mean_std, model_seed_of, with_more
+from bench.learn.learning import (
+    DEFAULT_ARMS,
+    HERE,
+    MORE_ARMS,
+    MORE_FAMILY_ARMS,
+    mean_std,
+    model_seed_of,
+    with_more,
+)
 
 KS = [1, 2, 4, 8, 16]
-BEGIN, END = "<!-- boundary:begin (bench/boundary.py writes this part) -->", "<!-- boundary:end -->"
+BEGIN, END = "<!-- boundary:begin (bench/learn/boundary.py writes this part) -->", "<!-- boundary:end -->"
 
 
 # The evaluation engine's sequences in flight: 256 was 18-23% faster than the engine's default 64 on
@@ -100,9 +109,9 @@ def by_part(rows: list[dict]) -> dict[str, list[dict]]:
 def chance_rows(data: Path, task: str) -> list[dict]:
     """What guessing gives: k independent uniform draws from the split's own answers (a row whose
     draw is right with probability p: pass@k = 1 - (1 - p)^k), and always the split's most common
-    answer (pass@1 only); bench/families.py's guessing, where a guess is right only when fully
+    answer (pass@1 only); bench/learn/families.py's guessing, where a guess is right only when fully
     right, as a sample is in pass@k (TRANCE's partial credit does not count)."""
-    from bench.families import guess_scores
+    from bench.learn.families import guess_scores
 
     rows = []
     for split in ("id", "ood"):
@@ -148,9 +157,9 @@ def table(results: dict[str, list[dict]], chance: list[dict] | None = None) -> s
 
 def final_table(finals: dict[str, dict[str, list[dict]]], chance: dict | None = None) -> str:
     """Greedy accuracy on the large test splits: one row per arm, ID, OOD and their mean per family,
-    then what guessing scores on the same splits (``chance``: bench/families.py's ``guessing`` per
+    then what guessing scores on the same splits (``chance``: bench/learn/families.py's ``guessing`` per
     family)."""
-    from bench.families import NAMES, guessing_rows
+    from bench.learn.families import NAMES, guessing_rows
 
     fams = list(finals)
     arms = list(dict.fromkeys(a for f in fams for a in finals[f]))
@@ -183,8 +192,8 @@ def claim_cells(finals: dict[str, list[dict]], passes: dict[str, list[dict]], co
     """One family's cells of :func:`bar_table` (EKIPL against GRPO) and the numbers they average:
     ID and OOD differences on the final splits (± the standard error of the difference over the
     seeds), pass@16 of EKIPL, GRPO and the warm start, and EKIPL's steps to GRPO's final ID accuracy
-    on the in-loop curves (``conv``: bench/families.py's summary; None where the runs are absent)."""
-    from bench.families import diff_se, reach_text
+    on the in-loop curves (``conv``: bench/learn/families.py's summary; None where the runs are absent)."""
+    from bench.learn.families import diff_se, reach_text
 
     cells, nums = {}, {}
     for split in ("id", "ood"):
@@ -216,7 +225,7 @@ def claim_cells(finals: dict[str, list[dict]], passes: dict[str, list[dict]], co
 def bar_table(claims: dict[str, dict], steps: int) -> str:
     """The issue's bar: the paper's three claims, EKIPL against GRPO, per family and averaged over
     the families that measured them (a verdict on the average, as the bar is stated)."""
-    from bench.families import NAMES
+    from bench.learn.families import NAMES
 
     fams = list(claims)
     lines = [
@@ -272,7 +281,7 @@ def plot(results: dict[str, dict[str, list[dict]]], path: Path, chance: dict[str
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.families import NAMES
+    from bench.learn.families import NAMES
 
     fig, axes = plt.subplots(len(results), 2, figsize=(9, 3.4 * len(results)), squeeze=False)
     for row, (family, arms) in zip(axes, results.items(), strict=True):
@@ -323,7 +332,7 @@ def family_models(
     """{arm: {name: policy path}} of a family's runs under ``root``, the warm start first. An arm
     is reported if its final policies exist or its evaluations are kept under ``out`` (the policies
     of bench/results/ runs are not in git; their evaluations are)."""
-    from bench.families import WARM
+    from bench.learn.families import WARM
     from ekipl.modelref import resolve_model
 
     warm = "kept" if kept(out, "warm start", final) else str(resolve_model(WARM[family][0], model_seed))
@@ -344,7 +353,7 @@ def name(arm: str) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from bench.families import ARMS, FAMILY_ARMS, add_families_option
+    from bench.learn.families import ARMS, FAMILY_ARMS, add_families_option
 
     ap = argparse.ArgumentParser()
     add_families_option(ap)
@@ -374,7 +383,7 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
     """One family's evaluations (kept ones read back) and what its report needs: pass@k per arm,
     the greedy finals per arm (None with ``--final-problems 0``), guessing on both kinds of split,
     the bar's cells and the runs' step count."""
-    from bench.families import (
+    from bench.learn.families import (
         family_root,
         guessing,
         make_test_splits,
@@ -382,7 +391,7 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
         temporary_splits,
         validated_splits,
     )
-    from bench.learning import curve, load_rows
+    from bench.learn.learning import curve, load_rows
 
     arms = args.arms if family == "counting" else args.family_arms
     own = family == "counting" and args.counting_runs
@@ -394,7 +403,7 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
         family, root, arms, args.seeds, run_model_seed(run, model_seed_of(args.extra)), out, n > 0
     )
     run_rows = load_rows(run)
-    problems = int(curve(run_rows, "val/id/problems")[0][1])  # as bench/families.py reads it
+    problems = int(curve(run_rows, "val/id/problems")[0][1])  # as bench/learn/families.py reads it
     data = validated_splits(run, family, problems)  # one data set for all
     large, guess = None, None
     if n:  # kept beside the evaluations while one is still to take, else only for guessing's rows
@@ -427,7 +436,7 @@ def evaluate_family(family: str, args: argparse.Namespace) -> dict:
 
 def report(families: dict[str, dict], final_problems: int) -> str:
     """The pass@k tables, the final scores and the bar, from :func:`evaluate_family`'s results."""
-    from bench.families import NAMES
+    from bench.learn.families import NAMES
 
     text = (
         f"pass@k (unbiased, n = {max(KS)} samples per problem at temperature 1) on the held-out splits the "
@@ -450,7 +459,7 @@ def report(families: dict[str, dict], final_problems: int) -> str:
 
 
 def main(argv=None) -> int:
-    from bench.learning import write_markdown
+    from bench.learn.learning import write_markdown
 
     args = parse_args(argv)
     families = {family: evaluate_family(family, args) for family in args.families}

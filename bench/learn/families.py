@@ -5,9 +5,9 @@ Each family has its own CoT-SFT warm start and its own stronger auxiliary model 
 ``learn-qwen2-vl-<family>-sft`` and ``-aux``; counting's are ``learn-qwen2-vl-sft`` and ``-aux``),
 and its preset (``conf/experiment/learn_<family>.yaml``: learn_counting's settings on that family's
 synthetic rows). Arms: ``grpo`` and ``ekipl`` (the paper's recipe), over the same seeds, and with
-``--arms`` any other of bench/learning.py's arms that takes a family's preset (``ekipl_gated``, an
+``--arms`` any other of bench/learn/learning.py's arms that takes a family's preset (``ekipl_gated``, an
 ablation; ``sft_traces`` is counting's own; ``--more``: ``MORE_FAMILY_ARMS`` too, as `make learn-more`
-runs it). Counting's runs are bench/learning.py's own
+runs it). Counting's runs are bench/learn/learning.py's own
 (``<out>/<arm>/seed<k>``, kept, not redone); the other families' go under
 ``<out>/<family>/<arm>/seed<k>``. Finished runs are kept: rerunning resumes the batch.
 
@@ -16,7 +16,7 @@ and their mean; a warm-start row; every cell mean ± std over the seeds), what g
 each split beside it, the three claims per family, and the curves, one row per family, to
 bench/learning.png.
 
-    .venv/bin/python -m bench.families [--seeds 0 1 2] [--families counting geometry trance] \
+    .venv/bin/python -m bench.learn.families [--seeds 0 1 2] [--families counting geometry trance] \
         [--arms grpo ekipl ekipl_gated] [--more]
 """
 
@@ -32,8 +32,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.learning import ARMS as LEARNING_ARMS
-from bench.learning import (
+from bench.learn.learning import ARMS as LEARNING_ARMS
+from bench.learn.learning import (
     DEFAULT_ARMS,
     MORE_ARMS,
     MORE_FAMILY_ARMS,
@@ -52,16 +52,16 @@ from bench.learning import (
 
 FAMILIES = ("counting", "geometry", "trance")
 ARMS = ("grpo", "ekipl")  # the comparison every family's tables make
-# what else a family can run: every bench/learning.py arm but the SFT control, which is counting's
+# what else a family can run: every bench/learn/learning.py arm but the SFT control, which is counting's
 FAMILY_ARMS = [a for a in LEARNING_ARMS if a != "sft_traces"]
 NAMES = {"counting": "counting", "geometry": "structure perception", "trance": "spatial transformation"}
 WARM = {f: (f"learn-qwen2-vl-{f}-sft", f"learn-qwen2-vl-{f}-aux") for f in FAMILIES if f != "counting"}
 WARM["counting"] = ("learn-qwen2-vl-sft", "learn-qwen2-vl-aux")
-BEGIN, END = "<!-- families:begin (bench/families.py writes this part) -->", "<!-- families:end -->"
+BEGIN, END = "<!-- families:begin (bench/learn/families.py writes this part) -->", "<!-- families:end -->"
 
 
 def family_root(out: Path, family: str) -> Path:
-    """Where a family's arms live: counting's are bench/learning.py's own runs."""
+    """Where a family's arms live: counting's are bench/learn/learning.py's own runs."""
     return out if family == "counting" else out / family
 
 
@@ -258,7 +258,7 @@ def claims_row(family: str, arm: str, summary: dict[str, dict]) -> str:
 
 
 def curves_of(runs: dict, out: Path, seeds: list[int]) -> dict:
-    """What the plot shows: every family's arms, and on counting every bench/learning.py arm run."""
+    """What the plot shows: every family's arms, and on counting every bench/learn/learning.py arm run."""
     if "counting" not in runs:
         return runs
     every = [*DEFAULT_ARMS, *MORE_ARMS]
@@ -300,7 +300,9 @@ def main(argv=None) -> int:
     ap = batch_args(argparse.ArgumentParser())
     add_families_option(ap)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=FAMILY_ARMS)
-    ap.add_argument("--counting-runs", help="where counting's runs are (default: --out, bench/learning.py's)")
+    ap.add_argument(
+        "--counting-runs", help="where counting's runs are (default: --out, bench/learn/learning.py's)"
+    )
     args = ap.parse_args(argv)
     args.arms = with_more(args.arms, MORE_FAMILY_ARMS) if args.more else args.arms
     if not set(ARMS) <= set(args.arms):

@@ -1,8 +1,8 @@
 """One-step-off-policy rollout (``rollout.one_step_off``) against the on-policy step, side by side.
 
-    .venv/bin/python -m bench.one_step_off [--repeats 3] [--model bench-qwen2-75m]
+    .venv/bin/python -m bench.perf.one_step_off [--repeats 3] [--model bench-qwen2-75m]
 
-The TRL comparison's workload (``bench.trl_compare``: a random-weight text Qwen2, G=8 x 2 prompts
+The TRL comparison's workload (``bench.perf.trl_compare``: a random-weight text Qwen2, G=8 x 2 prompts
 x 64 forced tokens, β=0, AdamW, 1 ZeRO-2 learner rank) through the trainer's own step function, in
 three set-ups: on-policy with the engine on every core (the default), one-step-off with the engine
 on half the cores (what the trainer gives it with ``one_step_off`` on a CPU machine: the learner
@@ -23,7 +23,7 @@ import os
 import statistics
 import sys
 
-from bench.trl_compare import PROMPTS, TOKENS, G, ekipl_config, prompts, run_steps
+from bench.perf.trl_compare import PROMPTS, TOKENS, G, ekipl_config, prompts, run_steps
 
 PARTS = [
     ("rollout", ("timing/rollout",)),

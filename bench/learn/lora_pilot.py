@@ -5,10 +5,10 @@ the arm's warm start, on a seed none of the arms uses, with validation off: the 
 never generated into a score. The pick is the rate with the highest mean training reward of the
 policy's own samples (``reward/policy/mean``: accuracy + format, on train prompts) over the last
 ``--window`` steps; a run whose format collapses scores low by that measure, so it is never picked.
-Writes ``bench/results/lora_pilot.json``; bench/learning.py's ``ekipl_lora`` arm reads its pick.
+Writes ``bench/results/lora_pilot.json``; bench/learn/learning.py's ``ekipl_lora`` arm reads its pick.
 Finished pilot runs are kept, as in ``make learn``.
 
-    .venv/bin/python -m bench.lora_pilot [--lrs 1e-4 3e-4 1e-3] [--steps 30]
+    .venv/bin/python -m bench.learn.lora_pilot [--lrs 1e-4 3e-4 1e-3] [--steps 30]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bench.learning import HERE, LORA, load_rows, run_arm
+from bench.learn.learning import HERE, LORA, load_rows, run_arm
 
 PILOT_SEED = 100  # not one of make learn's seeds
 

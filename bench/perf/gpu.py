@@ -1,7 +1,7 @@
 """The GPU section: what runs where there is torch, transformers and DeepSpeed but no vLLM and no
 Ray (the lent GPU machines' image), measured through ekipl's own code.
 
-    python -m bench.gpu [--model bench-qwen2-vl-2b] [--stages 2 3] [--repeats 3] [--variants ...]
+    python -m bench.perf.gpu [--model bench-qwen2-vl-2b] [--stages 2 3] [--repeats 3] [--variants ...]
 
 With CUDA the default policy is Qwen2-VL-2B's shapes with random weights (``bench-qwen2-vl-2b``,
 built locally, bf16); without, the tiny VLM in fp32, so that the same code runs on a CPU machine
@@ -15,14 +15,14 @@ built locally, bf16); without, the tiny VLM in fp32, so that the same code runs 
    so the off-policy path runs). Tokens/s counts every token the forward passes see.
 2. **Weight export**: ``Learner.export_weights`` into the shared-memory sync buffer (what a sync
    costs on the learner's side) against the floor: copying the same tensors once to host memory
-   already allocated (bench.weight_sync's floor).
+   already allocated (bench.perf.weight_sync's floor).
 3. **Objective**: ``ekipl.algo.objective.policy_loss`` on the device against float64 on the CPU,
    for every off-policy mode and aggregation: the largest difference in loss and gradient, and
    the time of one forward+backward.
 4. **HF generation**: transformers ``generate`` on the device (the ``hf`` auxiliary source's
    library) for the batch's prompts, ``--tokens`` forced new tokens, sampled.
 5. **Learner at real proportions** (``--variants``; all four with CUDA, none by default without):
-   bench/learner.py's variants on this model and device, each in its own process: the update
+   bench/perf/learner.py's variants on this model and device, each in its own process: the update
    (β 0) on the batch's prompts with completion lengths drawn skewed (log-normal, 20 to
    ``--longest``, 512 with CUDA) for the learner before completion-only logits, completion-only
    logits, a token budget, and padding-free packing: seconds, peak memory, padding.
@@ -34,7 +34,7 @@ On a machine with torch and transformers but no DeepSpeed: ``make gpu-carry`` he
 the code, and there run::
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/whl/*.whl &&
-    PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD python3 -m bench.gpu --json gpu.json
+    PYTHONPATH=/tmp/site:$PWD/.gpu/site:$PWD python3 -m bench.perf.gpu --json gpu.json
 """
 
 from __future__ import annotations
@@ -52,8 +52,8 @@ from pathlib import Path
 
 import torch
 
-from bench.learner import run_part
-from bench.trainers import cuda_sync as _sync
+from bench.perf.learner import run_part
+from bench.perf.trainers import cuda_sync as _sync
 
 
 def resolve_model(name: str) -> str:
@@ -69,7 +69,7 @@ def resolve_model(name: str) -> str:
 
 def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int = 0, skewed: bool = False):
     """A collated batch like a rollout's: synthetic counting prompts with their images, ``group``
-    actions each of ``tokens`` random ordinary tokens (``skewed``: of bench.learner's
+    actions each of ``tokens`` random ordinary tokens (``skewed``: of bench.perf.learner's
     ``skewed_lengths``, at most ``tokens``; the last quarter from an auxiliary source), random
     0/1/2 rewards and GRPO advantages."""
     import random
@@ -91,7 +91,7 @@ def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int
     rng = random.Random(seed)
     ordinary = range(tok.convert_tokens_to_ids("<|endoftext|>"))  # BPE tokens, no special ones
     n_aux = group // 4
-    from bench.learner import skewed_lengths
+    from bench.perf.learner import skewed_lengths
 
     lengths = skewed_lengths(prompts * group, random.Random(seed + 1), tokens) if skewed else None
     groups = []
@@ -119,7 +119,7 @@ def make_batch(model_path: str, prompts: int, group: int, tokens: int, seed: int
 
 
 def learner_part(a: argparse.Namespace) -> dict:
-    from bench.weight_sync import copy_floor
+    from bench.perf.weight_sync import copy_floor
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
     from ekipl.learner.worker import Learner
@@ -194,14 +194,14 @@ def run_learner_parts(a: argparse.Namespace) -> list[dict]:
     if len(a.stages) == 1:
         return [learner_part(argparse.Namespace(**{**vars(a), "stage": a.stages[0]}))]
     parts = [
-        run_part("bench.gpu", ["--part", "learner", "--stage", str(stage), *_shared_args(a)])
+        run_part("bench.perf.gpu", ["--part", "learner", "--stage", str(stage), *_shared_args(a)])
         for stage in a.stages
     ]
     return [r for r in parts if r]
 
 
-# The learner at real proportions (bench/learner.py's variants, on this device): completion lengths
-# of bench.learner's skewed_lengths, at most --longest; the token budget is --micro-batch x the mean
+# The learner at real proportions (bench/perf/learner.py's variants, on this device): completion lengths
+# of bench.perf.learner's skewed_lengths, at most --longest; the token budget is --micro-batch x the mean
 # row length, so about as many micro-batches as --micro-batch rows each.
 LEARNER_VARIANTS = {
     "before": "full logits, --micro-batch rows",
@@ -214,7 +214,7 @@ LEARNER_VARIANTS = {
 def variant_part(a: argparse.Namespace) -> dict:
     """One learner variant's update (beta = 0) on one rank, at ZeRO stage ``a.stage``."""
     import ekipl.learner.worker as worker
-    from bench.learner import use_full_logits
+    from bench.perf.learner import use_full_logits
     from ekipl.algo.objective import ObjectiveConfig
     from ekipl.learner.config import LearnerConfig
 
@@ -266,7 +266,7 @@ def run_variant_parts(a: argparse.Namespace) -> list[dict]:
     """Each of ``a.variants`` in a fresh process, at the first of ``a.stages``."""
     stage = ["--stage", str(a.stages[0])]
     parts = [
-        run_part("bench.gpu", ["--part", "variant", "--variant", name, *stage, *_shared_args(a)])
+        run_part("bench.perf.gpu", ["--part", "variant", "--variant", name, *stage, *_shared_args(a)])
         for name in a.variants
     ]
     return [r for r in parts if r]

@@ -1,0 +1,1 @@
+"""Learning experiments: `make learn` and `make learn-more` (bench/LEARNING.md)."""
