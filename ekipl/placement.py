@@ -100,8 +100,9 @@ def groups(run: RunConfig, sources) -> list[Group]:
             "policy",
             p.strategy,
             tuple(bundles),
-            "learner.world_size, learner.num_gpus_per_worker, model.engine_replicas, "
-            "model.engine_num_gpus, placement.strategy",
+            "learner.world_size, learner.num_cpus_per_worker, learner.num_gpus_per_worker, "
+            "learner.resources, model.engine_replicas, model.engine_num_cpus, model.engine_num_gpus, "
+            "model.engine_resources or placement.strategy (a local Ray's CPUs: trainer.ray_num_cpus)",
         )
     ]
     for s in sources:
@@ -121,7 +122,8 @@ def groups(run: RunConfig, sources) -> list[Group]:
                             s.resources,
                         )
                     ),
-                    f"aux.{s.name}.replicas, aux.{s.name}.num_gpus, aux.{s.name}.resources",
+                    f"aux.{s.name}.replicas, aux.{s.name}.num_cpus, aux.{s.name}.num_gpus, "
+                    f"aux.{s.name}.resources or placement.aux_strategy",
                 )
             )
     return out

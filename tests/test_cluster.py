@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -121,7 +122,9 @@ def test_placement_groups_and_no_silent_cpu_on_a_cluster_with_logical_gpus(clust
         assert msg and "cannot use CUDA" in msg and "torch.cuda.is_available()=False" in msg, (key, msg)
         assert "CUDA_VISIBLE_DEVICES=" in msg and "built for CUDA" in msg
     assert "policy/0 asked for 1 GPU(s)" in out["engine_error"]
-    assert "learner rank 0 asked for 1 GPU(s)" in out["learner_error"]
+    assert re.search(
+        r"learner rank \d asked for 1 GPU\(s\)", out["learner_error"]
+    )  # whichever rank stops first
     assert out["plan_rc"] == 0 and "fits: 8 of 8 GPUs of 80 GiB used" in out["plan"], out["plan"]
     rows = json.loads(plan_json.read_text())
     assert len({r["node"] for r in rows if r["group"] == "policy"}) == 1

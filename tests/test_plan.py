@@ -250,3 +250,22 @@ def test_hub_ids_reach_actors_as_ids_and_resolve_in_the_nodes_cache(tmp_path, ti
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
     with pytest.raises(ModelNotFoundError, match=r"aux.big.model: 'org/other' is neither .* of node"):
         on_node("org/other", None, "aux.big.model")
+
+
+@pytest.mark.slow
+def test_a_run_that_cannot_be_placed_is_refused_before_any_actor_starts(ray_local, tmp_path):
+    """Every run makes the plan's check on the live cluster first: learner ranks that ask for more
+    CPUs than the session's Ray has stop the run with the keys to change, and no actor was started."""
+    from runs import SMALL
+
+    from ekipl.train import Trainer
+
+    trainer = Trainer(compose([*SMALL, "learner.num_cpus_per_worker=64", f"trainer.output_dir={tmp_path}"]))
+    try:
+        with pytest.raises(
+            ConfigError, match=r"placement group 'policy' needs CPU=129.*learner.num_cpus_per_worker"
+        ):
+            trainer.setup()
+        assert trainer.router is None and trainer.learner is None and trainer.placement is None
+    finally:
+        trainer.close()
