@@ -4,6 +4,7 @@ plan on a simulated Ray cluster with logical GPUs is in tests/test_cluster.py.""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -163,7 +164,9 @@ def test_engine_defaults_per_device_and_multi_gpu_engines():
         model="m", tensor_parallel_size=4, max_num_batched_tokens=8192, enable_prefix_caching=False
     )
     kw = vb.engine_kwargs(spec)
-    assert kw["distributed_executor_backend"] == "ray" and kw["tensor_parallel_size"] == 4
+    assert kw["distributed_executor_backend"] == "mp" and kw["tensor_parallel_size"] == 4  # standalone
+    placed = vb.engine_kwargs(dataclasses.replace(spec, bundle_indices=(4, 5, 6, 7)))
+    assert placed["distributed_executor_backend"] == "ray"  # its workers on its placement bundles
     assert kw["max_num_batched_tokens"] == 8192 and kw["enable_prefix_caching"] is False
     env = vb.actor_runtime_env(share=1, num_gpus=0, bundle_indices=(4, 5, 6, 7))
     assert env["env_vars"]["VLLM_RAY_BUNDLE_INDICES"] == "4,5,6,7"

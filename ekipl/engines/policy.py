@@ -25,7 +25,8 @@ class PolicyEngine:
         require_cuda(name, gpus)
         t0 = time.perf_counter()
         # A HF id is resolved here, on the node that runs the engine (never a driver's cache path).
-        key = "model.path" if name.startswith("policy") else f"aux.{name.split('/')[1]}.model"
+        role, *rest = name.split("/")
+        key = f"aux.{rest[0]}.model" if role == "aux" and rest else "model.path"
         spec = dataclasses.replace(spec, model=on_node(spec.model, spec.cache_dir, key))
         self.spec = spec
         self.llm = vb.start_engine(spec)

@@ -238,9 +238,13 @@ def engine_kwargs(spec: EngineSpec) -> dict[str, Any]:
     pixels = {k: v for k, v in (("min_pixels", spec.min_pixels), ("max_pixels", spec.max_pixels)) if v}
     if pixels:  # the HF processor's own keys, which vLLM's Qwen-VL processors honour
         kwargs["mm_processor_kwargs"] = pixels
-    # One worker runs in the engine's own process; several (GPU only) are Ray actors in the engine's
-    # placement group, on the bundles named by VLLM_RAY_BUNDLE_INDICES (see actor_runtime_env).
-    kwargs["distributed_executor_backend"] = "uni" if spec.workers == 1 else "ray"
+    # One worker runs in the engine's own process. Several (GPU only) are Ray actors on the bundles of
+    # the engine's placement group (VLLM_RAY_BUNDLE_INDICES, see actor_runtime_env), or, for an engine
+    # outside a run's placement (ekipl.eval), vLLM's own worker processes.
+    if spec.workers == 1:
+        kwargs["distributed_executor_backend"] = "uni"
+    else:
+        kwargs["distributed_executor_backend"] = "ray" if spec.bundle_indices else "mp"
     if spec.enable_weight_sync:
         kwargs["worker_extension_cls"] = f"{__name__}.WeightSyncExtension"
     if spec.max_lora_rank:
