@@ -121,8 +121,17 @@ def random_update_effects(
 LORA = ["learner.lora.rank=8", "learner.lora.alpha=16", "learner.lr=1e-3"]
 
 
+# Each run corrects for the engine/learner mismatch in another way (algorithm.rollout_correction):
+# the engine samples with the learner's weights, so every mode must leave the signal as it is.
+MODES = {
+    "full-mis": ["algorithm.rollout_correction=mis"],
+    "lora-tis": [*LORA, "algorithm.rollout_correction=tis"],
+    "full-icepop": ["algorithm.rollout_correction=icepop"],
+}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], LORA], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", list(MODES.values()), ids=list(MODES))
 def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
     ray_local, policy_router, tiny_vlm, counting_data, extra, tmp_path
 ):
@@ -198,6 +207,10 @@ def test_ekipl_steps_raise_the_traces_logprob_and_negated_advantages_lower_it(
         assert all(x["actor/rollout_logprob_diff"] < 1e-2 for x in r["metrics"]), [
             x["actor/rollout_logprob_diff"] for x in r["metrics"]
         ]
+        # so the mismatch metrics read "none", and no token is masked
+        for x in r["metrics"]:
+            assert x["actor/rollout_corr/kl"] < 1e-4 and x["actor/rollout_corr/ess"] > 0.999, x
+            assert x["actor/rollout_corr/masked_frac"] == 0.0 and abs(x["actor/rollout_corr/chi2"]) < 1e-2
     # Every token of the traces, their first tokens and their end tokens (starting the format and
     # stopping) must rise, and fall with the advantages negated, far beyond what random updates of the
     # same size do. (A mask one token off still trains most of a trace's tokens: the π_old check above

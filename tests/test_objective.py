@@ -281,3 +281,69 @@ def test_micro_batch_metrics_weighted_by_their_tokens_give_the_whole_batch_metri
     assert set(whole) <= set(O.metric_tokens(mask, aux)), "a metric without its token count"
     unweighted = sum(float(m["pg_loss"]) for m, _ in parts) / len(parts)
     assert unweighted != pytest.approx(float(whole["pg_loss"]), abs=1e-3)  # the fix is needed here
+
+
+def _stale_batch():
+    """Row 0: a policy action whose engine (μ) and learner (π_old) probabilities differ, ρ = 2, 0.5,
+    1; row 1: an external action (no μ)."""
+    old = torch.log(torch.tensor([[0.5, 0.2, 0.9], [0.3, 0.3, 0.3]]))
+    mu = torch.log(torch.tensor([[0.25, 0.4, 0.9], [0.0, 0.0, 0.0]]).clamp(min=1e-30))
+    known = torch.tensor([[True, True, True], [False, False, False]])
+    return old, mu, known
+
+
+def test_rollout_correction_weights_and_masks_by_hand():
+    from ekipl.algo.rollout_correction import correction_weights, mismatch_metrics
+
+    old, mu, known = _stale_batch()
+    ones = torch.ones(3)
+    w = correction_weights("tis", old, mu, known, 1.5)  # min(ρ, 1.5)
+    assert torch.allclose(w[0], torch.tensor([1.5, 0.5, 1.0])) and torch.equal(w[1], ones)
+    w = correction_weights("icepop", old, mu, known, 1.5)  # ρ in [2/3, 1.5]
+    assert torch.equal(w[0], torch.tensor([0.0, 0.0, 1.0])) and torch.equal(w[1], ones)
+    w = correction_weights("mis", old, mu, known, 1.5)  # geometric mean of 2, 0.5, 1 is 1: kept
+    assert torch.equal(w, torch.ones(2, 3))
+    far = torch.log(torch.tensor([[0.125, 0.05, 0.45], [1.0, 1.0, 1.0]]))  # ρ = 4, 4, 2: mean 3.17
+    w = correction_weights("mis", old, far, known, 1.5)
+    assert torch.equal(w[0], torch.zeros(3)) and torch.equal(w[1], ones)
+    assert torch.equal(correction_weights("none", old, mu, known, 1.5), torch.ones(2, 3))
+    m = mismatch_metrics("tis", old, mu, known, correction_weights("tis", old, mu, known, 1.5), 1.5)
+    ln2 = math.log(2.0)
+    assert float(m["kl"]) == pytest.approx(((2 - 1 - ln2) + (0.5 - 1 + ln2) + 0) / 3, abs=1e-6)
+    assert float(m["chi2"]) == pytest.approx((4 + 0.25 + 1) / 3 - 1, abs=1e-6)
+    assert float(m["ess"]) == pytest.approx(3.5**2 / (3 * 5.25), abs=1e-6)
+    assert float(m["clipped_frac"]) == pytest.approx(1 / 3) and float(m["masked_frac"]) == 0.0
+    m = mismatch_metrics("icepop", old, mu, known, correction_weights("icepop", old, mu, known, 1.5), 1.5)
+    assert float(m["masked_frac"]) == pytest.approx(2 / 3)
+    assert mismatch_metrics("tis", old, mu, torch.zeros(2, 3, dtype=torch.bool), torch.ones(2, 3), 1.5) == {}
+
+
+def test_a_stale_batch_is_corrected_as_the_formula_says():
+    """policy_loss with tis: the policy tokens' PPO-clip terms weighted by min(ρ, C), the external
+    action's untouched; the loss and its gradient by hand."""
+    old, mu, known = _stale_batch()
+    logp = old.clone().requires_grad_(True)  # the first inner epoch: π_θ = π_old, ratio 1
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.ones(2, 3)
+    is_aux = torch.tensor([False, True])
+    cfg = O.ObjectiveConfig(rollout_correction="tis", rollout_correction_c=1.2)
+    loss, m = O.policy_loss(
+        cfg, logp, old, adv, mask, is_aux, behaviour_logp=mu, behaviour_mask=known.float()
+    )
+    # ℓ = −A at ratio 1; weights 1.2, 0.5, 1 on row 0, 1 on the external row; token mean over 6
+    assert float(loss.detach()) == pytest.approx(-(1.0 * (1.2 + 0.5 + 1.0) - 0.5 * 3) / 6, abs=1e-6)
+    loss.backward()
+    assert logp.grad[0].tolist() == pytest.approx([-1.2 / 6, -0.5 / 6, -1.0 / 6], abs=1e-6)
+    assert logp.grad[1].tolist() == pytest.approx([0.5 / 6] * 3, abs=1e-6)
+    assert float(m["rollout_corr/clipped_frac"]) == pytest.approx(1 / 3)
+    plain, _ = O.policy_loss(
+        O.ObjectiveConfig(), old, old, adv, mask, is_aux, behaviour_logp=mu, behaviour_mask=known.float()
+    )
+    assert float(plain) == pytest.approx(-(3.0 - 1.5) / 6, abs=1e-6)  # none: every weight 1
+
+
+def test_rollout_correction_keys_are_checked():
+    with pytest.raises(ValueError, match="algorithm.rollout_correction: unknown 'is'"):
+        O.ObjectiveConfig(rollout_correction="is")
+    with pytest.raises(ValueError, match="algorithm.rollout_correction_c must be > 1"):
+        O.ObjectiveConfig(rollout_correction="tis", rollout_correction_c=1.0)

@@ -37,6 +37,11 @@ verl use); a one-action group has std 0. With Adam the two differ by a constant 
     - ``mis``:    ℓ = −A · π_θ / ((π_old + 1) / 2), unclipped (RL-PLUS's multiple importance weight,
       with the unknown external policy's probability taken as 1).
 
+**Rollout correction** (``algorithm.rollout_correction``, :mod:`ekipl.algo.rollout_correction`): the
+policy tokens' PPO-clip loss is multiplied by constant weights w_t from π_old and the engine's
+behaviour log-probs μ (truncated importance weights, or masks of tokens or sequences too far off),
+ℓ'_t = w_t ℓ_t; external actions' tokens keep w_t = 1.
+
 **KL** to the reference, the k3 estimator, added per token with coefficient β:
 
     k3 = exp(log π_ref − log π_θ) − (log π_ref − log π_θ) − 1  ≥ 0
@@ -58,6 +63,8 @@ import dataclasses
 from collections.abc import Callable
 
 import torch
+
+from ekipl.algo.rollout_correction import ROLLOUT_CORRECTIONS, correction_weights, mismatch_metrics
 
 AdvantageFn = Callable[[torch.Tensor, torch.Tensor, float, bool], torch.Tensor]
 ADVANTAGES: dict[str, AdvantageFn] = {}
@@ -212,6 +219,11 @@ class ObjectiveConfig:
     aggregation: str = "token_mean"
     eps: float = 1e-6
     std: str = "population"  # the group std: population, or sample (TRL 0.15 / Reason-RFT, with eps 1e-4)
+    # The engine/learner mismatch of the policy's own tokens (ekipl.algo.rollout_correction): none,
+    # tis (weights min(π_old/μ, C)), mis (a sequence whose geometric-mean ratio leaves [1/C, C] is
+    # masked) or icepop (tokens whose ratio leaves [1/C, C] are masked); C = rollout_correction_c.
+    rollout_correction: str = "none"
+    rollout_correction_c: float = 2.0
 
     def __post_init__(self):
         if self.std not in STDS:
@@ -226,6 +238,13 @@ class ObjectiveConfig:
             raise ValueError("algorithm.clip_low must be in [0, 1) and algorithm.clip_high >= 0")
         if self.kl_coef < 0 or self.shaping_gamma <= 0:
             raise ValueError("algorithm.kl_coef must be >= 0 and algorithm.shaping_gamma > 0")
+        if self.rollout_correction not in ROLLOUT_CORRECTIONS:
+            known = ROLLOUT_CORRECTIONS
+            raise ValueError(
+                f"algorithm.rollout_correction: unknown {self.rollout_correction!r}; known: {known}"
+            )
+        if self.rollout_correction_c <= 1.0:
+            raise ValueError(f"algorithm.rollout_correction_c must be > 1, got {self.rollout_correction_c}")
 
 
 def policy_loss(
@@ -240,11 +259,15 @@ def policy_loss(
     global_tokens: float | None = None,
     global_seqs: float | None = None,
     max_len: int | None = None,
+    behaviour_logp: torch.Tensor | None = None,
+    behaviour_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss to minimise for a batch of actions, and detached metrics.
 
     Shapes: ``logp``, ``old_logp``, ``ref_logp``, ``mask`` are [B, T]; ``advantages`` and ``is_aux``
-    (bool) are [B]. Returns ``(loss, metrics)``.
+    (bool) are [B]. ``behaviour_logp`` / ``behaviour_mask`` [B, T]: the engine's log-probs of the
+    tokens it sampled and where they exist (rollout correction and the mismatch metrics; None: no
+    policy tokens with engine log-probs). Returns ``(loss, metrics)``.
     """
     adv = advantages[:, None].to(logp.dtype).expand_as(logp)
     on_loss, on_clip, on_ratio = ppo_clip(logp, old_logp, adv, cfg.clip_low, cfg.clip_high)
@@ -256,6 +279,13 @@ def policy_loss(
         ratio = torch.where(aux, off_ratio, on_ratio)
     else:
         per_token, clipped, ratio = on_loss, on_clip, on_ratio
+    corr: dict[str, torch.Tensor] = {}
+    if behaviour_logp is not None and behaviour_mask is not None:
+        known = behaviour_mask.bool() & ~aux
+        c = cfg.rollout_correction_c
+        w = correction_weights(cfg.rollout_correction, old_logp, behaviour_logp, known, c)
+        per_token = per_token * w
+        corr = mismatch_metrics(cfg.rollout_correction, old_logp, behaviour_logp, known, w, c)
     agg = dict(global_tokens=global_tokens, global_seqs=global_seqs, max_len=max_len)
     kl = torch.zeros_like(logp)
     if cfg.kl_coef > 0:
@@ -282,6 +312,7 @@ def policy_loss(
             if float(km.sum()) > 0:
                 metrics[f"{prefix}clip_frac"] = (clipped * km).sum() / km.sum()
                 metrics[f"{prefix or 'policy_'}ratio_mean"] = (rho * km).sum() / km.sum()
+        metrics.update({f"rollout_corr/{k}": v for k, v in corr.items()})
     return loss, metrics
 
 

@@ -99,6 +99,9 @@ def _weighted(
     if first_epoch and (diff := rollout_logprob_diff(logp, mb)):
         metrics.update(diff)
         weights["rollout_logprob_diff"] = float(mb.sampled_mask.sum())
+    for k in metrics:  # the mismatch metrics are means over the tokens with engine log-probs
+        if k.startswith("rollout_corr/"):
+            weights[k] = float(mb.sampled_mask.sum())
     return metrics, weights
 
 
@@ -471,7 +474,16 @@ class Learner:
         if sft:
             return O.sft_loss(logp, mask, global_tokens=totals["global_tokens"])
         return O.policy_loss(
-            self.objective, logp, mb.old_logp, mb.advantages, mask, mb.is_aux, mb.ref_logp, **totals
+            self.objective,
+            logp,
+            mb.old_logp,
+            mb.advantages,
+            mask,
+            mb.is_aux,
+            mb.ref_logp,
+            behaviour_logp=mb.sampled_logp,
+            behaviour_mask=mb.sampled_mask,
+            **totals,
         )
 
     # -------------------------------------------------------------------------------------------
