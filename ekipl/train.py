@@ -5,9 +5,11 @@ The driver loop, per step::
     prefetch aux actions for the next batch -> policy rollout -> rewards and selection
     -> advantages -> learner update (μ epochs) -> weight sync -> log
 
-With ``rollout.one_step_off`` the next batch's policy rollout starts before the update (with the
-weights this batch was sampled with) and the sync waits for it: rollout overlaps the update, and
-the policy learns from actions one update stale.
+With ``rollout.max_staleness=N`` (``rollout.one_step_off`` is N=1) the policy rollouts of the next
+N batches run ahead: each starts before an update, with the weights the engines have then, and a
+sync waits for the generations queued before it. Rollout overlaps the update, and the policy learns
+from actions up to N updates stale (``rollout/staleness_*``; ``algorithm.rollout_correction``
+corrects for it).
 
 Configs live in ``conf/`` (``+experiment=cpu_demo`` runs the tiny CPU demo). Metrics go to
 ``<output_dir>/metrics.jsonl`` always, and to W&B (online with WANDB_API_KEY, offline otherwise).
@@ -196,7 +198,7 @@ class Trainer:
         # On CPU, the policy and aux engines generate at the same time (prefetch): they split the
         # cores; with one-step-off rollout the learner's update runs beside them too and takes a share.
         engines = m.engine_replicas + sum(s.replicas for s in self.source_cfgs if s.kind == "vllm")
-        engines += int(run_cfg.rollout.one_step_off)
+        engines += int(run_cfg.rollout.ahead > 0)
         self.router = PolicyRouter(
             spec,
             replicas=m.engine_replicas,
@@ -248,7 +250,7 @@ class Trainer:
         ckpt.set_rng_state(saved["rng"])
         self.summary.update(steps=saved["steps_done"], skipped_steps=saved["skipped_steps"])
         self.state.update(consecutive_skips=saved["consecutive_skips"], wandb_id=saved.get("wandb_id"))
-        if self.cfg.rollout.one_step_off:
+        if self.cfg.rollout.ahead:
             self.coord.restore_early(saved.get("early_rollout"))
         self.coord.restore_gate(saved.get("gate_pass_rates"))
         self.summary["start_step"] = saved["step"]
@@ -339,7 +341,7 @@ class Trainer:
             "consecutive_skips": self.state["consecutive_skips"],
             "wandb_id": self.metrics_log.run_id,
             "aux_cache_keys": cache.keys() if cache is not None else [],
-            "early_rollout": coord.early_state(),  # one-step-off: the next step's actions, already sampled
+            "early_rollout": coord.early_state(),  # rollouts ahead: the next steps' actions, already sampled
             "gate_pass_rates": coord.gate_state(),  # rollout.gate_prefetch's memory of the last visits
             "world_size": run_cfg.learner.world_size,
             "zero_stage": run_cfg.learner.zero_stage,
@@ -431,6 +433,21 @@ class StepParts:
         k = self.cfg.data.prompts_per_step
         return self.images.filter([self.data[i] for i in self.sampler.take(k, advance=advance)])
 
+    def _peek(self, j: int) -> list:
+        """The batch ``j`` steps ahead of the one just taken (1: the next one), without moving the
+        sampler."""
+        k = self.cfg.data.prompts_per_step
+        idx = self.sampler.take(k * j, advance=False)[k * (j - 1) :]
+        return self.images.filter([self.data[i] for i in idx])
+
+    def _start_ahead(self, step: int) -> None:
+        """Rollouts ahead of the update (``rollout.max_staleness``, ``one_step_off``): the policy's
+        generation for each of the next N steps' batches that is not yet running starts now, with
+        these weights, while the learner updates."""
+        for j in range(1, self.cfg.rollout.ahead + 1):
+            if not self.coord.early.has(step + j) and (batch := self._peek(j)):
+                self.coord.start_early(batch, step + j)
+
     def _more(self) -> list:
         """Dynamic sampling's next round: the next batch (the one just prefetched), then prefetch."""
         batch = self._batch()
@@ -448,8 +465,8 @@ class StepParts:
             return {"trainer/skipped_step": 1.0, "data/bad_rows_skipped": float(len(self.images.bad))}
         more = self._more if self.cfg.rollout.dynamic_sampling else None
         groups, m = self.coord.rollout(samples, step=step, more=more)
-        if self.cfg.rollout.one_step_off and upcoming:
-            self.coord.start_early(upcoming, step + 1)  # with these weights, while the learner updates
+        self._start_ahead(step)
+
         m["data/bad_rows_skipped"] = float(len(self.images.bad))
         if sum(len(g.actions) for g in groups) < self.cfg.learner.world_size:
             m["trainer/skipped_step"] = 1.0

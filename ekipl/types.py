@@ -26,6 +26,9 @@ class Action:
     format: float = 0.0
     sampling_logprobs: list[float] | None = None
     truncated: bool = False  # cut at its length budget before its end token
+    # A policy action: how many updates old the weights that sampled it were (0: the current ones;
+    # rollouts ahead of the update, rollout.max_staleness, sample with older ones).
+    staleness: int = 0
 
     @property
     def is_policy(self) -> bool:

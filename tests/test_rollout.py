@@ -367,3 +367,54 @@ def test_router_takes_one_token_limit_per_request(policy_router):
     assert {c.finish_reason for group in out for c in group} == {"length"}
     with pytest.raises(ValueError, match="max_tokens: 2 values for 4 requests"):
         policy_router.submit(reqs, n=1, temperature=1.0, max_tokens=[3, 9])
+
+
+def test_rollouts_ahead_are_taken_at_their_step_and_dropped_past_the_staleness_bound():
+    """rollout.max_staleness: a rollout started at step s and taken at step t is t - s updates old;
+    older than the bound (a resume with a smaller N), it is dropped and counted; a checkpoint's
+    state holds every started rollout and restores them, one-step-off's single dict too."""
+    from ekipl.engines import vllm_backend as vb
+    from ekipl.rollout.early import EarlyRollouts
+    from ekipl.tasks.sample import Sample
+
+    class Done:
+        def __init__(self, comps):
+            self.comps = comps
+
+        def result(self):
+            return self.comps
+
+    def batch(i):
+        return [Sample(id=f"s{i}", task="counting", problem="q", answer="1")]
+
+    def comps(i):
+        return [[vb.Completion([i], f"t{i}", [-0.5], "stop", [1, 2])]]
+
+    early = EarlyRollouts(max_staleness=2)
+    early.start(2, batch(2), Done(comps(2)), started=1)
+    early.start(3, batch(3), Done(comps(3)), started=1)
+    state = early.state()
+    assert [(e["step"], e["started"]) for e in state] == [(2, 1), (3, 1)]
+    assert early.take(batch(2), 2) == (comps(2), 1)
+    assert early.take(batch(3), 3) == (comps(3), 2)
+    restored = EarlyRollouts(max_staleness=1)  # resumed with a smaller bound
+    restored.restore(state)
+    assert restored.take(batch(2), 2) == (comps(2), 1)
+    assert restored.take(batch(3), 3) is None and restored.stale_dropped == 1  # 2 updates old
+    one = EarlyRollouts(max_staleness=1)
+    one.restore({"step": 5, "sample_ids": ["s5"], "completions": [[vars(c) for c in comps(5)[0]]]})
+    assert one.take(batch(5), 5) == (comps(5), 1)
+    early.start(7, batch(7), Done(comps(7)), started=6)
+    assert early.take(batch(8), 7) is None  # not its batch: generated again
+
+
+def test_max_staleness_keys_are_checked():
+    with pytest.raises(ValueError, match="rollout.max_staleness must be >= 0"):
+        RolloutConfig(max_staleness=-1)
+    with pytest.raises(ValueError, match="rollout.one_step_off is rollout.max_staleness=1"):
+        RolloutConfig(one_step_off=True, max_staleness=3)
+    with pytest.raises(
+        ValueError, match="rollout.dynamic_sampling: not with rollout.one_step_off or rollout.max_staleness"
+    ):
+        RolloutConfig(dynamic_sampling=True, max_staleness=2)
+    assert RolloutConfig(one_step_off=True).ahead == 1 and RolloutConfig(max_staleness=3).ahead == 3

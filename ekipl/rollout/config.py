@@ -43,6 +43,11 @@ class RolloutConfig:
     # the learner updates: hides rollout behind the update where they run on different devices;
     # the actions are one update stale. See bench/RESULTS.md for what it gains on CPU.
     one_step_off: bool = False
+    # Bounded staleness: the policy's rollouts of the next N batches run ahead on the engines while
+    # the learner updates; a rollout is used only if its weights are at most N updates old (older
+    # ones are dropped and generated again, counted in rollout/stale_dropped). 0: off; N=1 is
+    # one_step_off.
+    max_staleness: int = 0
 
     def __post_init__(self):
         if self.selection not in selection.RULES:
@@ -58,11 +63,24 @@ class RolloutConfig:
                 "rollout.gate_prefetch: only with on-demand guidance (rollout.gate_threshold or "
                 "rollout.aux_on_demand); prefetched guidance is already started early"
             )
-        if self.dynamic_sampling and self.one_step_off:
+        if self.max_staleness < 0:
+            raise ValueError(f"rollout.max_staleness must be >= 0, got {self.max_staleness}")
+        if self.one_step_off and self.max_staleness not in (0, 1):
             raise ValueError(
-                "rollout.dynamic_sampling: not with rollout.one_step_off (the early rollout is of the "
-                "next batch, which the extra rounds take)"
+                f"rollout.one_step_off is rollout.max_staleness=1; with rollout.max_staleness="
+                f"{self.max_staleness} leave rollout.one_step_off unset"
             )
+        if self.dynamic_sampling and self.ahead:
+            raise ValueError(
+                "rollout.dynamic_sampling: not with rollout.one_step_off or rollout.max_staleness (the "
+                "early rollouts are of the next batches, which the extra rounds take)"
+            )
+
+    @property
+    def ahead(self) -> int:
+        """How many batches' policy rollouts run ahead of the update (``max_staleness``, or 1 with
+        ``one_step_off``): the one place this is derived."""
+        return self.max_staleness or int(self.one_step_off)
 
     @property
     def on_demand(self) -> bool:

@@ -71,7 +71,7 @@ class RolloutCoordinator:
         self.scorer = scorer or Scorer()
         self.aux = AuxFetcher(sources, self.tokenizer, cache)
         self.gate = Gate(cfg, self.aux)
-        self.early = EarlyRollouts()
+        self.early = EarlyRollouts(max(1, cfg.ahead))
         self._step = 0
         self.last_candidates: list[tuple[Sample, list[Action]]] = []  # the last rollout's, scored
 
@@ -110,9 +110,11 @@ class RolloutCoordinator:
         """Start the policy's generation for step ``step``'s batch now, with the engines' current
         weights (one-step-off-policy rollout); :meth:`rollout` for the same step and samples uses it."""
         requests = self._requests([self.prompt(s) for s in samples], samples)
-        self.early.start(step, samples, self._submit(requests, step))
+        # started now: with the weights after the last update, which is this step's (or, before the
+        # first rollout, the base weights)
+        self.early.start(step, samples, self._submit(requests, step), started=self._step)
 
-    def early_state(self) -> dict | None:
+    def early_state(self) -> list[dict]:
         return self.early.state()
 
     def restore_early(self, state: dict | None) -> None:
@@ -187,11 +189,17 @@ class RolloutCoordinator:
             sum(r.aux_wins for r in rounds),
             [p for r in rounds for p in r.pass_rates],
         )
+        # updates between the weights that sampled each policy action and the learner's, over the step
+        ages = [a.staleness for acts in candidates for a in acts if a.is_policy]
+        if ages:
+            metrics["rollout/staleness_mean"] = sum(ages) / len(ages)
+            metrics["rollout/staleness_max"] = float(max(ages))
         metrics.update(self.aux.cost_metrics())
         metrics.update(self.gate.metrics())
         metrics.update(
             {
                 "rollout/one_step_off": float(rounds[0].early),  # 1: generated before the previous update
+                "rollout/stale_dropped": float(self.early.stale_dropped),  # cumulative
                 "rollout/sample_rounds": float(len(rounds)),
                 "rollout/prompts_drawn": float(sum(len(r.samples) for r in rounds)),
                 "rollout/groups_kept": float(len(groups)),
@@ -213,13 +221,15 @@ class RolloutCoordinator:
         aux_futs = (
             {} if self.cfg.on_demand else {src.name: self.aux.future(src, samples) for src in self.sources}
         )
-        completions = self.early.take(samples, self._step) if rnd == 0 else None
-        early = completions is not None
+        taken = self.early.take(samples, self._step) if rnd == 0 else None
+        early = taken is not None
+        completions, staleness = taken if early else (None, 0)
         if not early:
             completions = self._submit(self._requests(prompts, samples), self._step, rnd).result()
         t1 = time.perf_counter()
         candidates = [
-            [self._policy_action(c, s) for c in comps] for s, comps in zip(samples, completions, strict=True)
+            [self._policy_action(c, s, staleness) for c in comps]
+            for s, comps in zip(samples, completions, strict=True)
         ]
         self._score([(a, s) for s, acts in zip(samples, candidates, strict=True) for a in acts])
         t2 = time.perf_counter()
@@ -240,7 +250,7 @@ class RolloutCoordinator:
                 aux_pairs += [(a, samples[i]) for a in actions]
                 candidates[i] += actions
         self._score(aux_pairs)
-        out = _Round(samples=samples, candidates=candidates, early=early)
+        out = _Round(samples=samples, candidates=candidates, early=early, staleness=staleness)
         self.gate.remember({s.id: selection.pass_rate(c) for s, c in zip(samples, candidates, strict=True)})
         for s, p, acts in zip(samples, prompts, candidates, strict=True):
             out.pass_rates.append(selection.pass_rate(acts))
@@ -256,10 +266,11 @@ class RolloutCoordinator:
         timing["reward"] += (t2 - t1) + (time.perf_counter() - t3)
         return out
 
-    def _policy_action(self, c: vb.Completion, s: Sample) -> Action:
+    def _policy_action(self, c: vb.Completion, s: Sample, staleness: int = 0) -> Action:
         """A policy sample as an action, not yet scored (:meth:`_score`)."""
         return Action(
             source=POLICY,
+            staleness=staleness,
             token_ids=list(c.token_ids),
             text=c.text,
             sampling_logprobs=list(c.logprobs),
@@ -310,6 +321,7 @@ class _Round:
     samples: list[Sample]
     candidates: list[list[Action]]
     early: bool = False
+    staleness: int = 0  # how many updates old the policy's weights were when it sampled
     groups: list[Group] = dataclasses.field(default_factory=list)
     dropped: int = 0
     aux_wins: int = 0

@@ -3,10 +3,11 @@ resumed run then loses a learner rank, and a second resume finishes the plan. Ev
 patched-together run must match an uninterrupted run with the same seed (which also shows that two
 runs with the same seed agree).
 
-The run samples one step off (``rollout.one_step_off``: each step from the second on uses actions
-sampled during the previous step, and a checkpoint carries them, so each resume redoes its first
-step as the run did) and validates in the loop (before training and every 3 steps), a schedule the
-resumes keep; the sampled groups are logged every step."""
+The run's rollouts run two steps ahead under bounded staleness (``rollout.max_staleness=2``: each
+step from the second on uses actions sampled one or two updates earlier, and a checkpoint carries
+the ones already started, so each resume redoes its first steps as the run did) and validates in
+the loop (before training and every 3 steps), a schedule the resumes keep; the sampled groups are
+logged every step."""
 
 from __future__ import annotations
 
@@ -32,12 +33,13 @@ KEYS = (
     "select/ratio/policy",
     "rollout/policy_tokens",
     "rollout/one_step_off",
+    "rollout/staleness_mean",
     "actor/pg_loss",
     "actor/entropy",
     "actor/clip_frac",
 )
 ONE_STEP_OFF = [
-    "rollout.one_step_off=true",
+    "rollout.max_staleness=2",
     "trainer.eval_before_train=true",
     "trainer.eval_every=3",
     "trainer.eval_limit=2",
@@ -60,10 +62,13 @@ def _samples(run_dir) -> list[dict]:
 
 
 def _check_reference(ref: dict, ref_dir) -> None:
-    """One step off from step 2 on; validation at steps 0, 3 and 6; samples logged every step,
-    with advantages exactly where the action was selected."""
+    """Rollouts ahead from step 2 on, one update old at step 2 and two from step 3 (started two steps
+    earlier); validation at steps 0, 3 and 6; samples logged every step, with advantages exactly
+    where the action was selected."""
     assert sorted(ref) == list(range(STEPS + 1))
     assert [ref[s]["rollout/one_step_off"] for s in range(1, STEPS + 1)] == [0.0] + [1.0] * (STEPS - 1)
+    assert [ref[s]["rollout/staleness_max"] for s in range(1, STEPS + 1)] == [0.0, 1.0] + [2.0] * (STEPS - 2)
+    assert all(ref[s]["rollout/stale_dropped"] == 0.0 for s in range(1, STEPS + 1))
     assert [s for s in ref if "val/id/accuracy" in ref[s]] == [0, 3, 6]
     assert ref[0]["val/id/problems"] == 2 and "val/ood/pass@2" in ref[3]
     assert (ref_dir / "val" / "step_000003.id.jsonl").is_file()
@@ -121,8 +126,10 @@ def test_killed_driver_and_dead_learner_resume_to_the_uninterrupted_result(ray_l
     assert found is not None
     killed_at = found[1]["step"]
     assert 2 <= killed_at < STEPS - 2, killed_at
-    early = found[1]["early_rollout"]  # the next step's actions, sampled before the kill
-    assert early["step"] == killed_at + 1 and early["completions"]
+    early = found[1]["early_rollout"]  # the next two steps' actions, sampled before the kill
+    assert [e["step"] for e in early] == [killed_at + 1, killed_at + 2] and all(
+        e["completions"] for e in early
+    )
     for r in rows(out):  # the killed process's own steps equal the reference's: determinism
         _same(r, ref[r["step"]], r["step"])
 
