@@ -41,23 +41,13 @@ class Row:
     detail: str = ""
 
 
-def model_config_source(ref: str, seed: int) -> str:
-    """Where the plan reads a model's ``config.json``: a local directory, a tiny/warm-start build, a
-    HF id in the local cache, or the published copy ekipl keeps. Nothing is downloaded."""
-    from ekipl.models.resolve import ModelNotFoundError, on_node
-    from ekipl.models.tiny import TINY_MODELS, build_tiny
-    from ekipl.warm import WARM_STARTS, build_warm
+def model_config_source(ref: str, seed: int, key: str, cache_dir: str | None = None) -> str:
+    """Where the plan reads a model's ``config.json``: the published copy ekipl keeps, else where the
+    run itself finds the model (:func:`ekipl.modelref.resolve_model`: a local directory, a tiny or
+    warm-start build, a HF id in the local cache). Nothing is downloaded."""
+    from ekipl.modelref import resolve_model
 
-    if ref in TINY_MODELS:
-        return str(build_tiny(ref, seed=seed))
-    if ref in WARM_STARTS:
-        return str(build_warm(ref, seed=seed))
-    if mem.published_config(ref):
-        return ref
-    try:
-        return on_node(ref)
-    except ModelNotFoundError as e:
-        raise ConfigError(f"{e} (the plan needs only its config.json)") from None
+    return ref if mem.published_config(ref) else resolve_model(ref, seed, key, cache_dir)
 
 
 def _engine_rows(run: RunConfig, g: Group, slots, gpu_gib: float | None, shapes: dict) -> list[Row]:
@@ -125,12 +115,14 @@ def make_plan(run: RunConfig, sources, nodes: list[Node], gpu_gib: float | None)
     slots = place(gs, nodes)
     shapes = {}
     if gpu_gib is not None:
-        shapes["model"] = mem.shape(
-            model_config_source(run.model.path, run.model.seed), run.learner.lora.target_modules
-        )
+        m = run.model
+        where = model_config_source(m.path, m.seed, "model.path", m.cache_dir)
+        shapes["model"] = mem.shape(where, run.learner.lora.target_modules)
         for s in sources:
             if s.kind == "vllm":
-                shapes[s.name] = mem.shape(model_config_source(s.model, run.model.seed))
+                shapes[s.name] = mem.shape(
+                    model_config_source(s.model, m.seed, f"aux.{s.name}.model", m.cache_dir)
+                )
     return [row for g in gs for row in _engine_rows(run, g, slots, gpu_gib, shapes)]
 
 
