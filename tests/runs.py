@@ -5,19 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ekipl.cluster import compose  # noqa: F401 -- the tests' name for it: the config ekipl.train would run
+
 CONF = Path(__file__).resolve().parent.parent / "conf"
-
-
-def compose(overrides):
-    """The Hydra config that ``python -m ekipl.train OVERRIDES...`` would run."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from ekipl.config import register
-
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def rows(run_dir) -> list[dict]:

@@ -30,7 +30,6 @@ import statistics
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
 GUIDED_PROMPTS = 8
 PARTS = [
     ("aux wait", "timing/aux_wait"),
@@ -41,17 +40,6 @@ PARTS = [
     ("sync", "timing/weight_sync"),
     ("total", "timing/step"),
 ]
-
-
-def compose(overrides):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from ekipl.config import register
-
-    register()
-    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "conf")):
-        return hydra_compose(config_name="config", overrides=list(overrides))
 
 
 def main(argv: list[str]) -> int:
@@ -66,6 +54,7 @@ def main(argv: list[str]) -> int:
 
     import ray
 
+    from ekipl.cluster import compose
     from ekipl.config import to_run_config
     from ekipl.data import ImageCheck, Sampler, load_data
     from ekipl.engines import vllm_backend as vb
