@@ -50,7 +50,7 @@ def model_config_source(ref: str, seed: int, key: str, cache_dir: str | None = N
     return ref if mem.published_config(ref) else resolve_model(ref, seed, key, cache_dir)
 
 
-def _engine_rows(run: RunConfig, g: Group, slots, gpu_gib: float | None, shapes: dict) -> list[Row]:
+def _bundle_rows(run: RunConfig, g: Group, slots, gpu_gib: float | None, shapes: dict) -> list[Row]:
     from ekipl.engines.vllm_backend import device_default
 
     rows = []
@@ -123,7 +123,7 @@ def make_plan(run: RunConfig, sources, nodes: list[Node], gpu_gib: float | None)
                 shapes[s.name] = mem.shape(
                     model_config_source(s.model, m.seed, f"aux.{s.name}.model", m.cache_dir)
                 )
-    return [row for g in gs for row in _engine_rows(run, g, slots, gpu_gib, shapes)]
+    return [row for g in gs for row in _bundle_rows(run, g, slots, gpu_gib, shapes)]
 
 
 def render(rows: list[Row], nodes: list[Node], gpu_gib: float | None) -> str:

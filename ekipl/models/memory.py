@@ -105,10 +105,9 @@ def _shape(text: str, targets: tuple[str, ...]) -> ModelShape:
     )
 
 
-def shape(
-    where: str, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-):
-    """The :class:`ModelShape` of the model at ``where`` (see :func:`config_dict`)."""
+def shape(where: str, lora_targets: tuple[str, ...] = ()):
+    """The :class:`ModelShape` of the model at ``where`` (see :func:`config_dict`); ``lora_targets``:
+    the modules LoRA adapters would go on (``learner.lora.target_modules``; none: no LoRA count)."""
     return _shape(json.dumps(config_dict(where), sort_keys=True), tuple(lora_targets))
 
 

@@ -133,14 +133,6 @@ class UserReward:
         except (EOFError, pickle.UnpicklingError, struct.error):
             return None
 
-    def __call__(self, completion: str, sample: Sample):
-        """The function's raw result for one completion; raises on its error, a time-out or a dead
-        worker."""
-        kind, value = self.call_many([completion], [sample])[0]
-        if kind == "error":
-            raise RuntimeError(value)
-        return value
-
     def call_many(self, completions: list, samples: list, lengths: list | None = None) -> list:
         """One ``("ok", result)`` or ``("error", why)`` per completion: the whole batch in one frame,
         scored as the function's contract says (a batched contract in one call). Raises, for the
@@ -243,15 +235,14 @@ class Scorer:
             ) from None
 
     def score(self, completion: str, sample: Sample, evaluation: bool = False) -> Reward:
+        if self.user is not None:  # one path for a user's function: its worker, as a batch of one
+            return self.score_batch([completion], [sample], evaluation)[0]
         if not isinstance(completion, str):
             completion = "" if completion is None else str(completion)
-        if self.user is not None:
-            fn, kwargs, name = self.user, {}, f"{self.user.file.name}:{self.user.name}"
-        else:
-            if sample.task not in REWARDS:
-                raise ValueError(f"no reward for task {sample.task!r}; known tasks: {sorted(REWARDS)}")
-            entry = REWARDS[sample.task]
-            fn, kwargs, name = entry.pick(evaluation), entry_kwargs(entry, self.weights), sample.task
+        if sample.task not in REWARDS:
+            raise ValueError(f"no reward for task {sample.task!r}; known tasks: {sorted(REWARDS)}")
+        entry = REWARDS[sample.task]
+        fn, kwargs, name = entry.pick(evaluation), entry_kwargs(entry, self.weights), sample.task
         try:
             return to_reward(fn(completion, sample, **kwargs), completion, self.weights.format_rule)
         except Exception as e:  # noqa: BLE001 -- a reward never stops a run (RewardValueError too)
